@@ -1,0 +1,230 @@
+"""Typed configuration: strict pydantic models, YAML files, and `--set key=value` overrides.
+
+Every config in alignline derives from `StrictModel`, so an unknown or misspelt key is an
+error rather than a silently ignored setting. `load_config` reads a YAML file, applies
+overrides last, validates, and on failure raises `ConfigError` naming the file, the line
+(when the key is in the file) and the dotted key:
+
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["train.lr=3e-4"])
+    save_config(cfg, run_dir / "config.yaml")
+
+Shared sub-configs (optimizer, schedule, LoRA, logging) live here; each stage's own
+config lives beside the stage in `stages/<name>.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with where it is and how to fix it in the message."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+class OptimConfig(StrictModel):
+    """AdamW with decoupled weight decay; no decay on norms, biases and embeddings."""
+
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+
+
+class ScheduleConfig(StrictModel):
+    """Linear warmup, then cosine decay to `min_lr_ratio * lr`."""
+
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    kind: Literal["cosine", "constant", "linear"] = "cosine"
+
+
+class LoraArgs(StrictModel):
+    """PEFT LoRA settings shared by SFT, PPO and the LoRA stage."""
+
+    enabled: bool = False
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["auto"] = "auto"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class LoggingConfig(StrictModel):
+    """Where training curves go besides metrics.jsonl; TensorBoard is always written."""
+
+    every_steps: int = Field(1, gt=0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key; write it as section.key=value")
+    # Values are YAML scalars/flow collections, so `a=3`, `a=true`, `a=[1,2]` and `a=null` work.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    # YAML 1.1 reads 3e-4 as a string; numbers people type should be numbers.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of `data` with each `a.b.c=value` override set (creating sections)."""
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r}: {part!r} is a value, not a section; cannot set {'.'.join(path)}"
+                )
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map dotted key paths in a YAML document to 1-based line numbers."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*prefix, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*prefix, str(i))] = item.start_mark.line + 1
+                walk(item, (*prefix, str(i)))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass  # the real parse error is reported by read_yaml
+    return lines
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(
+    exc: ValidationError, source: str, key_lines: dict[tuple[str, ...], int] | None = None
+) -> str:
+    """One line per problem: `file:line: key.path: message`."""
+    out = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        line = None
+        if key_lines:
+            for n in range(len(loc), 0, -1):
+                if loc[:n] in key_lines:
+                    line = key_lines[loc[:n]]
+                    break
+        where = f"{source}:{line}" if line else source
+        key = ".".join(loc) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against the documented fields"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        if err["type"] not in ("missing", "extra_forbidden"):
+            msg = f"{msg} (got {err.get('input')!r})"
+        out.append(f"{where}: {key}: {msg}")
+    return "\n".join(out)
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>", key_lines=None) -> T:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"invalid {cls.__name__} ({exc.error_count()} problem(s)):\n"
+            + format_validation_error(exc, source, key_lines)
+        ) from None
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Read `path` (YAML; optional), apply `overrides` last, and validate into `cls`."""
+    data: dict[str, Any] = {}
+    key_lines: dict[tuple[str, ...], int] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else ""
+        data = read_yaml(path)
+        key_lines = _key_lines(text)
+    data = apply_overrides(data, overrides)
+    if overrides:
+        source = f"{source} (with --set {' '.join(overrides)})"
+    return config_from_dict(cls, data, source, key_lines)
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config as YAML (every field, defaults included)."""
+    Path(path).write_text(
+        yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
+
+
+def config_sha256(cfg: BaseModel | dict[str, Any]) -> str:
+    """A stable hash of the resolved config (key order does not matter)."""
+    data = config_to_dict(cfg) if isinstance(cfg, BaseModel) else cfg
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
