@@ -1,0 +1,181 @@
+"""Try a model: streaming generation and an interactive chat loop for any HF causal-LM checkpoint dir.
+
+    from alignline.generation import SamplingOptions, load_model, stream_generate, chat_loop
+    model, tok = load_model("runs/tiny/sft/checkpoint")
+    for piece in stream_generate(model, tok, "What is 12+7?", SamplingOptions(temperature=0)):
+        print(piece, end="", flush=True)
+
+CLI: `alignline generate CKPT --prompt "..."` and `alignline chat CKPT` (alignline_cli/model_cmds.py).
+The checkpoint's chat template is used when it has one (prompts become a user turn and the template's
+generation prompt is appended); otherwise the prompt is fed as raw text. Tokens are streamed with
+transformers' TextIteratorStreamer as they are produced; generation stops at the eos token.
+"""
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class SamplingOptions:
+    """temperature 0 means greedy decoding; top_k 0 and top_p 1.0 disable those filters."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be > 0.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off).")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off).")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            # Unset the sampling knobs explicitly so a checkpoint's generation_config cannot re-enable them.
+            return dict(max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                        top_k=None, repetition_penalty=self.repetition_penalty)
+        return dict(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
+                    top_p=self.top_p, top_k=self.top_k or None, repetition_penalty=self.repetition_penalty)
+
+
+def load_model(checkpoint: str | Path, device: str | None = None, dtype: str = "auto"):
+    """(model, tokenizer) from a save_pretrained dir holding both; model in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import alignline  # noqa: F401  (registers model_type "alignline")
+
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}/config.json not found: CKPT must be a checkpoint dir written by save_pretrained "
+            "(e.g. runs/<run>/sft/checkpoint)."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"no tokenizer in {path} ({err}); save the tokenizer next to the weights "
+            "(tokenizer.save_pretrained(CKPT))."
+        ) from err
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def encode_prompt(tokenizer, messages_or_text: list[dict] | str, use_chat_template: bool = True):
+    """Token ids (1, T) for a conversation (list of {role, content}) or a plain string.
+
+    With a chat template (and use_chat_template) the string becomes a user turn; without one a
+    conversation is refused rather than flattened in some made-up format.
+    """
+    has_template = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(messages_or_text, str):
+        if not has_template:
+            return tokenizer(messages_or_text, return_tensors="pt")["input_ids"]
+        messages_or_text = [{"role": "user", "content": messages_or_text}]
+    if not has_template:
+        raise ValueError(
+            "this tokenizer has no chat template, so a conversation cannot be rendered; use a checkpoint "
+            "saved with a chat template (alignline tokenizer stage) or pass plain text."
+        )
+    ids = tokenizer.apply_chat_template(messages_or_text, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    return ids
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: list[dict] | str,
+    options: SamplingOptions | None = None,
+    use_chat_template: bool = True,
+) -> Iterator[str]:
+    """Yield decoded text pieces as generate() produces them (special tokens skipped)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    options = options or SamplingOptions()
+    input_ids = encode_prompt(tokenizer, prompt, use_chat_template).to(model.device)
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                  eos_token_id=eos, pad_token_id=pad, **options.generate_kwargs())
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as err:  # re-raised in the caller's thread below
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def generate_text(model, tokenizer, prompt: list[dict] | str, options: SamplingOptions | None = None,
+                  use_chat_template: bool = True, echo: Callable[[str], None] | None = None) -> str:
+    """The full completion as a string; `echo` (e.g. print without newline) sees each piece as it arrives."""
+    pieces = []
+    for piece in stream_generate(model, tokenizer, prompt, options, use_chat_template):
+        if echo is not None:
+            echo(piece)
+        pieces.append(piece)
+    return "".join(pieces)
+
+
+def chat_loop(model, tokenizer, options: SamplingOptions | None = None, system: str | None = None,
+              read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> list[dict]:
+    """Interactive multi-turn chat; returns the conversation. `/reset` clears it, `/exit` or EOF ends it."""
+    if write is None:
+        def write(text: str) -> None:
+            print(text, end="", flush=True)
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat needs a tokenizer with a chat template; use `alignline generate` for raw text.")
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            user = read("you> ")
+        except EOFError:
+            write("\n")
+            return history
+        if user.strip() in ("/exit", "/quit"):
+            return history
+        if user.strip() == "/reset":
+            history = history[:1] if system else []
+            write("(conversation cleared)\n")
+            continue
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        write("assistant> ")
+        reply = generate_text(model, tokenizer, history, options, echo=write)
+        write("\n")
+        history.append({"role": "assistant", "content": reply})
+
+
+__all__ = ["SamplingOptions", "chat_loop", "encode_prompt", "generate_text", "load_model", "stream_generate"]

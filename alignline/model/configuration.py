@@ -1,0 +1,171 @@
+"""`AlignlineConfig`: the hyper-parameters of the alignline decoder (a LLaMA-style transformer).
+
+    from alignline.model import AlignlineConfig
+    cfg = AlignlineConfig(vocab_size=512, hidden_size=64, intermediate_size=176,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    cfg.save_pretrained("out/")          # config.json with "model_type": "alignline"
+
+RoPE follows transformers 5: the canonical field is `rope_parameters`, a dict such as
+`{"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}`. The transformers-4 spelling
+(`rope_theta=...`, `rope_scaling={...}`) is accepted at construction and folded into it, so the
+dict is exactly what `LlamaConfig.rope_parameters` holds and conversion is lossless.
+Supported rope types: default, linear, dynamic (NTK-aware), yarn.
+
+Invalid combinations raise `ValueError` at construction naming the field and the fix.
+"""
+
+
+import math
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import PretrainedConfig
+
+# rope_type -> keys allowed in rope_parameters besides rope_type/rope_theta (None = required key)
+ROPE_KEYS: dict[str, dict[str, bool]] = {
+    "default": {},
+    "linear": {"factor": True},
+    "dynamic": {"factor": True},
+    "yarn": {
+        "factor": True,
+        "original_max_position_embeddings": True,
+        "attention_factor": False,
+        "beta_fast": False,
+        "beta_slow": False,
+        "mscale": False,
+        "mscale_all_dim": False,
+        "truncate": False,
+    },
+}
+
+
+@strict
+class AlignlineConfig(PretrainedConfig):
+    """LLaMA-style decoder: pre-norm RMSNorm, RoPE, SwiGLU MLP, MHA/GQA/MQA attention.
+
+    `head_dim` defaults to hidden_size // num_attention_heads and `num_key_value_heads` to
+    num_attention_heads (MHA); num_key_value_heads=1 is MQA, anything between is GQA.
+    """
+
+    model_type = "alignline"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_dropout: float | int = 0.0
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        # Copy caller dicts: the base class standardizes rope dicts in place.
+        if self.rope_parameters is not None:
+            self.rope_parameters = dict(self.rope_parameters)
+        if kwargs.get("rope_scaling") is not None:
+            kwargs["rope_scaling"] = dict(kwargs["rope_scaling"])
+        if kwargs.get("rope_scaling") is None and self.rope_parameters is None:
+            kwargs.pop("rope_scaling", None)
+            self.rope_parameters = {"rope_type": "default"}
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"AlignlineConfig.num_attention_heads={self.num_attention_heads} does not divide "
+                    f"hidden_size={self.hidden_size} and head_dim is unset; pick num_attention_heads "
+                    "dividing hidden_size or set head_dim explicitly."
+                )
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        # Folds rope_theta / rope_scaling kwargs into rope_parameters and fills rope_theta.
+        super().__post_init__(**kwargs)
+        self._check()
+
+    # `rope_theta` is read and written through rope_parameters so there is one source of truth.
+    @property
+    def rope_theta(self) -> float:
+        return float((self.rope_parameters or {}).get("rope_theta", self.default_theta))
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        self.rope_parameters = {**(self.rope_parameters or {"rope_type": "default"}), "rope_theta": value}
+
+    @property
+    def num_key_value_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def _check(self) -> None:
+        def bad(field: str, value: Any, why: str) -> ValueError:
+            return ValueError(f"AlignlineConfig.{field}={value!r} is invalid: {why}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise bad(name, value, "must be a positive integer.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise bad("num_key_value_heads", self.num_key_value_heads,
+                      f"must divide num_attention_heads={self.num_attention_heads} "
+                      "(use num_attention_heads for MHA, 1 for MQA, a divisor for GQA).")
+        if self.head_dim % 2 != 0:
+            raise bad("head_dim", self.head_dim, "RoPE rotates pairs of channels, so head_dim must be even.")
+        if not self.rms_norm_eps > 0:
+            raise bad("rms_norm_eps", self.rms_norm_eps, "must be > 0.")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise bad("attention_dropout", self.attention_dropout, "must be in [0, 1).")
+        if not self.initializer_range > 0:
+            raise bad("initializer_range", self.initializer_range, "must be > 0.")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise bad(name, value, f"must be None or in [0, vocab_size={self.vocab_size}).")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        for value in eos:
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise bad("eos_token_id", self.eos_token_id, f"ids must be in [0, vocab_size={self.vocab_size}).")
+        self._check_rope()
+
+    def _check_rope(self) -> None:
+        rp = self.rope_parameters
+        if not isinstance(rp, dict):
+            raise ValueError(f"AlignlineConfig.rope_parameters must be a dict, got {type(rp).__name__}.")
+        legacy = rp.pop("type", None)  # transformers-4 spelling of rope_type
+        rope_type = rp.setdefault("rope_type", legacy or "default")
+        if rope_type not in ROPE_KEYS:
+            raise ValueError(
+                f"AlignlineConfig.rope_parameters['rope_type']={rope_type!r} is not supported; "
+                f"use one of {sorted(ROPE_KEYS)}."
+            )
+        allowed = ROPE_KEYS[rope_type]
+        for key in rp:
+            if key not in allowed and key not in ("rope_type", "rope_theta"):
+                raise ValueError(
+                    f"AlignlineConfig.rope_parameters[{key!r}] is not used by rope_type={rope_type!r}; "
+                    f"allowed keys: {sorted(['rope_type', 'rope_theta', *allowed])}."
+                )
+        for key, required in allowed.items():
+            if required and rp.get(key) is None:
+                raise ValueError(
+                    f"AlignlineConfig.rope_parameters[{key!r}] is required for rope_type={rope_type!r}."
+                )
+        theta = rp.get("rope_theta")
+        if not isinstance(theta, (int, float)) or not theta > 0 or not math.isfinite(theta):
+            raise ValueError(f"AlignlineConfig.rope_parameters['rope_theta']={theta!r} must be a positive number.")
+        if "factor" in rp and (not isinstance(rp["factor"], (int, float)) or rp["factor"] < 1.0):
+            raise ValueError(
+                f"AlignlineConfig.rope_parameters['factor']={rp['factor']!r} must be a number >= 1 "
+                "(the context-length multiplier)."
+            )
+
+
+__all__ = ["AlignlineConfig", "ROPE_KEYS"]

@@ -1,0 +1,695 @@
+"""The alignline decoder: a LLaMA-style transformer written as one readable file (nanoGPT spirit).
+
+    import alignline                                   # registers "alignline" with the Auto* classes
+    from alignline.model import AlignlineConfig, AlignlineForCausalLM
+    model = AlignlineForCausalLM(AlignlineConfig(vocab_size=512, hidden_size=64, intermediate_size=176,
+                                                 num_hidden_layers=2, num_attention_heads=4))
+    out = model(input_ids, attention_mask=mask, labels=input_ids)    # out.loss, out.logits
+    model.generate(input_ids, attention_mask=mask, max_new_tokens=20)  # KV cache (DynamicCache)
+
+Module and parameter names are transformers' LLaMA names (embed_tokens, layers.N.self_attn.q_proj,
+mlp.gate_proj, input_layernorm, norm, lm_head, ...) so weights map 1:1 to `LlamaForCausalLM`
+(see convert.py) and PEFT's LoRA target names work unchanged.
+
+Shapes in comments: B batch, T new tokens, S = past + T key/value length, C hidden_size,
+nh / nkv query / key-value heads, hd head_dim, V vocab_size.
+
+Attention runs on torch's scaled_dot_product_attention. Masks are built only when needed: no padding
+and no cache -> `is_causal=True` (fused kernel, no mask tensor); one new token and no padding -> no mask;
+otherwise one boolean (B, 1, T, S) mask shared by all layers. Positions in a packed row (position_ids
+restarting at 0, no attention_mask) get a block-diagonal mask so documents do not see each other.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel
+
+from alignline.model.configuration import AlignlineConfig
+
+# Keyword arguments that HF/TRL callers pass and that need no action here.
+_IGNORED_KWARGS = {"cache_position"}  # positions are derived from position_ids / the cache length
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class AlignlineRMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, statistics in fp32 like LLaMA."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # torch's rms_norm op: fewer intermediate tensors (forward and backward) than the step-by-step form.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+        # Low precision: normalise in fp32, cast back, then scale, exactly as LLaMA does.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.variance_epsilon)
+        return self.weight * normed.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def rope_inv_freq(
+    config: AlignlineConfig, seq_len: int | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (hd/2,) and the cos/sin scale for the config's rope type.
+
+    default: theta^(-2i/hd). linear: positions divided by `factor` (Chen et al. 2023).
+    dynamic: NTK-aware base growth once seq_len exceeds max_position_embeddings.
+    yarn: per-frequency blend of interpolation and extrapolation plus an attention scale (Peng et al. 2023).
+    """
+    rp = config.rope_parameters
+    rope_type, base, dim = rp["rope_type"], float(rp["rope_theta"]), config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim  # (hd/2,)
+    if rope_type == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
+        factor, max_pos = rp["factor"], config.max_position_embeddings
+        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if rope_type == "linear":
+        return inv_freq / rp["factor"], 1.0
+    if rope_type != "yarn":
+        return inv_freq, 1.0
+
+    factor, orig = rp["factor"], rp["original_max_position_embeddings"]
+    attention_factor = rp.get("attention_factor")
+    if attention_factor is None:
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        m, m_all = rp.get("mscale"), rp.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        # channel index whose wavelength completes `rotations` turns over the original context
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rp.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp  # 1 keeps the original (high) frequency, 0 interpolates by `factor`
+    pos_freqs = base**exponents
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attention_factor)
+
+
+class AlignlineRotaryEmbedding(nn.Module):
+    """Rotary position embeddings (Su et al. 2021): returns (cos, sin_signed) for given position_ids.
+
+    `sin_signed` is LLaMA's sin with its first half negated, so the rotation is
+    x * cos + swap_halves(x) * sin_signed, equal to LLaMA's x * cos + rotate_half(x) * sin with one
+    kernel fewer. Values come from a per-(device, dtype) table over positions (a gather instead of
+    ~8 ops per call) whenever the largest position is known without a device sync (CPU, or a bound
+    from the caller); otherwise they are computed from position_ids directly, as transformers does.
+    Both paths produce identical numbers. Tables and inverse frequencies are plain attributes, not
+    buffers: built on first use, never on the meta device, and kept in fp32 before the final cast.
+    """
+
+    def __init__(self, config: AlignlineConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.attention_scaling = 1.0
+        # Filled on first use, not here: from_pretrained builds modules under a meta-device context.
+        self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq_by_device:
+            inv_freq, self.attention_scaling = rope_inv_freq(self.config, device=device)
+            self._inv_freq_by_device[device] = inv_freq
+        return self._inv_freq_by_device[device]
+
+    def _cos_sin(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[..., None].float() * inv_freq  # (..., hd/2), fp32
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # (..., hd)
+
+    def _table(self, device: torch.device, dtype: torch.dtype, length: int):
+        key = (device, dtype)
+        if key not in self._tables or self._tables[key][0].shape[0] < length:
+            length = max(length, self.config.max_position_embeddings)
+            length = 1 << (length - 1).bit_length()  # grow in powers of two
+            positions = torch.arange(length, device=device)
+            self._tables[key] = self._cos_sin(positions, self._inv_freq_on(device), dtype)
+        return self._tables[key]
+
+    @torch.no_grad()
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, max_position: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin_signed), each (B|1, T, hd) in x.dtype; `max_position` bounds position_ids if known."""
+        if max_position is None and position_ids.device.type == "cpu":
+            max_position = int(position_ids.max())  # free on CPU
+        inv_freq = self._inv_freq_on(x.device)
+        if self.rope_type == "dynamic":
+            # NTK-aware scaling depends on the current length once it exceeds the trained context.
+            seq_len = max_position + 1 if max_position is not None else int(position_ids.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.config, seq_len, device=x.device)[0]
+                return self._cos_sin(position_ids, inv_freq, x.dtype)
+        if max_position is None:
+            return self._cos_sin(position_ids, inv_freq, x.dtype)
+        cos, sin_signed = self._table(x.device, x.dtype, max_position + 1)
+        return cos[position_ids], sin_signed[position_ids]
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, nh, T, hd) and k (B, nkv, T, hd) by cos/sin_signed (B, 1, T, hd)."""
+    return (torch.addcmul(q * cos, swap_halves(q), sin_signed),
+            torch.addcmul(k * cos, swap_halves(k), sin_signed))
+
+
+class AlignlineMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: AlignlineConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj.is_residual_projection = True  # scaled init, see _init_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, I) inside
+
+
+class AlignlineAttention(nn.Module):
+    """Causal self-attention with grouped key/value heads (MHA: nkv == nh, GQA: 1 < nkv < nh, MQA: nkv == 1)."""
+
+    def __init__(self, config: AlignlineConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = float(config.attention_dropout)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj.is_residual_projection = True
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        past_key_values: Cache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        # Separate q/k/v matmuls (not one fused GEMM): measured no faster on CPU, and they stay LoRA-able.
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.scaling,
+            enable_gqa=self.num_key_value_groups > 1,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class AlignlineDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: AlignlineConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = AlignlineAttention(config, layer_idx)
+        self.mlp = AlignlineMLP(config)
+        self.input_layernorm = AlignlineRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = AlignlineRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    # hidden_states is positional so reentrant gradient checkpointing sees it (GradientCheckpointingLayer).
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        h = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, attn_mask, is_causal, past_key_values
+        )
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    batch_size: int,
+    query_len: int,
+    past_len: int,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, bool]:
+    """Return (attn_mask, is_causal) for SDPA; attn_mask is boolean (B|1, 1, T, S), True = may attend.
+
+    `attention_mask` is the usual 2D (B, S) 1/0 padding mask over past + new tokens, or a ready 4D mask
+    (boolean, or additive float) which is passed through unchanged.
+    """
+    kv_len = past_len + query_len
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask, False
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_len:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, {kv_len}) = "
+                f"(batch, past {past_len} + new {query_len}) or a 4D mask; pass the mask over all tokens so far."
+            )
+        padded = not bool(attention_mask.all())
+    else:
+        padded = False
+    packed = None
+    if attention_mask is None and position_ids is not None and past_len == 0 and query_len > 1:
+        # A position that does not continue its predecessor starts a new packed document.
+        starts = position_ids[:, 1:] != position_ids[:, :-1] + 1  # (B|1, T-1)
+        if bool(starts.any()):
+            packed = F.pad(starts.long().cumsum(-1), (1, 0))  # (B|1, T) document index per token
+
+    if not padded and packed is None:
+        if query_len == kv_len:
+            return None, True  # plain causal: the fused path
+        if query_len == 1:
+            return None, False  # one new token sees the whole cache
+    q_pos = torch.arange(past_len, kv_len, device=device)
+    mask = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]  # (T, S) causal
+    mask = mask[None, None]  # (1, 1, T, S)
+    if padded:
+        mask = mask & attention_mask[:, None, None, :].to(device=device, dtype=torch.bool)  # (B, 1, T, S)
+    if packed is not None:
+        mask = mask & (packed[:, None, :, None] == packed[:, None, None, :])
+    # A query that may see nothing (a left-pad position) would produce NaN in SDPA; let it see all keys.
+    # Its output is never used by real tokens, which cannot attend to it.
+    return mask | ~mask.any(dim=-1, keepdim=True), False
+
+
+# --------------------------------------------------------------------------- models
+
+
+class AlignlinePreTrainedModel(PreTrainedModel):
+    config: AlignlineConfig
+    config_class = AlignlineConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AlignlineDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 / nanoGPT init: N(0, initializer_range) everywhere, and the two projections that write into
+        # the residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * num_layers) so the residual's variance
+        # does not grow with depth. Norm weights start at 1. `transformers.initialization` skips tensors
+        # already loaded from a checkpoint.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, AlignlineRMSNorm):
+            init.ones_(module.weight)
+
+
+def _check_kwargs(kwargs: dict, where: str) -> None:
+    unknown = set(kwargs) - _IGNORED_KWARGS
+    if unknown:
+        raise TypeError(
+            f"{where}.forward got unsupported arguments {sorted(unknown)}; alignline models take input_ids, "
+            "attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, output_hidden_states, "
+            "return_dict (and labels/logits_to_keep on heads). Remove them or extend the model."
+        )
+
+
+class AlignlineModel(AlignlinePreTrainedModel):
+    """The backbone: token embeddings -> N decoder layers -> final RMSNorm. Returns hidden states (B, T, C)."""
+
+    def __init__(self, config: AlignlineConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([AlignlineDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = AlignlineRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = AlignlineRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        _check_kwargs(kwargs, type(self).__name__)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if output_attentions:
+            raise NotImplementedError(
+                "output_attentions=True is not supported: attention runs in fused SDPA, which does not "
+                "materialise the weights."
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
+        B, T, _ = inputs_embeds.shape
+        if self.gradient_checkpointing and self.training:
+            if past_key_values is not None:
+                raise ValueError(
+                    "past_key_values cannot be combined with gradient checkpointing in training (the recomputed "
+                    "layers would update the cache twice); call model.eval() or disable checkpointing."
+                )
+            use_cache = False
+        elif use_cache is None:
+            # The cache is for inference: training forwards skip it unless given one or asked explicitly.
+            use_cache = past_key_values is not None or (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        max_position = None
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None]  # (1, T)
+            max_position = past_len + T - 1
+        attn_mask, is_causal = build_attention_mask(
+            attention_mask, position_ids, B, T, past_len, inputs_embeds.device
+        )
+        cos, sin = self.rotary_emb(inputs_embeds, position_ids, max_position)  # (B|1, T, hd)
+        cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, T, hd): broadcast over heads
+
+        cache = past_key_values  # a cache that was passed in is always read and extended
+        hidden_states = inputs_embeds
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(
+                hidden_states, cos=cos, sin=sin, attn_mask=attn_mask, is_causal=is_causal, past_key_values=cache
+            )
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Summed token cross-entropy / denom with a two-pass backward.
+
+    Same values and gradients as F.cross_entropy, but the backward turns the saved log-probabilities into
+    softmax - onehot in place instead of materialising a one-hot gradient and running log_softmax's
+    backward over it: about half the memory traffic over the (tokens, vocab) logits, which is a visible
+    part of a small model's training step.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, denom: torch.Tensor, ignore_index: int):
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V) fp32
+        valid = target != ignore_index  # (N,)
+        safe = target.masked_fill(~valid, 0)
+        picked = logp.gather(1, safe[:, None]).squeeze(1)  # (N,)
+        loss = -(picked * valid).sum() / denom
+        ctx.save_for_backward(logp, safe, valid, denom)
+        ctx.logits_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logp, safe, valid, denom = ctx.saved_tensors
+        grad = logp.exp_()  # softmax, reusing the saved buffer (backward runs once)
+        grad.scatter_add_(1, safe[:, None], -valid[:, None].to(grad.dtype))
+        grad.mul_((valid.to(grad.dtype) * (grad_loss / denom))[:, None])  # ignored rows -> 0
+        return grad.to(ctx.logits_dtype), None, None, None
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Next-token cross-entropy in fp32; positions labelled ignore_index (-100) do not count.
+
+    Mean over counted tokens, or, with `num_items_in_batch` (passed by HF/TRL trainers under gradient
+    accumulation), the sum divided by that count, so accumulated micro-batches average over tokens.
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, T): token t predicts t+1
+    flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
+    target = shift_labels.reshape(-1).to(flat.device)
+    if num_items_in_batch is None:
+        denom = (target != ignore_index).sum()  # 0 counted tokens -> nan, like F.cross_entropy
+    else:
+        denom = torch.as_tensor(num_items_in_batch, device=flat.device)
+    return _CrossEntropy.apply(flat, target, denom.to(torch.float32), ignore_index)
+
+
+class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
+    """Backbone + lm_head; `generate()` works through transformers' GenerationMixin with a DynamicCache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AlignlineConfig):
+        super().__init__(config)
+        self.model = AlignlineModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, T, C)
+        # Only project the positions asked for: generate() needs the last one, GRPO the completion.
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)  # (B, T', V)
+        loss = None
+        if labels is not None or shift_labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
+        out = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class AlignlineForSequenceClassification(AlignlinePreTrainedModel):
+    """Backbone + `score` head read at the last non-pad token of each row (a reward model with num_labels=1).
+
+    The last real token is found from `attention_mask` when given (works for left and right padding, and
+    when pad == eos), otherwise from `input_ids != pad_token_id`.
+    """
+
+    def __init__(self, config: AlignlineConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = AlignlineModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def last_token_index(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                         batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Index (B,) of the rightmost real token of each row."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask.to(device=device, dtype=torch.bool)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids.to(device) != self.config.pad_token_id
+        elif batch_size == 1:
+            return torch.full((1,), seq_len - 1, device=device, dtype=torch.long)
+        else:
+            raise ValueError(
+                "AlignlineForSequenceClassification needs attention_mask or config.pad_token_id to find the "
+                "last real token of each row in a batch; pass attention_mask or set pad_token_id."
+            )
+        positions = torch.arange(seq_len, device=device)
+        return torch.where(real, positions, -1).amax(dim=-1).clamp(min=0)  # rows with no real token -> 0
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        del num_items_in_batch  # classification losses are per-row means
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, T, C)
+        B, T, _ = hidden_states.shape
+        last = self.last_token_index(input_ids, attention_mask, B, T, hidden_states.device)  # (B,)
+        pooled = hidden_states[torch.arange(B, device=hidden_states.device), last]  # (B, C)
+        logits = self.score(pooled)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels.to(logits.device))
+        out = SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Same problem-type rules as transformers' sequence classifiers.
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float().reshape(-1)) if self.num_labels == 1 \
+                else F.mse_loss(logits.float(), labels.float())
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+__all__ = [
+    "AlignlineAttention",
+    "AlignlineDecoderLayer",
+    "AlignlineForCausalLM",
+    "AlignlineForSequenceClassification",
+    "AlignlineMLP",
+    "AlignlineModel",
+    "AlignlinePreTrainedModel",
+    "AlignlineRMSNorm",
+    "AlignlineRotaryEmbedding",
+    "apply_rotary_pos_emb",
+    "swap_halves",
+    "build_attention_mask",
+    "causal_lm_loss",
+    "rope_inv_freq",
+]
