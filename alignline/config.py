@@ -120,7 +120,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return out
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+def yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map dotted key paths in a YAML document to 1-based line numbers."""
     lines: dict[tuple[str, ...], int] = {}
 
@@ -205,7 +205,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         source = str(path)
         text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else ""
         data = read_yaml(path)
-        key_lines = _key_lines(text)
+        key_lines = yaml_key_lines(text)
     data = apply_overrides(data, overrides)
     if overrides:
         source = f"{source} (with --set {' '.join(overrides)})"

@@ -1,0 +1,335 @@
+"""The run report card: markdown, metric tables, curves (PNG) and side-by-side samples, no Prefect.
+
+    records = [StageRecord("pretrain", "ran", wall_s=41.2, path="runs/tiny/pretrain", headline={...}), ...]
+    card = build_report(run_dir, records, title="tiny", notes=["gate: ..."])
+    card.markdown          # also written to <run_dir>/report.md
+    card.metrics_rows      # [{"stage", "metric", "value"}], for a table artifact
+    card.sample_rows       # [{"prompt", "answer", "<stage>": response, ...}] on the fixed test prompts
+    card.plots             # {"loss": <run_dir>/report/loss.png, "reward": ..., "kl": ...}
+
+It reads only the stage directories (manifest.json headline, eval.json, metrics.jsonl,
+samples.jsonl), so `python -m alignline.report RUN_DIR` rebuilds report.md for any run.
+The flows publish the same content as Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Stage order of the full pipeline; also the order of rows and columns in the report.
+STAGE_ORDER = ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate", "lora")
+# Curve kinds: a metrics.jsonl key goes into the first kind whose marker it contains.
+CURVE_KINDS: dict[str, tuple[str, ...]] = {
+    "kl": ("kl",),
+    "reward": ("reward", "score", "accuracy", "win_rate"),
+    "loss": ("loss",),
+}
+STATUS_ICON = {"ran": "ran", "cached": "cached (reused)", "failed": "FAILED", "gated": "stopped by gate",
+               "skipped": "skipped", "pending": "not run", "running": "running"}
+
+
+@dataclass
+class StageRecord:
+    """What the pipeline knows about one stage of a run."""
+
+    name: str
+    status: str = "pending"  # ran | cached | failed | gated | skipped | pending | running
+    wall_s: float | None = None
+    path: str | None = None
+    headline: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ReportCard:
+    markdown: str
+    metrics_rows: list[dict[str, Any]]
+    sample_rows: list[dict[str, Any]]
+    plots: dict[str, Path]
+    path: Path
+
+
+# --------------------------------------------------------------------------- reading stage dirs
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if not path.is_file():
+        return rows
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A stage killed mid-write leaves a partial last line; the rest is still valid.
+                continue
+    return rows
+
+
+def metrics_path(stage_dir: Path) -> Path:
+    """metrics.jsonl of a finished stage, or of the running one (still in .staging/)."""
+    final = stage_dir / "metrics.jsonl"
+    return final if final.is_file() else stage_dir / ".staging" / "metrics.jsonl"
+
+
+def read_metrics(stage_dir: str | Path) -> list[dict[str, Any]]:
+    return _read_jsonl(metrics_path(Path(stage_dir)))
+
+
+def read_headline(stage_dir: str | Path) -> dict[str, Any]:
+    """Headline metrics from manifest.json (falls back to nothing for an unfinished stage)."""
+    p = Path(stage_dir) / "manifest.json"
+    if not p.is_file():
+        return {}
+    try:
+        return dict(json.loads(p.read_text(encoding="utf-8")).get("headline", {}))
+    except json.JSONDecodeError:
+        return {}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4g}"
+    if isinstance(v, dict | list):
+        return json.dumps(v, ensure_ascii=False)[:80]
+    return str(v)
+
+
+def _cell(text: Any, width: int = 60) -> str:
+    s = _fmt(text) if not isinstance(text, str) else text
+    s = s.replace("|", "\\|").replace("\n", " ⏎ ")
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def curve_series(run_dir: Path, stages: list[str]) -> dict[str, list[tuple[str, list[float], list[float]]]]:
+    """{kind: [(label, steps, values)]} from every stage's metrics.jsonl (numeric keys only)."""
+    out: dict[str, list[tuple[str, list[float], list[float]]]] = {k: [] for k in CURVE_KINDS}
+    for stage in stages:
+        rows = read_metrics(run_dir / stage)
+        keys: list[str] = []
+        for r in rows:
+            for k, v in r.items():
+                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and k not in keys:
+                    keys.append(k)
+        for key in keys:
+            kind = next((kd for kd, marks in CURVE_KINDS.items() if any(m in key.lower() for m in marks)), None)
+            if kind is None:
+                continue
+            pts = [(float(r.get("step", i)), float(r[key])) for i, r in enumerate(rows)
+                   if isinstance(r.get(key), int | float) and math.isfinite(float(r[key]))]
+            if len(pts) >= 1:
+                out[kind].append((f"{stage}/{key}", [p[0] for p in pts], [p[1] for p in pts]))
+    return {k: v for k, v in out.items() if v}
+
+
+def plot_curves(run_dir: str | Path, stages: list[str], out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write one PNG per curve kind (loss, reward, kl) into `<run_dir>/report/`; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and workers
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for kind, series in curve_series(run_dir, stages).items():
+        # One panel per stage: step counts and scales differ too much between stages to share axes.
+        owners = list(dict.fromkeys(label.split("/", 1)[0] for label, _, _ in series))
+        fig, axes = plt.subplots(1, len(owners), figsize=(3.2 * len(owners) + 0.8, 3.0), dpi=80, squeeze=False)
+        for ax, owner in zip(axes[0], owners):
+            for label, xs, ys in series:
+                if label.split("/", 1)[0] == owner:
+                    ax.plot(xs, ys, label=label.split("/", 1)[1], linewidth=1.2,
+                            marker="." if len(xs) < 20 else None)
+            ax.set_xlabel("step")
+            ax.set_title(f"{owner}: {kind}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+        axes[0][0].set_ylabel(kind)
+        fig.tight_layout()
+        path = out_dir / f"{kind}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths[kind] = path
+    return paths
+
+
+def png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def metrics_rows(records: list[StageRecord]) -> list[dict[str, Any]]:
+    rows = []
+    for rec in records:
+        for k, v in rec.headline.items():
+            rows.append({"stage": rec.name, "metric": k, "value": v if isinstance(v, int | float | str) else _fmt(v)})
+    return rows
+
+
+def _prompt_text(sample: dict[str, Any]) -> str:
+    p = sample.get("prompt", "")
+    if isinstance(p, list):  # a conversation: show the last user turn
+        p = p[-1].get("content", "") if p and isinstance(p[-1], dict) else json.dumps(p)
+    return str(p)
+
+
+def sample_rows(run_dir: str | Path, stages: list[str], limit: int = 8) -> list[dict[str, Any]]:
+    """The same fixed prompts, one column per stage that wrote samples.jsonl."""
+    run_dir = Path(run_dir)
+    by_stage = {s: _read_jsonl(run_dir / s / "samples.jsonl") for s in stages}
+    by_stage = {s: rows for s, rows in by_stage.items() if rows and s != "evaluate"}
+    table: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for stage, rows in by_stage.items():
+        for sample in rows:
+            prompt = _prompt_text(sample)
+            if prompt not in table:
+                if len(order) >= limit:
+                    continue
+                table[prompt] = {"prompt": prompt, "answer": sample.get("answer", "")}
+                order.append(prompt)
+            table[prompt][stage] = sample.get("response", sample.get("completion", ""))
+    return [table[p] for p in order]
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def render_markdown(
+    records: list[StageRecord],
+    *,
+    title: str,
+    notes: list[str] | None = None,
+    plots: dict[str, Path] | None = None,
+    samples: list[dict[str, Any]] | None = None,
+    run_dir: Path | None = None,
+    embed_images: bool = False,
+) -> str:
+    """The report card. Images are relative links (report.md) or data URIs (`embed_images`)."""
+    lines = [f"# alignline report card: {title}", ""]
+    if run_dir is not None:
+        lines += [f"Run directory: `{run_dir}`", ""]
+    for note in notes or []:
+        lines.append(f"> **{note}**")
+    if notes:
+        lines.append("")
+    lines += ["## Stages", "", "| stage | status | wall time | headline metrics | checkpoint |",
+              "|---|---|---|---|---|"]
+    for rec in records:
+        wall = f"{rec.wall_s:.1f} s" if rec.wall_s is not None else "-"
+        head = ", ".join(f"{k}={_fmt(v)}" for k, v in rec.headline.items()) or "-"
+        ckpt = "-"
+        if rec.path and rec.status in ("ran", "cached"):
+            ck = Path(rec.path) / "checkpoint"
+            ckpt = f"`{ck}`" if ck.is_dir() else f"`{rec.path}`"
+        status = STATUS_ICON.get(rec.status, rec.status)
+        if rec.message:
+            status += f" ({_cell(rec.message, 80)})"
+        lines.append(f"| {rec.name} | {status} | {wall} | {_cell(head, 400)} | {ckpt} |")
+    lines.append("")
+    if plots:
+        lines += ["## Curves", ""]
+        for kind, path in plots.items():
+            src = png_data_uri(path) if embed_images else (
+                str(Path(path).relative_to(run_dir)) if run_dir and Path(path).is_relative_to(run_dir) else str(path))
+            lines += [f"### {kind}", "", f"![{kind}]({src})", ""]
+    if samples:
+        stage_cols = [s for s in STAGE_ORDER if any(s in row for row in samples)]
+        lines += ["## Samples on the fixed test prompts", "",
+                  "| prompt | answer | " + " | ".join(stage_cols) + " |",
+                  "|---|---|" + "---|" * len(stage_cols)]
+        for row in samples:
+            cells = [_cell(row.get("prompt", ""), 70), _cell(row.get("answer", ""), 30)]
+            cells += [_cell(row.get(s, ""), 50) for s in stage_cols]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_report(
+    run_dir: str | Path,
+    records: list[StageRecord],
+    *,
+    title: str | None = None,
+    notes: list[str] | None = None,
+    sample_limit: int = 8,
+    plots: bool = True,
+) -> ReportCard:
+    """Plots + tables + markdown for a run; writes `<run_dir>/report.md` and returns everything."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for rec in records:
+        if not rec.headline and rec.path:
+            rec.headline = read_headline(rec.path)
+    names = [r.name for r in records]
+    # Plotting costs a second or two; the flow skips it for the interim report after each stage.
+    pngs = plot_curves(run_dir, names) if plots else {}
+    samples = sample_rows(run_dir, names, limit=sample_limit)
+    md = render_markdown(records, title=title or run_dir.name, notes=notes, plots=pngs, samples=samples,
+                         run_dir=run_dir)
+    path = run_dir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(md + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return ReportCard(markdown=md, metrics_rows=metrics_rows(records), sample_rows=samples, plots=pngs, path=path)
+
+
+def records_from_run_dir(run_dir: str | Path) -> list[StageRecord]:
+    """Records for every stage dir present in a run (complete ones with their headline)."""
+    run_dir = Path(run_dir)
+    recs = []
+    for name in STAGE_ORDER:
+        d = run_dir / name
+        if not d.is_dir():
+            continue
+        complete = (d / "manifest.json").is_file()
+        wall = None
+        if complete:
+            try:
+                wall = json.loads((d / "manifest.json").read_text(encoding="utf-8")).get("wall_time_s")
+            except json.JSONDecodeError:
+                complete = False
+        recs.append(StageRecord(name, "ran" if complete else "failed", wall_s=wall, path=str(d),
+                                headline=read_headline(d)))
+    return recs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m alignline.report RUN_DIR   (rebuilds RUN_DIR/report.md and RUN_DIR/report/*.png)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    run_dir = Path(argv[0])
+    if not run_dir.is_dir():
+        print(f"error: run directory {run_dir} does not exist", file=sys.stderr)
+        return 2
+    card = build_report(run_dir, records_from_run_dir(run_dir))
+    print(f"wrote {card.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,376 @@
+"""The full pipeline as a Prefect 3 flow: data -> tokenizer -> pretrain -> sft -> reward -> rlhf -> evaluate.
+
+    alignline pipeline --config configs/pipeline/tiny.yaml --run-dir runs/tiny        # embedded
+    alignline pipeline --config configs/pipeline/tiny.yaml --from sft --set sft.train.lr=1e-3
+    python -m flows.pipeline --config configs/pipeline/tiny.yaml                      # same thing
+
+Each stage is a task calling the plain stage function (or torchrun when it asks for more
+than one rank). Tasks pass only paths and manifests. All stage configs are validated before
+any stage runs. A stage whose config, code and input manifests are unchanged is reused (see
+`flows.tasks.cache_check`), so re-running after a crash resumes at the failed stage, which
+itself resumes from its latest training state. Gates stop before RLHF when the reward model
+is too weak, and mark the run when PPO drifts (KL) or loses gold accuracy against SFT.
+Every run writes `<run_dir>/report.md` (+ `report/*.png`) and publishes it as artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
+
+from alignline.artifacts import StageError, is_complete, load_stage
+from alignline.config import (
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    config_from_dict,
+    read_yaml,
+    save_config,
+    yaml_key_lines,
+)
+from alignline.report import StageRecord, build_report, render_markdown
+from flows.tasks import ResolvedStage, StageEntry, resolve_stage, stage_task
+
+STAGE_SEQUENCE = ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate")
+
+
+def _entry(stage: str) -> Any:
+    return Field(default_factory=lambda: StageEntry(config=f"configs/{stage}/tiny.yaml"))
+
+
+class StagesConfig(StrictModel):
+    """One entry per pipeline stage, in run order. Defaults: the tiny configs."""
+
+    data: StageEntry = _entry("data")
+    tokenizer: StageEntry = _entry("tokenizer")
+    pretrain: StageEntry = _entry("pretrain")
+    sft: StageEntry = _entry("sft")
+    reward: StageEntry = _entry("reward")
+    rlhf: StageEntry = _entry("rlhf")
+    evaluate: StageEntry = _entry("evaluate")
+
+
+class GateConfig(StrictModel):
+    """Evaluation gates; metric names are keys of the stage's headline (manifest) or eval.json."""
+
+    enabled: bool = True
+    reward_metric: str = Field("accuracy", description="reward-model held-out accuracy key")
+    min_reward_accuracy: float = Field(0.7, ge=0, le=1, description="stop before RLHF below this")
+    kl_metric: str = Field("kl", description="RLHF KL key")
+    max_kl: float | None = Field(1.0, gt=0, description="mark the run when RLHF's KL exceeds this; none = off")
+    gold_metric: str = Field("gold_accuracy", description="gold accuracy key, in both SFT and RLHF")
+    sft_gold_metric: str = Field(
+        "sft_gold_accuracy", description="SFT's gold accuracy as measured by RLHF (else the SFT stage's)"
+    )
+    gold_must_not_drop: bool = Field(True, description="mark the run when RLHF gold accuracy < SFT's")
+    gold_tolerance: float = Field(0.0, ge=0, description="allowed drop of gold accuracy before marking")
+
+
+class ReportConfig(StrictModel):
+    sample_limit: int = Field(8, ge=0, description="rows in the side-by-side samples table")
+    progress_every_s: float = Field(2.0, gt=0, description="progress artifact refresh period")
+    embed_images: bool = Field(True, description="embed PNG curves in the Prefect markdown artifact")
+
+
+class PipelineConfig(StrictModel):
+    """The whole pipeline: where to write, each stage's config, retries, gates, report."""
+
+    name: str = Field("tiny", description="pipeline name; used in artifact keys")
+    run_dir: str = Field("runs/tiny", description="run directory (relative to the working directory)")
+    retries: int = Field(1, ge=0, description="task retries per stage (a retry resumes from the stage state)")
+    retry_delay_s: float = Field(1.0, ge=0)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    gates: GateConfig = Field(default_factory=GateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+
+class GateFailed(RuntimeError):
+    """An evaluation gate stopped the pipeline (the report says which and why)."""
+
+
+# --------------------------------------------------------------------------- config loading
+
+
+def split_overrides(overrides: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
+    """`pretrain.train.lr=1e-3` goes to stage pretrain; anything else is a pipeline key."""
+    pipeline, per_stage = [], {}
+    for item in overrides or []:
+        head = item.split("=", 1)[0].split(".", 1)[0].strip()
+        if head in STAGE_SEQUENCE and "." in item.split("=", 1)[0]:
+            per_stage.setdefault(head, []).append(item.split(".", 1)[1])
+        else:
+            pipeline.append(item)
+    return pipeline, per_stage
+
+
+def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML, apply `--set` overrides (stage keys as `<stage>.<key>=v`), validate."""
+    data: dict[str, Any] = {}
+    key_lines: dict[tuple[str, ...], int] = {}
+    source = "<defaults>"
+    if path is not None:
+        data = read_yaml(path)
+        key_lines = yaml_key_lines(Path(path).read_text(encoding="utf-8"))
+        source = str(path)
+    pipeline_over, stage_over = split_overrides(overrides)
+    data = apply_overrides(data, pipeline_over)
+    for stage, items in stage_over.items():
+        stages = data.setdefault("stages", {}) or {}
+        data["stages"] = stages
+        entry = stages.get(stage)
+        if entry is None:
+            entry = stages[stage] = {"config": f"configs/{stage}/tiny.yaml"}
+        entry["set"] = list(entry.get("set") or []) + items
+    if overrides:
+        source += f" (with --set {' '.join(overrides)})"
+    return config_from_dict(PipelineConfig, data, source, key_lines)
+
+
+def resolve_pipeline(config: PipelineConfig) -> dict[str, ResolvedStage]:
+    """Validate every enabled stage config up front; one ConfigError lists every problem."""
+    resolved: dict[str, ResolvedStage] = {}
+    problems: list[str] = []
+    for stage in STAGE_SEQUENCE:
+        entry: StageEntry = getattr(config.stages, stage)
+        if not entry.enabled:
+            continue
+        try:
+            resolved[stage] = resolve_stage(stage, entry, where=f"pipeline {config.name!r}")
+        except ConfigError as exc:
+            problems.append(f"[{stage}] {exc}")
+    if problems:
+        raise ConfigError("pipeline config has problems; no stage was run:\n" + "\n".join(problems))
+    return resolved
+
+
+def stage_inputs(rs: ResolvedStage, run_dir: Path, enabled: set[str]) -> dict[str, str]:
+    """Input dirs for a stage from its INPUTS: the producing stage's dir in this run."""
+    out: dict[str, str] = {}
+    explicit = rs.entry.inputs
+    for spec in rs.input_specs:
+        if spec.name in explicit:
+            out[spec.name] = str(explicit[spec.name])
+            continue
+        producer = spec.default
+        if producer is None:
+            continue
+        path = run_dir / producer
+        if producer in enabled or is_complete(path) or spec.required:
+            out[spec.name] = str(path)
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "pipeline"
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def _metric(stage: str, stage_dir: Path, key: str) -> float:
+    sd = load_stage(stage_dir, verify=False)
+    for source in (sd.headline, sd.eval):
+        if key in source and isinstance(source[key], int | float):
+            return float(source[key])
+    raise GateFailed(
+        f"gate needs metric {key!r} of stage {stage!r}, but {stage_dir}/manifest.json headline has "
+        f"{sorted(sd.headline)} and eval.json has {sorted(sd.eval)}; set the gate's metric name "
+        "(gates.*_metric) or disable gates (gates.enabled=false)"
+    )
+
+
+def reward_gate(gates: GateConfig, run_dir: Path) -> str | None:
+    """A reason to stop before RLHF, or None."""
+    acc = _metric("reward", run_dir / "reward", gates.reward_metric)
+    if acc < gates.min_reward_accuracy:
+        return (f"GATE: reward model held-out {gates.reward_metric}={acc:.3f} < {gates.min_reward_accuracy}; "
+                "stopped before RLHF (improve the reward model or lower gates.min_reward_accuracy)")
+    return None
+
+
+def rlhf_marks(gates: GateConfig, run_dir: Path) -> list[str]:
+    """Warnings that mark (not stop) the run after RLHF."""
+    marks = []
+    if gates.max_kl is not None:
+        kl = _metric("rlhf", run_dir / "rlhf", gates.kl_metric)
+        if kl > gates.max_kl:
+            marks.append(f"WARNING: RLHF {gates.kl_metric}={kl:.4g} exceeds gates.max_kl={gates.max_kl}")
+    if gates.gold_must_not_drop:
+        rl = _metric("rlhf", run_dir / "rlhf", gates.gold_metric)
+        # RLHF evaluates its SFT starting point on the same prompts; prefer that number.
+        if gates.sft_gold_metric in load_stage(run_dir / "rlhf", verify=False).headline:
+            sft = _metric("rlhf", run_dir / "rlhf", gates.sft_gold_metric)
+        else:
+            sft = _metric("sft", run_dir / "sft", gates.gold_metric)
+        if rl < sft - gates.gold_tolerance:
+            marks.append(f"WARNING: RLHF {gates.gold_metric}={rl:.3f} dropped below SFT's {sft:.3f}")
+    return marks
+
+
+def _tag_flow_run(tags: list[str]) -> None:
+    """Add tags to the running flow run so marked runs can be filtered in the UI."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run_id).tags or []
+        client.update_flow_run(run_id, tags=sorted(set(current) | set(tags)))
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def publish_report(config: PipelineConfig, run_dir: Path, records: list[StageRecord], notes: list[str]) -> Path:
+    """Write report.md + PNGs and publish markdown/table artifacts (keys `<name>-report-card` etc.)."""
+    card = build_report(run_dir, records, title=config.name, notes=notes, sample_limit=config.report.sample_limit)
+    slug = _slug(config.name)
+    md = card.markdown
+    if config.report.embed_images and card.plots:
+        # The UI cannot read files from the run dir; embed the (small) PNGs as data URIs.
+        md = render_markdown(records, title=config.name, notes=notes, plots=card.plots, samples=card.sample_rows,
+                             run_dir=run_dir, embed_images=True)
+    create_markdown_artifact(markdown=md, key=f"{slug}-report-card",
+                             description=f"alignline report card; also at {card.path}")
+    if card.metrics_rows:
+        create_table_artifact(table=card.metrics_rows, key=f"{slug}-metrics",
+                              description="headline metrics of every stage")
+    if card.sample_rows:
+        create_table_artifact(table=card.sample_rows, key=f"{slug}-samples",
+                              description="greedy generations on the same test prompts, stage by stage")
+    return card.path
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+@flow(name="alignline-pipeline", log_prints=True, validate_parameters=True)
+def pipeline_flow(
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008 - a pydantic default renders the UI form
+    from_stage: str | None = None,
+    to_stage: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run the pipeline; returns {run_dir, report, notes, stages: {name: record}}."""
+    logger = get_run_logger()
+    for name, value in (("from_stage", from_stage), ("to_stage", to_stage)):
+        if value is not None and value not in STAGE_SEQUENCE:
+            raise ConfigError(f"{name}={value!r} is not a stage; choose one of {', '.join(STAGE_SEQUENCE)}")
+    resolved = resolve_pipeline(config)  # every stage config validated before anything runs
+    run_dir = Path(config.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "pipeline.yaml")
+    enabled = set(resolved)
+    first = STAGE_SEQUENCE.index(from_stage) if from_stage else 0
+    last = STAGE_SEQUENCE.index(to_stage) if to_stage else len(STAGE_SEQUENCE) - 1
+    if first > last:
+        raise ConfigError(f"--from {from_stage} comes after --to {to_stage}")
+    records = {s: StageRecord(s, "skipped" if s not in enabled else "pending", path=str(run_dir / s))
+               for s in STAGE_SEQUENCE}
+    notes: list[str] = []
+    slug = _slug(config.name)
+    failure: BaseException | None = None
+    try:
+        for i, stage in enumerate(STAGE_SEQUENCE):
+            if stage not in enabled:
+                continue
+            rec = records[stage]
+            if i < first:
+                # Before --from: must already exist; it is used as is.
+                try:
+                    sd = load_stage(run_dir / stage, expect=stage)
+                except StageError as exc:
+                    raise StageError(f"--from {from_stage}: earlier stage {stage!r} is not usable: {exc}") from None
+                rec.status, rec.headline, rec.message = "cached", sd.headline, "before --from"
+                rec.wall_s = sd.manifest.get("wall_time_s")
+                continue
+            if i > last:
+                rec.message = f"after --to {to_stage}"
+                continue
+            if stage == "rlhf" and config.gates.enabled and "reward" in enabled:
+                reason = reward_gate(config.gates, run_dir)
+                if reason:
+                    notes.append(reason)
+                    for later in STAGE_SEQUENCE[i:]:
+                        if later in enabled:
+                            records[later].status = "gated"
+                    raise GateFailed(reason)
+            rs = resolved[stage]
+            retries = rs.entry.retries if rs.entry.retries is not None else config.retries
+            rec.status = "running"
+            runner = stage_task.with_options(name=f"stage-{stage}", task_run_name=stage, retries=retries,
+                                             retry_delay_seconds=config.retry_delay_s)
+            t0 = time.monotonic()
+            try:
+                out = runner(
+                    stage=stage, module=rs.module, config=rs.config_dict,
+                    inputs=stage_inputs(rs, run_dir, enabled), run_dir=str(run_dir), nproc=rs.nproc,
+                    launcher=rs.entry.launcher, timeout_s=rs.entry.timeout_s, force=force or from_stage == stage,
+                    progress_key=f"{slug}-{stage}-progress", progress_every_s=config.report.progress_every_s,
+                )
+            except Exception as exc:
+                rec.status, rec.wall_s = "failed", round(time.monotonic() - t0, 3)
+                rec.message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                raise
+            rec.status, rec.wall_s, rec.headline = out["status"], out["wall_s"], out["headline"]
+            if out["status"] == "cached":
+                rec.message = "config, code and inputs unchanged"
+            build_report(run_dir, list(records.values()), title=config.name, notes=notes,
+                         sample_limit=config.report.sample_limit, plots=False)
+            if stage == "rlhf" and config.gates.enabled:
+                marks = rlhf_marks(config.gates, run_dir)
+                if marks:
+                    notes.extend(marks)
+                    for m in marks:
+                        logger.warning(m)
+                    _tag_flow_run(["gate-warning"])
+    except BaseException as exc:
+        failure = exc
+    try:
+        report = publish_report(config, run_dir, list(records.values()), notes)
+    except Exception as exc:
+        if failure is None:
+            raise
+        # Keep the stage failure as the error of the run; the report problem is secondary.
+        logger.error("could not publish the report card after the failure: %r", exc)
+        raise failure from None
+    logger.info("report card: %s", report)
+    if failure is not None:
+        raise failure
+    return {"run_dir": str(run_dir), "report": str(report), "notes": notes,
+            "stages": {s: r.to_dict() for s, r in records.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.pipeline --config ... [--run-dir ...] [--from S] [--to S] [--set k=v]`."""
+    import argparse
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/pipeline/tiny.yaml")
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--from", dest="from_stage", default=None)
+    p.add_argument("--to", dest="to_stage", default=None)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args(argv)
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    cfg = load_pipeline_config(args.config, overrides)
+    pipeline_flow(config=cfg, from_stage=args.from_stage, to_stage=args.to_stage, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Run one stage as a Prefect flow: the deployment for retraining a single stage.
+
+    alignline run-stage-flow reward --config configs/reward/tiny.yaml --run-dir runs/tiny \
+        --set data.train_file=/data/fresh_prefs.jsonl
+    python -m flows.stage reward --run-dir runs/tiny
+
+Typical use: retrain the reward model on fresh preference data on a schedule, reusing the
+run's SFT checkpoint. Inputs default to this run's stage dirs (`<run_dir>/<producer>`), or
+are given explicitly (`inputs={"init": "/models/sft"}`). The same cache rules as the pipeline
+apply: an unchanged stage is reused unless `force`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from alignline.artifacts import is_complete
+from alignline.report import StageRecord
+from flows.tasks import StageEntry, resolve_stage, stage_task
+
+
+@flow(name="alignline-stage", log_prints=True)
+def stage_flow(
+    stage: str,
+    run_dir: str = "runs/tiny",
+    entry: StageEntry = StageEntry(),  # noqa: B008 - a pydantic default renders the UI form
+    retries: int = 1,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Validate and run stage `stage` into `<run_dir>/<stage>`; returns the stage outcome."""
+    from flows.pipeline import PipelineConfig, _slug, publish_report
+
+    logger = get_run_logger()
+    rs = resolve_stage(stage, entry, where=f"stage flow {stage!r}")
+    rd = Path(run_dir).resolve()
+    rd.mkdir(parents=True, exist_ok=True)
+    inputs: dict[str, str] = {}
+    for spec in rs.input_specs:
+        if spec.name in entry.inputs:
+            inputs[spec.name] = str(entry.inputs[spec.name])
+        elif spec.default is not None and (spec.required or is_complete(rd / spec.default)):
+            inputs[spec.name] = str(rd / spec.default)
+    logger.info("stage %s with inputs %s", stage, inputs or "none")
+    runner = stage_task.with_options(task_run_name=stage, retries=retries if entry.retries is None else entry.retries)
+    out = runner(stage=stage, module=rs.module, config=rs.config_dict, inputs=inputs, run_dir=str(rd),
+                 nproc=rs.nproc, launcher=entry.launcher, timeout_s=entry.timeout_s, force=force,
+                 progress_key=f"{_slug(rd.name)}-{stage}-progress")
+    rec = StageRecord(stage, out["status"], wall_s=out["wall_s"], path=out["path"], headline=out["headline"])
+    publish_report(PipelineConfig(name=f"{rd.name}-{stage}", run_dir=str(rd)), rd, [rec], [])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    p = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage")
+    p.add_argument("--config", default=None)
+    p.add_argument("--run-dir", default="runs/tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    config = args.config or f"configs/{args.stage}/tiny.yaml"
+    inputs = dict(item.split("=", 1) for item in args.inputs)
+    stage_flow(stage=args.stage, run_dir=args.run_dir,
+               entry=StageEntry(config=config, set=args.overrides, inputs=inputs), force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""Prefect tasks shared by the flows: resolve a stage config, check the stage cache, run one stage.
+
+Not run directly; `flows/pipeline.py` (whole pipeline) and `flows/stage.py` (one stage) use it.
+
+A stage is reused, not run, when its directory has a verified complete manifest whose
+`config_sha256`, `code_version` (stage module + alignline sources) and input manifest sha256s
+equal what this run would produce (see `cache_check`). A stage runs in this process
+(`launcher: inprocess`), as `python -m <module>` (`subprocess`), or under torchrun when
+`nproc_per_node > 1`; the last two are killed as a process group on timeout or cancellation
+(so a stage with `timeout_s` always runs as a subprocess: a Python thread cannot be killed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import yaml
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from alignline.artifacts import StageError, code_version, load_stage, manifest_sha256
+from alignline.config import (
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    config_from_dict,
+    config_sha256,
+    config_to_dict,
+    read_yaml,
+    yaml_key_lines,
+)
+from alignline.launch import launch, torchrun_command
+from alignline.report import metrics_path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class StageEntry(StrictModel):
+    """How the pipeline runs one stage: its config (file, inline values, overrides) and launcher."""
+
+    enabled: bool = Field(True, description="false: the stage is not part of this pipeline")
+    config: str | None = Field(
+        None, description="stage YAML, relative to the repository root (or absolute); none = stage defaults"
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="inline config values, applied over the file")
+    set: list[str] = Field(default_factory=list, description="dotted overrides (key.path=value), applied last")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="input dirs by input name (e.g. init: /models/base); default: this run's"
+    )
+    module: str | None = Field(None, description="implementation module; default from the stages registry")
+    nproc_per_node: int = Field(1, ge=1, description="> 1 launches the stage with torchrun on this many ranks")
+    launcher: Literal["inprocess", "subprocess"] = Field(
+        "inprocess", description="nproc_per_node 1: run in the flow process or as `python -m <module>`"
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="kill the stage after this long; implies a subprocess (a thread cannot be killed)"
+    )
+    retries: int | None = Field(None, ge=0, description="task retries; none = the pipeline's `retries`")
+
+
+@dataclass
+class ResolvedStage:
+    """A validated stage, ready to run: everything a task needs, as plain data."""
+
+    name: str
+    module: str
+    config: Any
+    config_dict: dict[str, Any]
+    input_specs: list[Any]
+    entry: StageEntry
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nproc(self) -> int:
+        return max(self.entry.nproc_per_node, _config_nproc(self.config_dict))
+
+
+def _config_nproc(cfg: dict[str, Any]) -> int:
+    """A stage config may ask for ranks itself (`nproc_per_node`, top level or under `distributed`)."""
+    for node in (cfg, cfg.get("distributed") or {}):
+        v = node.get("nproc_per_node") if isinstance(node, dict) else None
+        if isinstance(v, int) and v > 1:
+            return v
+    return 1
+
+
+def repo_path(p: str | Path) -> Path:
+    """Config paths in pipeline YAML are relative to the repository root (or absolute)."""
+    p = Path(p)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def stage_module_name(stage: str, entry: StageEntry) -> str:
+    if entry.module:
+        return entry.module
+    from stages import STAGES
+
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; known stages: {', '.join(STAGES)}")
+    return STAGES[stage]
+
+
+def import_stage(module_name: str, stage: str) -> ModuleType:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"stage {stage!r}: module {module_name} cannot be imported ({exc}); "
+                          f"check `module:` or that {module_name.replace('.', '/')}.py exists") from exc
+    missing = [a for a in ("Config", "run") if not hasattr(module, a)]
+    if missing:
+        raise ConfigError(f"stage {stage!r}: module {module_name} lacks {', '.join(missing)} "
+                          "(a stage module exposes Config, INPUTS, run(config, inputs, run_dir) and main)")
+    return module
+
+
+def resolve_stage(stage: str, entry: StageEntry, where: str = "pipeline") -> ResolvedStage:
+    """Load and validate one stage config (file, then `params`, then `set`); ConfigError names the place."""
+    module_name = stage_module_name(stage, entry)
+    module = import_stage(module_name, stage)
+    data: dict[str, Any] = {}
+    key_lines: dict[tuple[str, ...], int] = {}
+    source = f"{where}: stages.{stage} (defaults)"
+    if entry.config:
+        path = repo_path(entry.config)
+        if not path.is_file():
+            raise ConfigError(f"{where}: stages.{stage}.config: {entry.config} does not exist "
+                              f"(paths are relative to the repository root {REPO_ROOT})")
+        data = read_yaml(path)
+        key_lines = yaml_key_lines(path.read_text(encoding="utf-8"))
+        source = str(path)
+    if entry.params:
+        data = _deep_merge(data, entry.params)
+        source += f" + stages.{stage}.params"
+    if entry.set:
+        data = apply_overrides(data, entry.set)
+        source += f" (with set {' '.join(entry.set)})"
+    cfg = config_from_dict(module.Config, data, source, key_lines)
+    return ResolvedStage(
+        name=stage,
+        module=module_name,
+        config=cfg,
+        config_dict=config_to_dict(cfg),
+        input_specs=list(getattr(module, "INPUTS", [])),
+        entry=entry,
+        source=str(getattr(module, "__file__", "")),
+    )
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cache_check(module_name: str, config: Any, inputs: dict[str, str | Path], stage_dir: Path) -> tuple[bool, str]:
+    """(True, why) when `stage_dir` holds a complete output of exactly this config, code and inputs."""
+    try:
+        sd = load_stage(stage_dir, verify=True)
+    except StageError as exc:
+        return False, f"no reusable output ({exc})"
+    m = sd.manifest
+    if m.get("config_sha256") != config_sha256(config):
+        return False, "config changed"
+    module = importlib.import_module(module_name)
+    cv = code_version(module.__file__)
+    if m.get("code_version") != cv:
+        return False, "code changed (stage module or alignline sources)"
+    for name, rec in (m.get("inputs") or {}).items():
+        if name not in inputs:
+            return False, f"input {name!r} is no longer given"
+        p = Path(inputs[name])
+        if not (p / "manifest.json").is_file():
+            return False, f"input {name!r} at {p} has no manifest"
+        if manifest_sha256(p) != rec.get("manifest_sha256"):
+            return False, f"input {name!r} changed (its manifest differs)"
+    return True, (f"config {m['config_sha256'][:10]}, code {cv[:10]}, inputs "
+                  + (", ".join(f"{n}={r.get('manifest_sha256', '')[:10]}" for n, r in m.get("inputs", {}).items())
+                     or "none"))
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def total_steps(cfg: dict[str, Any]) -> int | None:
+    """The training length from a config, wherever the stage keeps it (first match, depth first)."""
+    keys = ("max_steps", "total_steps", "num_steps", "train_steps", "steps")
+
+    def walk(node: Any) -> int | None:
+        if isinstance(node, dict):
+            for k in keys:
+                v = node.get(k)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    return v
+            for v in node.values():
+                found = walk(v)
+                if found:
+                    return found
+        return None
+
+    return walk(cfg)
+
+
+class ProgressReporter:
+    """Tail a stage's metrics.jsonl in a thread and feed a Prefect progress artifact."""
+
+    def __init__(self, stage: str, stage_dir: Path, total: int | None, every_s: float = 2.0, key: str | None = None):
+        self.stage, self.stage_dir, self.total, self.every_s = stage, stage_dir, total, every_s
+        self.key = key
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.artifact_id = None
+        self.last = -1.0
+
+    def __enter__(self) -> ProgressReporter:
+        if self.total:
+            self.artifact_id = create_progress_artifact(
+                0.0, key=self.key, description=f"{self.stage}: training steps done (of {self.total})"
+            )
+            self._thread = threading.Thread(target=self._loop, name=f"progress-{self.stage}", daemon=True)
+            self._thread.start()
+        return self
+
+    def current(self) -> float:
+        path = metrics_path(self.stage_dir)
+        if not path.is_file() or not self.total:
+            return 0.0
+        step = 0
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    step = max(step, int(json.loads(line).get("step", 0)))
+                except (json.JSONDecodeError, TypeError, ValueError):
+                    continue  # a line being written right now
+        return min(100.0, 100.0 * step / self.total)
+
+    def push(self, value: float) -> None:
+        if self.artifact_id is None or value == self.last:
+            return
+        update_progress_artifact(self.artifact_id, value)
+        self.last = value
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.push(self.current())
+            except Exception as exc:  # progress is informative; never fail the stage for it
+                get_run_logger().warning("progress update for %s failed: %r", self.stage, exc)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if exc_type is None and self.artifact_id is not None:
+            self.push(100.0)
+
+
+# --------------------------------------------------------------------------- the stage task
+
+
+def _write_config(run_dir: Path, stage: str, cfg: dict[str, Any]) -> Path:
+    d = run_dir / ".pipeline"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / f"{stage}.yaml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return p
+
+
+def stage_command(module: str, config_file: Path, run_dir: Path, inputs: dict[str, str], nproc: int) -> list[str]:
+    args = ["--config", str(config_file), "--run-dir", str(run_dir)]
+    for name, path in inputs.items():
+        args += [f"--{name}", str(path)]
+    if nproc > 1:
+        return torchrun_command(module, args, nproc)
+    return [sys.executable, "-m", module, *args]
+
+
+@task(name="stage", cache_policy=NO_CACHE, log_prints=True)
+def stage_task(
+    stage: str,
+    module: str,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    run_dir: str,
+    nproc: int = 1,
+    launcher: str = "inprocess",
+    timeout_s: float | None = None,
+    force: bool = False,
+    progress_key: str | None = None,
+    progress_every_s: float = 2.0,
+) -> dict[str, Any]:
+    """Run stage `stage` unless its output is cached; returns {status, path, wall_s, headline, reason}."""
+    logger = get_run_logger()
+    mod = import_stage(module, stage)
+    cfg = mod.Config.model_validate(config)
+    rd = Path(run_dir)
+    stage_dir = rd / stage
+    if not force:
+        hit, why = cache_check(module, cfg, inputs, stage_dir)
+        if hit:
+            sd = load_stage(stage_dir, verify=False)
+            logger.info("%s: cached, reusing %s (%s)", stage, stage_dir, why)
+            return {"status": "cached", "path": str(stage_dir), "wall_s": sd.manifest.get("wall_time_s"),
+                    "headline": sd.headline, "reason": why}
+        logger.info("%s: running (%s)", stage, why)
+    else:
+        logger.info("%s: running (forced)", stage)
+    t0 = time.monotonic()
+    with ProgressReporter(stage, stage_dir, total_steps(config), every_s=progress_every_s, key=progress_key):
+        if nproc > 1 or launcher == "subprocess" or timeout_s is not None:
+            cfg_file = _write_config(rd, stage, config)
+            cmd = stage_command(module, cfg_file, rd, inputs, nproc)
+            logger.info("%s: launching %s", stage, " ".join(cmd))
+            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+            launch(cmd, on_line=lambda line: logger.info("[%s] %s", stage, line), timeout=timeout_s,
+                   cwd=os.getcwd(), env=env, log_file=rd / ".pipeline" / f"{stage}.log")
+        else:
+            out = mod.run(cfg, {k: Path(v) for k, v in inputs.items()}, rd)
+            if Path(out).resolve() != stage_dir.resolve():
+                raise StageError(f"stage {stage!r} wrote {out}, expected {stage_dir} (the stage contract puts "
+                                 f"a stage in <run_dir>/{stage})")
+    sd = load_stage(stage_dir, verify=False)  # a stage that 'succeeded' without a manifest is a failure
+    wall = time.monotonic() - t0
+    logger.info("%s: done in %.1f s -> %s", stage, wall, stage_dir)
+    return {"status": "ran", "path": str(stage_dir), "wall_s": round(wall, 3), "headline": sd.headline,
+            "reason": "ran"}

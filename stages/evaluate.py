@@ -1,0 +1,156 @@
+"""Stage `evaluate`: every causal-LM checkpoint of a run on the same held-out prompts, side by side.
+
+    python -m stages.evaluate --config configs/evaluate/tiny.yaml --run-dir runs/tiny
+    alignline stage evaluate --run-dir runs/tiny --set num_prompts=32
+
+For each of the run's `pretrain`, `sft` and `rlhf` stage dirs that exists (complete), it greedily
+answers the first `num_prompts` prompts of `prompts/<split>.jsonl` (data stage) and reports
+gold accuracy (exact/numeric match against the answer) and the mean score of the response
+under the reward model (`reward` stage, when present). Outputs (stage contract):
+eval.json (per stage: gold_accuracy, per_task, rm_score_mean, checkpoint), samples.jsonl
+(one row per prompt: responses, gold scores and RM scores of every stage), and a headline
+with `<stage>_gold_accuracy` / `<stage>_rm_score` for the report card.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from alignline.artifacts import StageRun
+from alignline.config import StrictModel
+from alignline.stage_cli import InputSpec, stage_main
+
+log = logging.getLogger("stages.evaluate")
+
+MODEL_STAGES = ("pretrain", "sft", "rlhf")
+INPUTS = [
+    InputSpec("data", default="data", help="data stage directory (prompts/<split>.jsonl)"),
+    InputSpec("reward", default="reward", required=False, help="reward stage (RM scores); optional"),
+    *[InputSpec(s, default=s, required=False, help=f"{s} stage to evaluate; optional") for s in MODEL_STAGES],
+]
+
+
+class Config(StrictModel):
+    """Config of the evaluate stage."""
+
+    split: Literal["val", "test"] = Field("test", description="prompts/<split>.jsonl of the data stage")
+    num_prompts: int = Field(64, gt=0, description="first N prompts of the split (the same for every stage)")
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(32, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("evaluate: device=cuda but no CUDA device is available; use device: auto or cpu")
+    return name
+
+
+def rm_scores(model, tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int = 32) -> list[float]:
+    """Scalar reward of each (prompt conversation, response) under a sequence-classification RM."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # HF sequence classifiers score the last non-pad token
+    out: list[float] = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                texts = [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                         for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size], strict=True)]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                                truncation=True, max_length=getattr(model.config, "max_position_embeddings", 512))
+                logits = model(**enc.to(device)).logits
+                out.extend(float(x) for x in logits[:, 0].float().cpu())
+    finally:
+        tokenizer.padding_side = old_side
+    return out
+
+
+def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import alignline  # noqa: F401 - registers the alignline model with the Auto* classes
+    from alignline.evaluation import gold_eval, load_prompts
+    from alignline.tokenizer import load_tokenizer
+    from alignline.training import seed_everything
+
+    stage_inputs = {k: v for k, v in inputs.items() if v is not None}
+    run = StageRun(run_dir, "evaluate", config, inputs=stage_inputs, source=__file__)
+    seed_everything(config.seed)
+    device = _device(config.device)
+    rows = load_prompts(run.input("data").path, config.split, limit=config.num_prompts)
+    conversations = [r["prompt"] for r in rows]
+    models = [s for s in MODEL_STAGES if s in stage_inputs]
+    if not models:
+        raise ValueError(f"evaluate: no model stage to evaluate; give at least one of {', '.join(MODEL_STAGES)} "
+                         f"(found none complete under {run_dir})")
+
+    rm = rm_tok = None
+    if "reward" in stage_inputs:
+        ckpt = run.input("reward").checkpoint
+        rm = AutoModelForSequenceClassification.from_pretrained(str(ckpt)).to(device)
+        rm_tok = load_tokenizer(ckpt)
+
+    results: dict[str, dict] = {}
+    responses: dict[str, list[str]] = {}
+    golds: dict[str, list[float]] = {}
+    rms: dict[str, list[float]] = {}
+    for i, stage in enumerate(models):
+        ckpt = run.input(stage).checkpoint
+        log.info("evaluate: %s (%d/%d) from %s on %d prompts", stage, i + 1, len(models), ckpt, len(rows))
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt)).to(device)
+        tok = load_tokenizer(ckpt)
+        gold = gold_eval(model, tok, rows, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        responses[stage] = [s["response"] for s in gold.samples]
+        golds[stage] = [s["score"] for s in gold.samples]
+        results[stage] = {"gold_accuracy": gold.accuracy, "per_task": gold.per_task, "checkpoint": str(ckpt)}
+        if rm is not None:
+            rms[stage] = rm_scores(rm, rm_tok, conversations, responses[stage], config.batch_size)
+            results[stage]["rm_score_mean"] = sum(rms[stage]) / len(rms[stage])
+        run.metrics.log(i, **{f"{stage}_gold_accuracy": gold.accuracy})
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    samples = []
+    for j, row in enumerate(rows):
+        samples.append({
+            "prompt": row["prompt"][-1]["content"],
+            "answer": row["answer"],
+            "task": row.get("task"),
+            "responses": {s: responses[s][j] for s in models},
+            "gold": {s: golds[s][j] for s in models},
+            **({"rm_score": {s: rms[s][j] for s in models}} if rms else {}),
+        })
+    headline: dict[str, float] = {}
+    for s in models:
+        headline[f"{s}_gold_accuracy"] = results[s]["gold_accuracy"]
+        if "rm_score_mean" in results[s]:
+            headline[f"{s}_rm_score"] = results[s]["rm_score_mean"]
+    best = max(models, key=lambda s: (results[s]["gold_accuracy"] if not math.isnan(results[s]["gold_accuracy"])
+                                      else -1.0))
+    evaluation = {"split": config.split, "num_prompts": len(rows), "stages": results, "best_stage": best,
+                  "reward_model": str(run.input("reward").checkpoint) if rm is not None else None}
+    return run.finalize(eval=evaluation, headline=headline, samples=samples)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    return stage_main("evaluate", Config, run, INPUTS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

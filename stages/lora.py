@@ -1,0 +1,895 @@
+"""Stage `lora`: LoRA (or QLoRA) fine-tuning of a released causal LM on chat data.
+
+    python -m stages.lora --base DIR_OR_HUB_ID --data FILE_OR_DATASET --out RUN_DIR \
+        [--config configs/lora/tiny.yaml] [--set train.max_steps=50 --set lora.r=8]
+    alignline lora ...            (same options)
+    flows/lora.py: lora_flow      (same job as a Prefect flow)
+
+The base is a local HF dir, a hub id (+ `base_revision`), or an alignline stage dir (its
+checkpoint/ is used). Outputs go to `RUN_DIR/lora/` (the stage-directory contract):
+
+    adapter/      PEFT adapter (PeftModel.from_pretrained(base, adapter/))
+    checkpoint/   the merged model + tokenizer (with the chat template used in training), HF format;
+                  a non-alignline base loads with plain AutoModelForCausalLM, and it is a valid
+                  `--init` for the reward stage
+    eval.json     held-out assistant-token loss before/after, sample generations before/after,
+                  how the loss mask was computed, the merge check
+    manifest.json base identity (path or hub id + revision, sha256 of the base weight files)
+
+Chat template and loss mask (loss on assistant tokens only):
+- template: the base tokenizer's own when it has one (`chat.template_source: auto`), otherwise
+  `chat.template` (default: DEFAULT_CHAT_TEMPLATE, ChatML-style, using the base's eos token).
+- mask: `generation` uses the template's `{% generation %}` tags (what TRL's assistant_only_loss
+  uses); `render` finds each assistant turn by rendering the conversation up to the turn with
+  and without it (works for any prefix-preserving template, e.g. released Llama/Qwen templates
+  that have no tags); `auto` picks `generation` when the template has tags, else `render`.
+  On a tagged template both give the same mask (tests/test_lora_inputs.py).
+Only lora_A/lora_B train (r, alpha, dropout, rsLoRA, DoRA, targets per architecture: see
+alignline/peft_utils.py); `train.gradient_checkpointing` trades compute for memory.
+Every bad input (not a causal LM, no tokenizer, bad data, unknown target module, QLoRA without
+CUDA) is reported before any weights load. Training uses TRL's SFTTrainer on our pre-tokenised,
+pre-masked examples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel, load_config
+from alignline.data.loaders import Columns, DataValidationError, Format, LoaderConfig, load_records
+
+log = logging.getLogger("alignline.stages.lora")
+
+STAGE = "lora"
+
+# ChatML-style layout that needs no new tokens: the base's own eos ends every turn, so generation
+# stops where training taught it to. The assistant's content and eos sit inside {% generation %}.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- if bos_token and bos_token != eos_token -%}{{- bos_token -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}{{- message['content'] + eos_token -}}{%- endif -%}"
+    "{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class LoraInputError(ValueError):
+    """A bad input to the LoRA stage (base, tokenizer, data, targets), found before training."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+class LoraDataConfig(StrictModel):
+    """Chat data, read and validated by alignline.data.loaders (TRL messages, Alpaca, ShareGPT; files or hub)."""
+
+    train: str | None = Field(None, description="file, data stage dir, or hub dataset id; the CLI's --data sets it")
+    val: str | None = Field(None, description="held-out file/id; default: hold out val_fraction of train")
+    format: Format = Field("auto", description="auto | messages | alpaca | sharegpt | hh (see the loaders)")
+    columns: Columns = Field(default_factory=Columns, description="source column names (loaders.Columns)")
+    roles: dict[str, Literal["system", "user", "assistant"]] | None = Field(
+        None, description="source role name -> system/user/assistant; None: the loaders' defaults"
+    )
+    hub_name: str | None = Field(None, description="dataset config name for a hub dataset")
+    split: str = "train"
+    val_split: str = "validation"
+    max_records: int | None = Field(None, gt=0, description="read at most this many records per source")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_examples: int | None = Field(None, gt=0)
+    max_val_examples: int = Field(64, gt=0)
+
+    def loader(self, path: str, split: str) -> LoaderConfig:
+        extra = {"roles": self.roles} if self.roles is not None else {}
+        return LoaderConfig(path=path, kind="sft", format=self.format, columns=self.columns, hub_name=self.hub_name,
+                            split=split, limit=self.max_records, **extra)
+
+
+class ChatConfig(StrictModel):
+    """Which chat template renders the data, and how the assistant-only loss mask is computed."""
+
+    template_source: Literal["auto", "base", "config"] = Field(
+        "auto", description="auto: the base's template if it has one, else `template`; base: require it"
+    )
+    template: str | None = Field(
+        None, description="Jinja template text or a path to a .jinja file; None = DEFAULT_CHAT_TEMPLATE"
+    )
+    mask: Literal["auto", "generation", "render"] = "auto"
+
+
+class LoraTrainConfig(StrictModel):
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0)
+    max_length: int = Field(1024, gt=8)
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise"
+    )
+
+
+class LoraEvalConfig(StrictModel):
+    num_samples: int = Field(4, ge=0, description="held-out prompts generated before and after")
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+    merge_atol: float = Field(1e-3, gt=0, description="max |logit| gap adapter vs merged (fp32)")
+
+
+class StageLoraArgs(LoraArgs):
+    """The shared LoRA settings; in this stage LoRA is always on (enabled must stay true)."""
+
+    enabled: bool = True
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _always_on(self):
+        if not self.enabled:
+            raise ValueError("lora.enabled is false, but the lora stage always trains LoRA; remove the key")
+        return self
+
+
+class LoraStageConfig(StrictModel):
+    """Config of the `lora` stage (configs/lora/*.yaml)."""
+
+    base: str | None = Field(None, description="local dir, alignline stage dir, or hub id; --base sets it")
+    base_revision: str | None = Field(None, description="hub branch/tag/commit (hub ids only)")
+    tokenizer: str | None = Field(None, description="tokenizer dir/id when the base has none")
+    trust_remote_code: bool = False
+    qlora: bool = Field(False, description="4-bit NF4 base (bitsandbytes, CUDA only)")
+    data: LoraDataConfig = LoraDataConfig()
+    chat: ChatConfig = ChatConfig()
+    lora: StageLoraArgs = StageLoraArgs()
+    train: LoraTrainConfig = LoraTrainConfig()
+    eval: LoraEvalConfig = LoraEvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+def load_lora_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LoraStageConfig:
+    return load_config(LoraStageConfig, path, overrides)
+
+
+# --------------------------------------------------------------------------- base model
+
+
+@dataclass
+class BaseInfo:
+    """Where the base weights are and who they are (for the manifest)."""
+
+    spec: str
+    path: Path
+    source: Literal["local", "hub", "stage"]
+    hub_id: str | None = None
+    revision: str | None = None
+    stage_dir: Path | None = None
+    weight_hashes: dict[str, str] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"spec": self.spec, "source": self.source, "path": str(self.path)}
+        if self.hub_id:
+            out.update(hub_id=self.hub_id, revision=self.revision)
+        if self.stage_dir:
+            out["stage_dir"] = str(self.stage_dir)
+        out["weight_sha256"] = self.weight_hashes
+        return out
+
+
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def resolve_base(cfg: LoraStageConfig) -> BaseInfo:
+    """Find the base on disk (downloading a hub id's snapshot) without loading any weights."""
+    spec = cfg.base
+    if not spec:
+        raise LoraInputError("no base model: pass --base DIR_OR_HUB_ID (or set `base:` in the config)")
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise LoraInputError(f"--base {spec}: is a file; pass the model directory (with config.json)")
+        if (p / "manifest.json").is_file():
+            from alignline.artifacts import load_stage
+
+            sd = load_stage(p)
+            return BaseInfo(spec, sd.checkpoint.resolve(), "stage", stage_dir=p.resolve())
+        if not (p / "config.json").is_file():
+            raise LoraInputError(
+                f"--base {spec}: no config.json in {p}; pass an HF model directory or a finished stage dir"
+            )
+        return BaseInfo(spec, p.resolve(), "local")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise LoraInputError(f"--base {spec}: no such directory (and it is not a hub id like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        if cfg.trust_remote_code:
+            patterns.append("*.py")
+        local = snapshot_download(repo_id=spec, revision=cfg.base_revision, allow_patterns=patterns)
+    except Exception as exc:  # hub errors come in many classes; all mean "could not fetch"
+        raise LoraInputError(
+            f"--base {spec}: not a local directory, and downloading it from the Hugging Face hub failed "
+            f"({type(exc).__name__}: {exc}). Check the id/revision and your network, or pass a local dir."
+        ) from exc
+    local_path = Path(local)
+    if not list(local_path.glob("*.safetensors")):
+        raise LoraInputError(f"hub model {spec} has no *.safetensors weights; convert it or pass a local dir")
+    # snapshot dirs are named by the commit sha, which pins the revision exactly.
+    return BaseInfo(spec, local_path, "hub", hub_id=spec, revision=local_path.name)
+
+
+def hash_base_weights(info: BaseInfo) -> None:
+    from tqdm.auto import tqdm
+
+    from alignline.artifacts import sha256_file
+
+    files = sorted(f for g in _WEIGHT_GLOBS for f in info.path.glob(g))
+    if not files:
+        raise LoraInputError(f"base {info.path} has no weight files ({', '.join(_WEIGHT_GLOBS)})")
+    for f in tqdm(files, desc="hashing base weights", disable=len(files) < 2):
+        info.weight_hashes[f.name] = sha256_file(f)
+
+
+def check_causal_lm(path: Path, trust_remote_code: bool = False):
+    """Load the base config and refuse anything that is not a causal LM; returns the config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoraInputError(f"{path / 'config.json'}: cannot read the model config ({exc})") from exc
+    causal_names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
+    registered = None
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        registered = AutoModelForCausalLM._model_mapping[type(config)]
+        causal_names |= {c.__name__ for c in (registered if isinstance(registered, tuple) else (registered,))}
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs:
+        ok = any(a in causal_names or a.endswith("ForCausalLM") for a in archs)
+        what = ", ".join(archs)
+    else:
+        encoder_only = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
+            config, "is_decoder", False
+        )
+        ok = registered is not None and not encoder_only
+        what = f"model_type={config.model_type!r} (encoder-only)" if encoder_only else f"model_type={config.model_type!r}"
+    if not ok or getattr(config, "is_encoder_decoder", False):
+        raise LoraInputError(
+            f"{path / 'config.json'}: the base is {what}, not a causal language model. The lora stage "
+            "fine-tunes decoder-only *ForCausalLM checkpoints (Llama, Qwen, Mistral, Gemma, GPT-2, alignline); "
+            "for a reward/classifier model use the reward stage."
+        )
+    return config
+
+
+def load_base_tokenizer(cfg: LoraStageConfig, base: BaseInfo):
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or str(base.path)
+    src_path = Path(src)
+    if src_path.is_dir():
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if not any((src_path / n).is_file() for n in names):
+            raise LoraInputError(
+                f"no tokenizer in {src_path} (looked for {', '.join(names)}); copy the base's tokenizer files "
+                "there or pass one with --set tokenizer=DIR"
+            )
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LoraInputError(f"cannot load the tokenizer from {src} ({exc}); pass --set tokenizer=DIR") from exc
+    if tok.eos_token is None:
+        raise LoraInputError(
+            f"the tokenizer from {src} has no eos_token, so generations could never stop; set eos_token in its "
+            "tokenizer_config.json"
+        )
+    if tok.pad_token is None:
+        # Padding positions are masked out of the loss and attention, so reusing eos is harmless.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# --------------------------------------------------------------------------- chat template + masks
+
+
+def has_generation_tags(template: str | None) -> bool:
+    return bool(template) and _GENERATION_TAG.search(template) is not None
+
+
+def resolve_chat_template(cfg: ChatConfig, tokenizer, config_dir: Path | None = None) -> tuple[str, str]:
+    """(template text, where it came from: 'base' | 'config' | 'default')."""
+    base_template = tokenizer.chat_template
+    if isinstance(base_template, dict):
+        base_template = base_template.get("default")
+    if cfg.template_source in ("auto", "base") and base_template:
+        return base_template, "base"
+    if cfg.template_source == "base":
+        raise LoraInputError(
+            "chat.template_source is 'base' but the base tokenizer has no chat template; set "
+            "chat.template_source=auto (uses chat.template or the built-in ChatML-style default)"
+        )
+    if cfg.template is None:
+        return DEFAULT_CHAT_TEMPLATE, "default"
+    text = cfg.template
+    if "{" not in text:  # a path, not template text
+        p = Path(text)
+        if not p.is_absolute() and config_dir is not None and not p.exists():
+            p = config_dir / p
+        if not p.is_file():
+            raise LoraInputError(f"chat.template: {text!r} is neither Jinja text nor an existing .jinja file")
+        text = p.read_text(encoding="utf-8")
+    return text, "config"
+
+
+def resolve_mask_mode(mode: str, template: str, template_from: str) -> str:
+    if mode == "auto":
+        return "generation" if has_generation_tags(template) else "render"
+    if mode == "generation" and not has_generation_tags(template):
+        raise LoraInputError(
+            f"chat.mask is 'generation' but the {template_from} chat template has no {{% generation %}} tags, so "
+            "the assistant tokens cannot be found from it. Use chat.mask=render (find turns by rendering "
+            "prefixes) or chat.template_source=config (the ChatML-style default, which has the tags)."
+        )
+    return mode
+
+
+def _render(tokenizer, messages, template, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode_render(tokenizer, messages: list[dict], template: str) -> tuple[list[int], list[int]]:
+    """Token ids and assistant mask, found by rendering each assistant turn's prefix.
+
+    For assistant turn i, the characters between render(messages[:i], add_generation_prompt=True)
+    and render(messages[:i+1]) are that turn (content plus whatever closes it, e.g. eos). A token
+    is an assistant token when it starts inside such a span (trailing whitespace excluded, so on a
+    tagged template this equals the {% generation %} mask). Needs a prefix-preserving template
+    and a fast tokenizer (character offsets); anything else is an error, not a guess.
+    """
+    if not tokenizer.is_fast:
+        raise LoraInputError("chat.mask=render needs a fast tokenizer (character offsets); use chat.mask=generation")
+    full = _render(tokenizer, messages, template)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], template, add_generation_prompt=True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], template)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise LoraInputError(
+                f"the chat template is not prefix-preserving at assistant turn {i} (rendering the conversation up "
+                "to a turn does not give a prefix of the whole), so assistant tokens cannot be located by rendering. "
+                "Use chat.template_source=config (ChatML-style default with {% generation %} tags), or a template "
+                "with generation tags and chat.mask=generation."
+            )
+        # Whitespace a template puts between turns (ChatML's "\n" after <|im_end|>) is not the answer.
+        spans.append((len(before), len(upto.rstrip())))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+def encode_generation(tokenizer, messages: list[dict], template: str) -> tuple[list[int], list[int]]:
+    """Token ids and assistant mask from the template's {% generation %} tags (as TRL does)."""
+    out = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def encode_conversations(tokenizer, conversations, template, mode, max_length, what="train"):
+    """Encode + mask every conversation; truncate to max_length; drop ones left without answer tokens."""
+    from jinja2 import TemplateError
+    from tqdm.auto import tqdm
+
+    fn = encode_generation if mode == "generation" else encode_render
+    rows, dropped = [], 0
+    for i, messages in enumerate(tqdm(conversations, desc=f"tokenizing {what}", disable=len(conversations) < 500)):
+        try:
+            ids, mask = fn(tokenizer, messages, template)
+        except TemplateError as exc:
+            # e.g. a template that rejects a system turn or a non-alternating conversation
+            raise LoraInputError(
+                f"{what} conversation {i}: the chat template refused it ({exc}); roles: "
+                f"{[m['role'] for m in messages]}. Fix the data, or use another template (chat.template_source=config)."
+            ) from exc
+        ids, mask = ids[:max_length], mask[:max_length]
+        if sum(mask) == 0:
+            dropped += 1
+            continue
+        rows.append({"input_ids": ids, "assistant_masks": mask})
+    if not rows:
+        raise LoraInputError(
+            f"no {what} example has assistant tokens left after masking/truncation to train.max_length={max_length}; "
+            "check that the data has assistant turns and raise train.max_length"
+        )
+    if dropped:
+        log.warning("%d %s example(s) had no assistant tokens within %d tokens and were dropped", dropped, what,
+                    max_length)
+    return rows, dropped
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _validate_conversation(messages: Any, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise LoraInputError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    out = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise LoraInputError(f"{where}: message {j} must be {{'role': str, 'content': str}}, got {m!r:.120}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise LoraInputError(f"{where}: message {j} has role {m['role']!r}; use system, user or assistant")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise LoraInputError(f"{where}: no assistant message, so there is nothing to train on")
+    return out
+
+
+def load_conversations(cfg: LoraDataConfig, spec: str, split: str) -> list[list[dict]]:
+    """Conversations (lists of {role, content}) from a file, a data stage dir, or a hub dataset, validated.
+
+    A data stage dir (the built-in suite, `alignline stage data`) contributes `sft/<split>.jsonl`
+    (split train -> train, anything else -> val). Everything goes through alignline.data.loaders.
+    """
+    p = Path(spec)
+    if p.is_dir() and (p / "manifest.json").is_file():
+        from alignline.artifacts import load_stage
+
+        sub = "train" if split == cfg.split else "val"
+        loader = LoaderConfig(path=str(load_stage(p, expect="data").file(f"sft/{sub}.jsonl")), kind="sft",
+                              format="messages", hub=False, limit=cfg.max_records)
+    else:
+        loader = cfg.loader(spec, split)
+    try:
+        records = load_records(loader)
+    except DataValidationError as exc:
+        raise LoraInputError(f"chat data {spec}: {exc}") from exc
+    out = []
+    for i, r in enumerate(records):
+        out.append(_validate_conversation(r.get("messages"), f"{spec} record {i}"))
+    return out
+
+
+def split_data(cfg: LoraDataConfig, seed: int) -> tuple[list, list]:
+    if not cfg.train:
+        raise LoraInputError("no training data: pass --data FILE_OR_DATASET (or set data.train)")
+    train = load_conversations(cfg, cfg.train, cfg.split)
+    if cfg.val:
+        val = load_conversations(cfg, cfg.val, cfg.val_split)
+    elif Path(cfg.train).is_dir() and (Path(cfg.train) / "manifest.json").is_file():
+        val = load_conversations(cfg, cfg.train, cfg.val_split)  # a data stage dir has its own held-out split
+    else:
+        if len(train) < 2:
+            raise LoraInputError(f"data {cfg.train}: {len(train)} conversation(s); need 2+ to hold one out")
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_val = min(cfg.max_val_examples, max(1, round(len(train) * cfg.val_fraction)))
+        val = [train[i] for i in order[:n_val]]
+        train = [train[i] for i in order[n_val:]]
+    if cfg.max_train_examples:
+        train = train[: cfg.max_train_examples]
+    return train, val[: cfg.max_val_examples]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def heldout_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy over assistant tokens (next-token, token-weighted)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            width = max(len(r["input_ids"]) for r in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            att = torch.zeros((len(chunk), width), dtype=torch.long)
+            lab = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for b, r in enumerate(chunk):
+                n = len(r["input_ids"])
+                ids[b, :n] = torch.tensor(r["input_ids"])
+                att[b, :n] = 1
+                m = torch.tensor(r["assistant_masks"], dtype=torch.bool)
+                lab[b, :n] = torch.where(m, ids[b, :n], torch.full_like(ids[b, :n], -100))
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
+            lab = lab.to(device)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), lab[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += float(loss)
+            count += int((lab[:, 1:] != -100).sum())
+    return total / max(count, 1)
+
+
+def sample_prompts(val: list[list[dict]], n: int) -> list[dict]:
+    """The first n held-out conversations cut before their last assistant turn."""
+    out = []
+    for messages in val[:n]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        out.append({"messages": messages[:last], "reference": messages[last]["content"]})
+    return out
+
+
+def generate_samples(model, tokenizer, template, prompts, max_new_tokens) -> list[str]:
+    import torch
+
+    device = next(model.parameters()).device
+    eos = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    outs = []
+    model.eval()
+    for p in prompts:
+        text = _render(tokenizer, p["messages"], template, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id,
+            )
+        outs.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+    return outs
+
+
+def _logits(model, rows, pad_id):
+    import torch
+
+    device = next(model.parameters()).device
+    r = rows[0]
+    ids = torch.tensor([r["input_ids"]], device=device)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().cpu()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Prepared:
+    """Everything checked before any weights load."""
+
+    cfg: LoraStageConfig
+    base: BaseInfo
+    model_config: Any
+    tokenizer: Any
+    template: str
+    template_from: str
+    mask_mode: str
+    train_rows: list
+    val_rows: list
+    val_conversations: list
+    targets: list[str]
+    dropped: dict[str, int]
+
+
+def prepare(cfg: LoraStageConfig, config_dir: Path | None = None) -> Prepared:
+    """Check every input (in order of cost) and tokenize the data; raises LoraInputError on the first problem."""
+    from alignline.peft_utils import QLoraUnavailableError, require_qlora_support, resolve_target_modules
+
+    if cfg.qlora:
+        try:
+            require_qlora_support()  # before anything loads
+        except QLoraUnavailableError as exc:
+            raise LoraInputError(str(exc)) from exc
+    base = resolve_base(cfg)
+    model_config = check_causal_lm(base.path, cfg.trust_remote_code)
+    tokenizer = load_base_tokenizer(cfg, base)
+    template, template_from = resolve_chat_template(cfg.chat, tokenizer, config_dir)
+    mask_mode = resolve_mask_mode(cfg.chat.mask, template, template_from)
+    train, val = split_data(cfg.data, cfg.train.seed)
+    train_rows, d_train = encode_conversations(tokenizer, train, template, mask_mode, cfg.train.max_length, "train")
+    val_rows, d_val = encode_conversations(tokenizer, val, template, mask_mode, cfg.train.max_length, "val")
+    # Targets are checked on a weightless (meta) model, so a typo costs no load time.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.trust_remote_code)
+    try:
+        targets = resolve_target_modules(cfg.lora, skeleton)
+    except ValueError as exc:
+        raise LoraInputError(str(exc)) from exc
+    hash_base_weights(base)
+    return Prepared(cfg, base, model_config, tokenizer, template, template_from, mask_mode, train_rows, val_rows,
+                    val, targets, {"train": d_train, "val": d_val})
+
+
+def _dtype(precision: str):
+    import torch
+
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_base_model(prep: Prepared, dtype, quantize: bool):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": prep.cfg.trust_remote_code}
+    if quantize:
+        from alignline.peft_utils import bnb_4bit_config
+
+        kwargs["quantization_config"] = bnb_4bit_config(compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(str(prep.base.path), **kwargs)
+    if not quantize:
+        import torch
+
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model
+
+
+def _metrics_callback(run):
+    from transformers import TrainerCallback
+
+    class _ToMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            values = {k: v for k, v in (logs or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            if values:
+                run.metrics.log(state.global_step, **values)
+
+    return _ToMetrics()
+
+
+def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    t = prep.cfg.train
+    ds = Dataset.from_list(prep.train_rows)
+    with tempfile.TemporaryDirectory(prefix="alignline-lora-") as tmp:
+        args = SFTConfig(
+            output_dir=tmp,
+            max_steps=t.max_steps,
+            per_device_train_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.lr,
+            weight_decay=t.weight_decay,
+            warmup_steps=t.warmup_steps,
+            lr_scheduler_type=t.lr_scheduler,
+            max_grad_norm=t.max_grad_norm,
+            max_length=t.max_length,
+            seed=t.seed,
+            data_seed=t.seed,
+            logging_steps=prep.cfg.logging.every_steps,
+            save_strategy="no",
+            report_to="none",  # our callback writes metrics.jsonl + TensorBoard (+ wandb/mlflow)
+            disable_tqdm=not prep.cfg.logging.progress,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu=not torch.cuda.is_available(),
+            # TRL enables it on the PEFT model (and the input grads a frozen base needs)
+            activation_checkpointing=t.gradient_checkpointing,
+            packing=False,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+        )
+        trainer = SFTTrainer(
+            model=peft_model, args=args, train_dataset=ds, processing_class=prep.tokenizer,
+            callbacks=[_metrics_callback(run)],
+        )
+        result = trainer.train()
+    return {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
+
+
+def run(
+    config: LoraStageConfig,
+    inputs: dict[str, Path] | None,
+    run_dir: str | Path,
+    config_dir: str | Path | None = None,
+) -> Path:
+    """Fine-tune `config.base` with LoRA on `config.data`; write `<run_dir>/lora/` and return its path.
+
+    `inputs` may give "base" (a model or stage dir) and "data" (a file or data stage dir), which
+    replace `config.base` / `config.data.train`; `config_dir` resolves a relative chat.template path.
+    """
+    import torch
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    from alignline.artifacts import StageRun
+    from alignline.peft_utils import attach_lora, merge_lora
+    from alignline.training import seed_everything
+
+    updates: dict[str, Any] = {}
+    if inputs and inputs.get("base") is not None:
+        updates["base"] = str(inputs["base"])
+    if inputs and inputs.get("data") is not None:
+        updates["data"] = config.data.model_copy(update={"train": str(inputs["data"])})
+    cfg = config.model_copy(update=updates) if updates else config
+    prep = prepare(cfg, Path(config_dir) if config_dir else None)
+    # An alignline stage dir as base is recorded (and verified) as a stage input.
+    stage_inputs = {"base": prep.base.stage_dir} if prep.base.stage_dir else {}
+    stage = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__)
+    seed_everything(cfg.train.seed)
+    dtype = _dtype(cfg.train.precision)
+    tok = prep.tokenizer
+    pad_id = tok.pad_token_id
+    prompts = sample_prompts(prep.val_conversations, cfg.eval.num_samples)
+    print(f"[lora] base {prep.base.spec} ({prep.model_config.model_type}), template={prep.template_from}, "
+          f"mask={prep.mask_mode}, targets={prep.targets}, train={len(prep.train_rows)} val={len(prep.val_rows)}")
+
+    model = load_base_model(prep, dtype, quantize=cfg.qlora)
+    loss_before = heldout_loss(model, prep.val_rows, pad_id, cfg.eval.batch_size)
+    gens_before = generate_samples(model, tok, prep.template, prompts, cfg.eval.max_new_tokens)
+    if cfg.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    lora_args = cfg.lora.model_copy(update={"target_modules": prep.targets})
+    peft_model = attach_lora(model, lora_args)
+    peft_model.peft_config["default"].base_model_name_or_path = prep.base.hub_id or str(prep.base.path)
+    peft_model.peft_config["default"].revision = prep.base.revision
+    n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in peft_model.parameters())
+
+    train_info = train_adapter(prep, peft_model, stage, dtype)
+    loss_after = heldout_loss(peft_model, prep.val_rows, pad_id, cfg.eval.batch_size)
+    gens_after = generate_samples(peft_model, tok, prep.template, prompts, cfg.eval.max_new_tokens)
+
+    tok.chat_template = prep.template  # downstream stages must render conversations as we trained
+    adapter_dir = stage.staging / "adapter"
+    peft_model.save_pretrained(str(adapter_dir))
+    tok.save_pretrained(str(adapter_dir))
+
+    # Merge. For QLoRA the 4-bit weights cannot hold the merged update, so the base is reloaded
+    # unquantized (train.precision) and the saved adapter applied to it; the gap is then recorded only.
+    ref_logits = _logits(peft_model, prep.val_rows, pad_id)
+    if cfg.qlora:
+        del peft_model, model
+        torch.cuda.empty_cache()
+        full = load_base_model(prep, dtype, quantize=False)
+        merged = merge_lora(PeftModel.from_pretrained(full, str(adapter_dir)))
+    else:
+        merged = merge_lora(peft_model)
+    merged_gap = float((ref_logits - _logits(merged, prep.val_rows, pad_id)).abs().max())
+    if not cfg.qlora and dtype == torch.float32 and merged_gap > cfg.eval.merge_atol:
+        raise RuntimeError(
+            f"the merged model's logits differ from the adapter model's by {merged_gap:.3g} > eval.merge_atol="
+            f"{cfg.eval.merge_atol}; the merge is wrong, not saving a broken checkpoint"
+        )
+    ckpt = stage.staging / "checkpoint"
+    merged.save_pretrained(str(ckpt))
+    tok.save_pretrained(str(ckpt))
+    gen_cfg = merged.generation_config
+    gen_cfg.pad_token_id = pad_id
+    eos_ids = gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, list) else [gen_cfg.eos_token_id]
+    gen_cfg.eos_token_id = sorted({i for i in eos_ids if i is not None} | {tok.eos_token_id})
+    gen_cfg.save_pretrained(str(ckpt))
+
+    samples = [
+        {"messages": p["messages"], "reference": p["reference"], "before": b, "after": a}
+        for p, b, a in zip(prompts, gens_before, gens_after)
+    ]
+    evaluation = {
+        "heldout_loss_before": loss_before,
+        "heldout_loss_after": loss_after,
+        "heldout_examples": len(prep.val_rows),
+        "train_examples": len(prep.train_rows),
+        "dropped_examples": prep.dropped,
+        **train_info,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "target_modules": prep.targets,
+        "chat_template_source": prep.template_from,
+        "loss_mask": prep.mask_mode,
+        "qlora": cfg.qlora,
+        "dtype": str(dtype).removeprefix("torch."),
+        "merge_max_abs_logit_diff": merged_gap,
+        "base": prep.base.identity(),
+        "samples": samples,
+    }
+    headline = {"heldout_loss_before": loss_before, "heldout_loss_after": loss_after}
+    out = stage.finalize(eval=evaluation, headline=headline, samples=samples,
+                         extra_manifest={"base": prep.base.identity()})
+    print(f"[lora] held-out loss {loss_before:.4f} -> {loss_after:.4f}; wrote {out}")
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+Config = LoraStageConfig
+# base and data are config values (hub ids and plain files are allowed), so no stage-dir inputs.
+INPUTS: list = []
+
+
+def build_config(config: str | Path | None, base: str | None, data: str | None, overrides: list[str]):
+    """The config file (optional) with --base/--data applied as overrides, so they are validated too."""
+    extra = []
+    if base is not None:
+        extra.append(f"base={json.dumps(str(base))}")
+    if data is not None:
+        extra.append(f"data.train={json.dumps(str(data))}")
+    return load_lora_config(config, extra + list(overrides or []))
+
+
+def default_config_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs" / "lora" / "tiny.yaml"
+
+
+def cli(base, data, out, config=None, overrides=(), print_config=False) -> Path | None:
+    """Shared by `python -m stages.lora` and `alignline lora`: exit code 2 on a config/input error."""
+    import yaml
+
+    from alignline.artifacts import StageError
+    from alignline.config import config_to_dict
+
+    config = config or default_config_path()
+    try:
+        cfg = build_config(config, base, data, list(overrides))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return None
+    try:
+        out_path = run(cfg, None, out, Path(config).parent)
+    except (LoraInputError, StageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"lora: wrote {out_path}")
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m stages.lora", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="base model: local HF dir, alignline stage dir, or hub id (sets `base`)")
+    p.add_argument("--data", help="chat data: .json/.jsonl file, data stage dir, or hub dataset id (sets data.train)")
+    p.add_argument("--out", "--run-dir", dest="out", required=True, help="run directory; outputs go to OUT/lora/")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/lora/tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return cli(a.base, a.data, a.out, a.config, a.overrides, a.print_config)
+
+
+if __name__ == "__main__":
+    main()
+

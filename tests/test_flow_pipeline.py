@@ -1,0 +1,190 @@
+"""Pipeline flow behaviour with fake stages: caching, downstream re-runs, resume, retries, gates, report.
+
+    .venv/bin/pytest tests/test_flow_pipeline.py
+
+Fake stages (tests/prefect_fixtures.py) use the real stage-directory contract but train in
+milliseconds; the real stages end to end are in tests/test_pipeline_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alignline.config import ConfigError
+from tests.prefect_fixtures import fake_pipeline_overrides, make_fake_stages, prefect_harness  # noqa: F401
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("prefect_harness")]
+
+ALL = ["data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate"]
+
+
+@pytest.fixture()
+def fake(tmp_path: Path, monkeypatch):
+    pkg = make_fake_stages(tmp_path / "src")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "src"))
+    for var in ("FAKE_FAIL_STAGE", "FAKE_FAIL_AT", "FAKE_FAIL_ONCE_FILE", "FAKE_STEP_SLEEP"):
+        monkeypatch.delenv(var, raising=False)
+    run_dir = tmp_path / "run"
+
+    def run(*extra: str, **kw):
+        from flows.pipeline import load_pipeline_config, pipeline_flow
+
+        cfg = load_pipeline_config(None, fake_pipeline_overrides(pkg, run_dir) + list(extra))
+        return pipeline_flow(config=cfg, **kw)
+
+    return run, run_dir
+
+
+def statuses(result) -> dict[str, str]:
+    return {s: r["status"] for s, r in result["stages"].items()}
+
+
+def calls(run_dir: Path, stage: str) -> list[int]:
+    p = run_dir / f"{stage}.calls"
+    return [int(x) for x in p.read_text().split()] if p.exists() else []
+
+
+def test_cache_reuse_and_downstream_rerun(fake) -> None:
+    run, run_dir = fake
+    first = run()
+    assert statuses(first) == {s: "ran" for s in ALL}
+
+    second = run()
+    assert statuses(second) == {s: "cached" for s in ALL}
+    assert all(calls(run_dir, s) == [0] for s in ALL)  # nothing was called again
+
+    # An SFT change re-runs SFT and everything downstream, never pretraining.
+    third = run("sft.lr=0.2")
+    assert statuses(third) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached",
+                               "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran"}
+    assert calls(run_dir, "pretrain") == [0]
+
+    # A deleted output is rebuilt, never served from a stale cache.
+    shutil.rmtree(run_dir / "reward")
+    fourth = run("sft.lr=0.2")
+    assert statuses(fourth)["reward"] == "ran"
+    assert statuses(fourth)["sft"] == "cached"
+    assert statuses(fourth)["rlhf"] == "ran"
+
+    # A tampered output file (hash mismatch) is not reused either.
+    (run_dir / "evaluate" / "eval.json").write_text("{}")
+    assert statuses(run("sft.lr=0.2"))["evaluate"] == "ran"
+
+
+def test_report_card_file_and_artifacts(fake) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    run, run_dir = fake
+    run("name=card")  # its own artifact keys: other tests publish `fake-*` in the same harness
+    report = (run_dir / "report.md").read_text()
+    for stage in ALL:
+        assert f"| {stage} | ran |" in report
+    assert "loss=0.025" in report and "accuracy=0.9" in report  # every stage's headline metrics
+    assert (run_dir / "report" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![loss](report/loss.png)" in report
+    assert "sft-0" in report and "rlhf-0" in report  # samples side by side
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["card-report-card", "card-metrics", "card-samples",
+                                        "card-pretrain-progress"])))
+    by_key = {a.key: a for a in arts}
+    assert set(by_key) >= {"card-report-card", "card-metrics", "card-samples", "card-pretrain-progress"}
+    card = by_key["card-report-card"].data
+    assert "| rlhf | ran |" in card and "data:image/png;base64," in card
+    table = json.loads(by_key["card-metrics"].data) if isinstance(by_key["card-metrics"].data, str) \
+        else by_key["card-metrics"].data
+    assert {"stage": "reward", "metric": "accuracy", "value": 0.9} in table
+    progress = [a for a in arts if a.key == "card-pretrain-progress"]
+    assert max(float(a.data) for a in progress) == 100.0
+
+
+def test_crash_resumes_at_failed_stage_from_its_state(fake, monkeypatch) -> None:
+    run, run_dir = fake
+    monkeypatch.setenv("FAKE_FAIL_STAGE", "pretrain")
+    monkeypatch.setenv("FAKE_FAIL_AT", "2")
+    with pytest.raises(RuntimeError, match="fake pretrain crashed at step 2"):
+        run()
+    assert not (run_dir / "pretrain" / "manifest.json").exists()  # a failed stage leaves no manifest
+    assert "FAILED" in (run_dir / "report.md").read_text()
+    monkeypatch.delenv("FAKE_FAIL_STAGE")
+    again = run()
+    assert statuses(again)["data"] == "cached" and statuses(again)["tokenizer"] == "cached"
+    assert statuses(again)["pretrain"] == "ran"
+    assert calls(run_dir, "pretrain") == [0, 3]  # resumed after the last saved step (2)
+    assert again["stages"]["pretrain"]["headline"]["resumed_from"] == 3
+
+
+def test_retry_resumes_within_the_same_run(fake, monkeypatch, tmp_path: Path) -> None:
+    run, run_dir = fake
+    monkeypatch.setenv("FAKE_FAIL_STAGE", "sft")
+    monkeypatch.setenv("FAKE_FAIL_AT", "1")
+    monkeypatch.setenv("FAKE_FAIL_ONCE_FILE", str(tmp_path / "once"))
+    result = run("retries=1")
+    assert statuses(result)["sft"] == "ran"
+    assert calls(run_dir, "sft") == [0, 2]
+
+
+def test_killed_subprocess_stage_resumes(fake, monkeypatch) -> None:
+    """A stage launched as a process group is killed on timeout mid-training; the next run resumes."""
+    run, run_dir = fake
+    monkeypatch.setenv("FAKE_STEP_SLEEP", "0.3")
+    with pytest.raises(Exception, match="timed out"):
+        run("pretrain.steps=400", "stages.pretrain.launcher=subprocess", "stages.pretrain.timeout_s=15",
+            to_stage="pretrain")
+    assert not (run_dir / "pretrain" / "manifest.json").exists()
+    killed_at = json.loads((run_dir / "pretrain" / "state" / (run_dir / "pretrain" / "state" / "latest")
+                            .read_text().strip() / "meta.json").read_text())["step"]
+    assert killed_at > 0
+    monkeypatch.setenv("FAKE_STEP_SLEEP", "0")
+    # The launcher is not part of the stage config, so this in-process run resumes the same state.
+    result = run("pretrain.steps=400", to_stage="pretrain")
+    assert statuses(result)["pretrain"] == "ran"
+    assert calls(run_dir, "pretrain") == [0, killed_at + 1]
+    assert statuses(result)["sft"] == "pending"  # --to pretrain
+
+
+def test_reward_gate_stops_before_rlhf(fake) -> None:
+    from flows.pipeline import GateFailed
+
+    run, run_dir = fake
+    with pytest.raises(GateFailed, match="accuracy=0.500 < 0.7"):
+        run("reward.accuracy=0.5")
+    assert not (run_dir / "rlhf").exists()
+    report = (run_dir / "report.md").read_text()
+    assert "GATE: reward model" in report and "| rlhf | stopped by gate |" in report
+
+
+def test_rlhf_gates_mark_the_run(fake) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    run, run_dir = fake
+    result = run("rlhf.kl=5.0", "rlhf.gold_accuracy=0.2", "name=marked")
+    assert statuses(result)["evaluate"] == "ran"
+    assert any("kl=5 exceeds" in n for n in result["notes"])
+    assert any("dropped below SFT's 0.500" in n for n in result["notes"])
+    assert "WARNING: RLHF kl=5" in (run_dir / "report.md").read_text()
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["gate-warning"])))
+    assert runs, "the marked flow run carries the gate-warning tag"
+
+
+def test_configs_validated_before_any_stage_runs(fake) -> None:
+    run, run_dir = fake
+    with pytest.raises(ConfigError, match=r"(?s)\[rlhf\].*stepz: unknown key"):
+        run("rlhf.stepz=3")
+    assert not (run_dir / "data").exists()
+
+
+def test_from_forces_a_stage_and_downstream(fake) -> None:
+    run, run_dir = fake
+    run()
+    result = run(from_stage="reward")
+    assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
+                                "reward": "ran", "rlhf": "ran", "evaluate": "ran"}

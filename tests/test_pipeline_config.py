@@ -1,0 +1,68 @@
+"""Pipeline config loading and validation (no Prefect run): the shipped YAMLs resolve, errors point home.
+
+    .venv/bin/pytest tests/test_pipeline_config.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignline.config import ConfigError
+from flows.pipeline import (
+    STAGE_SEQUENCE,
+    load_pipeline_config,
+    resolve_pipeline,
+    split_overrides,
+    stage_inputs,
+)
+from flows.tasks import total_steps
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["tiny", "ci"])
+def test_shipped_pipelines_validate_every_stage(name: str) -> None:
+    cfg = load_pipeline_config(REPO / "configs" / "pipeline" / f"{name}.yaml")
+    resolved = resolve_pipeline(cfg)
+    assert list(resolved) == list(STAGE_SEQUENCE)
+    # The DAG from each stage's INPUTS: every input is produced by an earlier stage of this run.
+    run_dir = Path("/nonexistent/run")
+    for i, stage in enumerate(STAGE_SEQUENCE):
+        for path in stage_inputs(resolved[stage], run_dir, set(resolved)).values():
+            assert Path(path).name in STAGE_SEQUENCE[:i], (stage, path)
+
+
+def test_ci_pipeline_is_small() -> None:
+    resolved = resolve_pipeline(load_pipeline_config(REPO / "configs" / "pipeline" / "ci.yaml"))
+    assert total_steps(resolved["pretrain"].config_dict) <= 20
+    assert total_steps(resolved["rlhf"].config_dict) <= 5
+
+
+def test_stage_overrides_go_to_their_stage() -> None:
+    pipe, per_stage = split_overrides(["sft.optim.lr=1e-4", "gates.enabled=false", "pretrain.train.max_steps=3",
+                                       "stages.reward.enabled=false"])
+    assert pipe == ["gates.enabled=false", "stages.reward.enabled=false"]
+    assert per_stage == {"sft": ["optim.lr=1e-4"], "pretrain": ["train.max_steps=3"]}
+    cfg = load_pipeline_config(REPO / "configs" / "pipeline" / "ci.yaml", ["sft.optim.lr=1e-4", "gates.max_kl=2"])
+    assert cfg.stages.sft.set[-1] == "optim.lr=1e-4"  # appended after the YAML's own overrides
+    assert cfg.gates.max_kl == 2.0
+    assert resolve_pipeline(cfg)["sft"].config.optim.lr == 1e-4
+
+
+def test_unknown_pipeline_key_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages:\n  sft:\n    config: configs/sft/tiny.yaml\n    retrys: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:5: stages.sft.retrys: unknown key"):
+        load_pipeline_config(bad)
+
+
+def test_bad_stage_configs_are_all_reported_before_running(tmp_path: Path) -> None:
+    cfg = load_pipeline_config(REPO / "configs" / "pipeline" / "ci.yaml",
+                               ["stages.reward.config=configs/reward/nope.yaml", "pretrain.train.max_stepz=3"])
+    with pytest.raises(ConfigError) as info:
+        resolve_pipeline(cfg)
+    msg = str(info.value)
+    assert "[reward]" in msg and "configs/reward/nope.yaml does not exist" in msg
+    assert "[pretrain]" in msg and "train.max_stepz: unknown key" in msg

@@ -1,0 +1,74 @@
+"""The report card (alignline/report.py) from a hand-made run directory with known metrics.
+
+    .venv/bin/pytest tests/test_report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignline.report import StageRecord, build_report, curve_series, records_from_run_dir, sample_rows
+
+
+def _stage(run: Path, name: str, metrics: list[dict], samples: list[dict], headline: dict) -> None:
+    d = run / name
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (d / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (d / "manifest.json").write_text(json.dumps({"stage": name, "status": "complete", "headline": headline,
+                                                 "wall_time_s": 1.5}))
+
+
+def _run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    prompts = ["What is 1+1?", "Reverse a b."]
+    _stage(run, "pretrain", [{"step": s, "loss": 5.0 - s} for s in range(1, 4)] ,
+           [{"prompt": p, "response": "", "answer": a} for p, a in zip(prompts, ["2", "b a"])],
+           {"val_loss": 2.5, "gold_accuracy": 0.0})
+    _stage(run, "rlhf", [{"step": 1, "kl": 0.01, "reward_mean": 0.1, "policy_loss": 0.3},
+                         {"step": 2, "kl": 0.02, "reward_mean": 0.4, "policy_loss": 0.2}],
+           [{"prompt": p, "response": r, "answer": a} for p, r, a in zip(prompts, ["2", "b a"], ["2", "b a"])],
+           {"kl": 0.02, "gold_accuracy": 1.0})
+    # A stage killed mid-write leaves a partial last line; the report must still build.
+    with open(run / "rlhf" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "kl": 0.0')
+    return run
+
+
+def test_curves_group_metrics_by_kind_with_exact_values(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    series = curve_series(run, ["pretrain", "rlhf"])
+    loss = {label: (xs, ys) for label, xs, ys in series["loss"]}
+    assert loss["pretrain/loss"] == ([1.0, 2.0, 3.0], [4.0, 3.0, 2.0])
+    assert loss["rlhf/policy_loss"] == ([1.0, 2.0], [0.3, 0.2])
+    assert {label for label, _, _ in series["kl"]} == {"rlhf/kl"}
+    assert {label for label, _, _ in series["reward"]} == {"rlhf/reward_mean"}
+
+
+def test_report_card_markdown_pngs_and_tables(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    records = [StageRecord("pretrain", "cached", 1.5, str(run / "pretrain")),
+               StageRecord("sft", "failed", 0.2, str(run / "sft"), message="RuntimeError: boom"),
+               StageRecord("rlhf", "ran", 3.0, str(run / "rlhf"))]
+    card = build_report(run, records, title="t", notes=["WARNING: something"])
+    md = (run / "report.md").read_text()
+    assert md.strip() == card.markdown.strip()
+    assert "| pretrain | cached (reused) | 1.5 s | val_loss=2.5, gold_accuracy=0 |" in md
+    assert "| sft | FAILED (RuntimeError: boom) | 0.2 s | - | - |" in md
+    assert "> **WARNING: something**" in md
+    for kind in ("loss", "kl", "reward"):
+        assert (run / "report" / f"{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{kind}](report/{kind}.png)" in md
+    assert {"stage": "rlhf", "metric": "kl", "value": 0.02} in card.metrics_rows
+    # Samples line up by prompt across stages.
+    assert card.sample_rows[1] == {"prompt": "Reverse a b.", "answer": "b a", "pretrain": "", "rlhf": "b a"}
+    assert "| Reverse a b. | b a |  | b a |" in md
+
+
+def test_rebuild_from_run_dir_alone(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    recs = records_from_run_dir(run)
+    assert [(r.name, r.status, r.wall_s) for r in recs] == [("pretrain", "ran", 1.5), ("rlhf", "ran", 1.5)]
+    assert sample_rows(run, ["pretrain", "rlhf"], limit=1) == [
+        {"prompt": "What is 1+1?", "answer": "2", "pretrain": "", "rlhf": "2"}]
