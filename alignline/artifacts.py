@@ -1,0 +1,646 @@
+"""The stage-directory contract: manifest, atomic finalize, checked loading, resumable state.
+
+Every stage (`stages/<name>.py`) writes one self-describing directory `<run_dir>/<stage>/`:
+
+    checkpoint/    HF format (config.json, *.safetensors, generation_config.json, tokenizer files).
+                   The tokenizer stage also writes its tokenizer files here, so
+                   `AutoTokenizer.from_pretrained(load_stage(p).checkpoint)` works for every stage.
+    adapter/       PEFT adapter, when the stage trained LoRA
+    state/         latest resumable training state (kept after completion; see StageRun)
+    tb/            TensorBoard event files
+    config.yaml    resolved stage config
+    metrics.jsonl  per-step log
+    eval.json      stage evaluation
+    samples.jsonl  greedy generations on the fixed prompts (causal-LM stages)
+    manifest.json  written last; with status "complete" it is what makes the directory valid
+
+Use in a stage:
+
+    run = StageRun(run_dir, "pretrain", cfg, inputs={"data": data_dir}, source=__file__)
+    data = run.inputs["data"]                      # a verified StageDir
+    meta = run.load_state(model=model, optimizer=opt, scheduler=sched)   # None when fresh
+    ... run.metrics.log(step, loss=..., lr=...) ...
+    ... run.save_state(step, model=model, optimizer=opt, scheduler=sched, data_position={...}) ...
+    model.save_pretrained(run.staging / "checkpoint")
+    out = run.finalize(eval={"val_loss": 2.1}, headline={"val_loss": 2.1}, samples=[...])
+
+and in a consumer:
+
+    sft = load_stage(run_dir / "sft", expect="sft")  # raises StageError naming the bad file
+    sft.checkpoint, sft.eval, sft.manifest, sft.config
+
+Atomicity: `StageRun` removes a stale manifest.json first, so an interrupted re-run never
+leaves a directory that looks complete. Outputs are built in `<stage>/.staging/` and moved
+into place by `finalize`, which writes manifest.json last via a temp file and `os.replace`.
+
+manifest.json holds: `stage`, `status`, `config_sha256`, `inputs` (each parent's path and
+manifest sha256), `files` (sha256 and size of every output file, the weights included;
+`state/` and `tb/` are excluded), `versions` (python/torch/transformers/...), `git_commit`,
+`wall_time_s`, `device`, `world_size`, `headline` metrics, `code_version` (hash of the stage
+module plus the alignline package sources, used by the flow's cache) and `created`.
+
+Resume: `save_state` writes `state/step_<N>/` (model.safetensors, optimizer.pt,
+scheduler.pt, rng.pt, meta.json) through a temp dir, then points `state/latest` at it. All
+torch files hold plain tensors/containers and are read with `torch.load(weights_only=True)`;
+nothing is pickled. `state/state.json` records the config sha256: a state written under a
+different config is discarded (with a log line) when the StageRun opens.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignline.config import config_sha256, config_to_dict, save_config
+
+log = logging.getLogger("alignline.artifacts")
+
+MANIFEST = "manifest.json"
+STAGING = ".staging"
+STATE = "state"
+FORMAT_VERSION = 1
+# Directories inside a stage dir that are not covered by the manifest's file hashes:
+# state/ changes during training and tb/ is only for viewing.
+UNHASHED_DIRS = (STATE, "tb", STAGING)
+_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "tokenizers", "safetensors",
+             "datasets", "pydantic", "prefect")
+
+
+class StageError(RuntimeError):
+    """A stage directory is missing, incomplete, corrupted or of the wrong kind."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON via a temp file in the same directory and os.replace (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); the file is corrupted, "
+                         "re-run the stage that wrote it") from None
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise StageError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _py_sources(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def code_version(*sources: str | Path) -> str:
+    """Hash of the given source files (a stage module) plus every .py file of the alignline package.
+
+    The flow uses it as part of its cache key, so editing library code invalidates cached stages.
+    """
+    pkg_root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    files = [Path(s).resolve() for s in sources if s is not None] + _py_sources(pkg_root)
+    for f in files:
+        rel = f.relative_to(pkg_root.parent) if f.is_relative_to(pkg_root.parent) else f
+        h.update(str(rel).encode())
+        h.update(b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue  # optional package; absence is information too
+    return out
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The current commit (with '+dirty' when the tree has changes), or None outside git."""
+    cwd = Path(cwd) if cwd else Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"cpu:{platform.processor() or platform.machine()} threads={torch.get_num_threads()}"
+
+
+def manifest_sha256(stage_path: str | Path) -> str:
+    return sha256_file(Path(stage_path) / MANIFEST)
+
+
+def _hash_tree(root: Path) -> dict[str, dict[str, Any]]:
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(root)
+        if rel.parts[0] in UNHASHED_DIRS or rel.name == MANIFEST or rel.name.startswith(f".{MANIFEST}"):
+            continue
+        files[rel.as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return files
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# --------------------------------------------------------------------------- checked loading
+
+
+@dataclass
+class StageDir:
+    """A verified, complete stage directory."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def checkpoint(self) -> Path:
+        """`<stage>/checkpoint` (HF format); raises StageError when the stage has none."""
+        ckpt = self.path / "checkpoint"
+        if not ckpt.is_dir():
+            raise StageError(f"{ckpt} does not exist: stage {self.stage!r} wrote no checkpoint")
+        return ckpt
+
+    @property
+    def adapter(self) -> Path | None:
+        p = self.path / "adapter"
+        return p if p.is_dir() else None
+
+    @cached_property
+    def eval(self) -> dict[str, Any]:
+        p = self.path / "eval.json"
+        return read_json(p) if p.is_file() else {}
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        p = self.path / "config.yaml"
+        return yaml.safe_load(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+    @property
+    def headline(self) -> dict[str, Any]:
+        return self.manifest.get("headline", {})
+
+    def file(self, rel: str) -> Path:
+        p = self.path / rel
+        if not p.exists():
+            raise StageError(f"{p} does not exist in stage {self.stage!r}")
+        return p
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when `path` has a manifest.json with status "complete" (hashes not checked)."""
+    try:
+        return read_json(Path(path) / MANIFEST).get("status") == "complete"
+    except StageError:
+        return False
+
+
+def load_stage(path: str | Path, expect: str | None = None, verify: bool = True) -> StageDir:
+    """Open a finished stage directory, refusing anything incomplete or altered.
+
+    Checks that manifest.json exists, parses and says status "complete"; that the stage is
+    `expect` (when given); and, with `verify`, that every file listed in the manifest exists
+    with the recorded size and sha256. Any failure raises StageError naming the file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        hint = f" (create it with `alignline stage {expect} ...`)" if expect else ""
+        raise StageError(f"stage directory {path} does not exist{hint}")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise StageError(
+            f"{mpath} is missing: {path} is incomplete (the stage did not finish or is still running); "
+            "re-run the stage to produce it"
+        )
+    manifest = read_json(mpath)
+    if not isinstance(manifest, dict) or manifest.get("status") != "complete":
+        status = manifest.get("status") if isinstance(manifest, dict) else None
+        raise StageError(f"{mpath}: status is {status!r}, not 'complete'; re-run the stage")
+    if expect is not None and manifest.get("stage") != expect:
+        raise StageError(f"{mpath}: this is a {manifest.get('stage')!r} stage, expected {expect!r}; "
+                         "check the path you passed")
+    if verify:
+        for rel, info in manifest.get("files", {}).items():
+            f = path / rel
+            if not f.is_file():
+                raise StageError(f"{f} is listed in {mpath} but missing; the directory was altered, "
+                                 "re-run the stage")
+            if f.stat().st_size != info["bytes"]:
+                raise StageError(f"{f}: size {f.stat().st_size} != {info['bytes']} recorded in {mpath}; "
+                                 "the file is corrupted or was modified, re-run the stage")
+            if sha256_file(f) != info["sha256"]:
+                raise StageError(f"{f}: sha256 does not match {mpath}; the file is corrupted or was "
+                                 "modified, re-run the stage")
+    return StageDir(path=path, manifest=manifest)
+
+
+def model_dir(path: str | Path) -> Path:
+    """The HF model directory behind `path`: `<stage>/checkpoint` for a stage dir (verified), else `path`.
+
+    A plain HF directory (config.json, no manifest.json) is accepted as is, so stages can start from
+    any causal LM on disk; a stage-looking dir without a complete manifest is refused.
+    """
+    path = Path(path)
+    if (path / MANIFEST).exists() or (path / "checkpoint").is_dir():
+        return load_stage(path).checkpoint
+    if (path / "config.json").is_file():
+        return path
+    raise StageError(f"{path} is neither a stage directory (manifest.json + checkpoint/) nor an HF model "
+                     "directory (config.json); pass the output of a stage or a saved model")
+
+
+# --------------------------------------------------------------------------- a stage run
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+@dataclass
+class StageRun:
+    """Opens `<run_dir>/<stage>/` for a run; see the module docstring for the life cycle.
+
+    On open it (rank 0 only, under torchrun): removes a stale manifest.json, verifies every
+    input with `load_stage`, discards training state written under another config, clears
+    `.staging/` unless a compatible state exists (a resumed run keeps its staging so the
+    metrics log continues), and writes the resolved config to `.staging/config.yaml`.
+    """
+
+    run_dir: str | Path
+    stage: str
+    config: Any
+    inputs: dict[str, str | Path] = field(default_factory=dict)
+    source: str | Path | None = None
+    keep_states: int = 1
+
+    def __post_init__(self) -> None:
+        self.t0 = time.time()
+        self.run_dir = Path(self.run_dir)
+        self.path = self.run_dir / self.stage
+        self.staging = self.path / STAGING
+        self.state_dir = self.path / STATE
+        self.is_main = _rank() == 0
+        self.config_sha256 = config_sha256(self.config) if self.config is not None else None
+        # Inputs are verified before anything is touched, so a bad parent fails fast (hashes on rank 0
+        # only: N ranks re-hashing the same multi-GB checkpoint would just cost time).
+        self.inputs_loaded: dict[str, StageDir] = {
+            name: load_stage(p, expect=None, verify=self.is_main) for name, p in (self.inputs or {}).items()
+        }
+        self._metrics = None
+        if self.is_main:
+            self._open()
+        # Under torchrun the other ranks must not read state/ while rank 0 may still be pruning it.
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.barrier()
+
+    def _open(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        mpath = self.path / MANIFEST
+        if mpath.exists():
+            log.info("removing the manifest of the previous %s run before re-running: %s", self.stage, mpath)
+            mpath.unlink()
+        compatible = self._check_state()
+        if not compatible and self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        if self.config is not None:
+            save_config(self.config, self.staging / "config.yaml")
+
+    # ----------------------------------------------------------------- inputs and metrics
+
+    def input(self, name: str) -> StageDir:
+        if name not in self.inputs_loaded:
+            raise StageError(f"stage {self.stage!r} needs input {name!r}; got {sorted(self.inputs_loaded)}")
+        return self.inputs_loaded[name]
+
+    @property
+    def metrics(self):
+        """A `alignline.training.MetricsLogger` writing `.staging/metrics.jsonl` and `.staging/tb/`."""
+        if self._metrics is None:
+            from alignline.training import MetricsLogger  # lazy: keeps this module import-light
+
+            self._metrics = MetricsLogger(
+                self.staging if self.is_main else None,
+                report_to=_report_to(self.config),
+                run_name=f"{self.run_dir.name}/{self.stage}",
+                config=config_to_dict(self.config) if self.config is not None else None,
+            )
+        return self._metrics
+
+    # ----------------------------------------------------------------- training state
+
+    def _check_state(self) -> bool:
+        """Keep state only when it was written under the same config; True when kept."""
+        marker = self.state_dir / "state.json"
+        if not self.state_dir.exists():
+            return False
+        try:
+            recorded = read_json(marker).get("config_sha256")
+        except StageError:
+            recorded = None
+        if recorded != self.config_sha256:
+            log.warning("discarding training state in %s: it was written under a different config "
+                        "(or without state.json); starting %s from scratch", self.state_dir, self.stage)
+            shutil.rmtree(self.state_dir)
+            return False
+        log.info("found resumable state in %s", self.state_dir)
+        return True
+
+    def latest_state(self) -> Path | None:
+        """The newest complete `state/step_<N>` directory, or None."""
+        pointer = self.state_dir / "latest"
+        if not pointer.is_file():
+            return None
+        p = self.state_dir / pointer.read_text().strip()
+        return p if (p / "meta.json").is_file() else None
+
+    def mark_state(self) -> Path:
+        """Create `state/` stamped with this config (for trainers that write their own checkpoints)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        marker = self.state_dir / "state.json"
+        if not marker.exists():
+            write_json_atomic(marker, {"config_sha256": self.config_sha256, "stage": self.stage})
+        return self.state_dir
+
+    def save_state(
+        self,
+        step: int,
+        *,
+        model=None,
+        optimizer=None,
+        scheduler=None,
+        data_position: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        model_state: dict | None = None,
+        optimizer_state: dict | None = None,
+    ) -> Path | None:
+        """Write `state/step_<step>/` atomically (rank 0) and point `state/latest` at it.
+
+        Pass `model`/`optimizer` modules, or already-gathered `model_state`/`optimizer_state`
+        dicts (FSDP). `data_position` and `extra` must be JSON-serialisable.
+        """
+        import torch
+        from safetensors.torch import save_file
+
+        if not self.is_main:
+            return None
+        self.mark_state()
+        name = f"step_{step:08d}"
+        final = self.state_dir / name
+        tmp = self.state_dir / f".{name}.tmp-{os.getpid()}"
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+        if model_state is None and model is not None:
+            model_state = _unwrap(model).state_dict()
+        if model_state is not None:
+            # clone() breaks storage sharing (tied embeddings) so safetensors accepts it.
+            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()},
+                      str(tmp / "model.safetensors"))
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        write_json_atomic(tmp / "meta.json", {
+            "step": step, "data_position": data_position or {}, "extra": extra or {},
+            "config_sha256": self.config_sha256, "time": time.time(),
+        })
+        _remove(final)
+        os.replace(tmp, final)
+        pointer_tmp = self.state_dir / ".latest.tmp"
+        pointer_tmp.write_text(name)
+        os.replace(pointer_tmp, self.state_dir / "latest")
+        olds = sorted(p for p in self.state_dir.glob("step_*") if p.name != name)
+        for old in olds[: max(0, len(olds) - (self.keep_states - 1))]:
+            shutil.rmtree(old)
+        return final
+
+    def load_state(self, *, model=None, optimizer=None, scheduler=None, restore_rng: bool = True,
+                   map_location: str = "cpu") -> dict[str, Any] | None:
+        """Load the latest state into the given objects; returns meta (step, data_position, extra).
+
+        Returns None when there is no state to resume from. Every rank loads.
+        """
+        import torch
+        from safetensors.torch import load_file
+
+        latest = self.latest_state()
+        if latest is None:
+            return None
+        meta = read_json(latest / "meta.json")
+        if meta.get("config_sha256") != self.config_sha256:
+            log.warning("ignoring %s: written under a different config", latest)
+            return None
+        if model is not None and (latest / "model.safetensors").is_file():
+            sd = load_file(str(latest / "model.safetensors"), device=map_location)
+            missing, unexpected = _unwrap(model).load_state_dict(sd, strict=False)
+            # Tied weights may be stored once; anything else missing means the state is wrong.
+            real_missing = [k for k in missing if not _is_tied(model, k)]
+            if real_missing or unexpected:
+                raise StageError(f"{latest / 'model.safetensors'} does not fit the model: missing "
+                                 f"{real_missing[:5]}, unexpected {unexpected[:5]}; delete {self.state_dir}")
+        if optimizer is not None and (latest / "optimizer.pt").is_file():
+            optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=map_location,
+                                                 weights_only=True))
+        if scheduler is not None and (latest / "scheduler.pt").is_file():
+            scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+        if restore_rng and (latest / "rng.pt").is_file():
+            _set_rng_state(torch.load(latest / "rng.pt", weights_only=True))
+        log.info("resumed %s from %s (step %s)", self.stage, latest, meta["step"])
+        meta["path"] = str(latest)
+        return meta
+
+    # ----------------------------------------------------------------- finalize
+
+    def finalize(
+        self,
+        eval: dict[str, Any] | None = None,
+        headline: dict[str, Any] | None = None,
+        samples: list[dict] | None = None,
+        extra_manifest: dict[str, Any] | None = None,
+    ) -> Path:
+        """Move `.staging/*` into the stage dir, hash the outputs, write manifest.json last."""
+        if not self.is_main:
+            return self.path
+        if self._metrics is not None:
+            self._metrics.close()
+        if eval is not None:
+            write_json_atomic(self.staging / "eval.json", eval)
+        if samples is not None:
+            write_jsonl(self.staging / "samples.jsonl", samples)
+        for item in sorted(self.staging.iterdir()):
+            target = self.path / item.name
+            _remove(target)
+            os.replace(item, target)
+        self.staging.rmdir()
+        manifest = {
+            "format": FORMAT_VERSION,
+            "stage": self.stage,
+            "status": "complete",
+            "config_sha256": self.config_sha256,
+            "code_version": code_version(*( [self.source] if self.source else [])),
+            "inputs": {
+                name: {"path": str(sd.path.resolve()), "stage": sd.stage,
+                       "manifest_sha256": manifest_sha256(sd.path)}
+                for name, sd in self.inputs_loaded.items()
+            },
+            "files": _hash_tree(self.path),
+            "headline": headline or {},
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "device": device_description(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "wall_time_s": round(time.time() - self.t0, 3),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv,
+        }
+        manifest.update(extra_manifest or {})
+        write_json_atomic(self.path / MANIFEST, manifest)
+        return self.path
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _report_to(config: Any) -> list[str]:
+    logging_cfg = getattr(config, "logging", None)
+    return list(getattr(logging_cfg, "report_to", ["tensorboard"]))
+
+
+def _unwrap(model):
+    # DDP / torch.compile wrappers keep the real module in .module / ._orig_mod.
+    while True:
+        if hasattr(model, "module") and not hasattr(model, "config"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_tied(model, key: str) -> bool:
+    m = _unwrap(model)
+    tied = getattr(m, "_tied_weights_keys", None) or {}
+    keys = tied.keys() if isinstance(tied, dict) else tied
+    return any(key == k or key.endswith(k) for k in keys)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python_version": torch.tensor(py[0]),
+        "python": torch.tensor(py[1], dtype=torch.int64),
+        "python_gauss": torch.tensor(float("nan") if py[2] is None else py[2], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": torch.tensor(np_state[2]),
+        "numpy_has_gauss": torch.tensor(np_state[3]),
+        "numpy_gauss": torch.tensor(np_state[4], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import math
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    gauss = float(state["python_gauss"])
+    random.setstate((int(state["python_version"]), tuple(int(x) for x in state["python"].tolist()),
+                     None if math.isnan(gauss) else gauss))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]),
+                         int(state["numpy_has_gauss"]), float(state["numpy_gauss"])))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,144 @@
+"""Process-group helpers so the same training loop runs alone or under `torchrun --nproc_per_node=N`.
+
+    dist_info = init_distributed()          # reads RANK/WORLD_SIZE/LOCAL_RANK set by torchrun
+    model = wrap_model(model, dist_info, mode="ddp")   # or "fsdp" (FSDP2 fully_shard), "none"
+    loss = all_reduce_mean(loss, dist_info)
+    cleanup(dist_info)
+
+Backend: NCCL on CUDA, gloo on CPU (the CPU tests run two gloo processes).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> str:
+    if requested == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was asked for but CUDA is not available; set device: auto or cpu")
+    if requested == "cuda":
+        return f"cuda:{local_rank}"
+    return requested
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise single-process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.startswith("cuda") else "gloo"
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if not info.enabled:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / info.world_size
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp") -> nn.Module:
+    """DDP, or FSDP2 (`fully_shard` on every decoder layer, then the root) for models that don't fit.
+
+    With one process nothing is wrapped, so a 1-process run equals plain training.
+    """
+    if not info.enabled or mode == "none":
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.local_rank] if info.device.startswith("cuda") else None
+        return DDP(model, device_ids=ids)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        layers = getattr(getattr(model, "model", model), "layers", None)
+        if layers is None:
+            raise RuntimeError("fsdp needs a model with .model.layers (HF decoder layout)")
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown parallel mode {mode!r}; use ddp, fsdp or none")
+
+
+def full_state_dict(model: nn.Module, info: DistInfo, mode: str) -> dict[str, torch.Tensor]:
+    """A full (unsharded) CPU state dict on every rank's call; only rank 0's copy is meant to be saved."""
+    if info.enabled and mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = model.module if hasattr(model, "module") and not hasattr(model, "config") else model
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+
+
+def full_optim_state_dict(model: nn.Module, opt: torch.optim.Optimizer, info: DistInfo, mode: str) -> dict:
+    if info.enabled and mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                             cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_full_state(model: nn.Module, opt: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None,
+                    info: DistInfo, mode: str) -> None:
+    """Inverse of full_state_dict/full_optim_state_dict for FSDP (DDP/plain use load_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, model_sd, options=opts)
+    if opt is not None and optim_sd is not None:
+        set_optimizer_state_dict(model, opt, optim_sd, options=opts)

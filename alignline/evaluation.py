@@ -1,0 +1,116 @@
+"""Gold accuracy by greedy decoding and the fixed-prompt sample generations of every stage.
+
+    rows = load_prompts(data_stage_dir, "test", limit=64)     # prompts/test.jsonl of the data stage
+    result = gold_eval(model, tokenizer, rows, max_new_tokens=16)
+    result.accuracy, result.per_task, result.samples          # samples -> samples.jsonl
+
+Prompts are rendered with the tokenizer's chat template (`add_generation_prompt=True`), decoded
+greedily until `<|eos|>`, decoded with special tokens skipped, and scored with
+`alignline.data.tasks.gold_score(response, answer, match)`. The same first-N test prompts are
+used by every causal-LM stage, so their samples and accuracies are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class GoldResult:
+    accuracy: float
+    per_task: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_prompts(data_dir: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
+    """The first `limit` rows of `<data_dir>/prompts/<split>.jsonl` (`prompt`, `answer`, `task`, `match`)."""
+    path = Path(data_dir) / "prompts" / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the data stage writes it (alignline stage data)")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rows.append(json.loads(line))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+) -> list[str]:
+    """Greedy responses (special tokens skipped) for chat prompts, batched with left padding."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush
+    out: list[str] = []
+    try:
+        for i in range(0, len(conversations), batch_size):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                     for c in conversations[i:i + batch_size]]
+            # The template already writes <|bos|>; don't let the tokenizer add another.
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1]:]
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return out
+
+
+def gold_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 32) -> GoldResult:
+    """Greedy-decode each prompt row and score it against its gold answer."""
+    from alignline.data.tasks import gold_score
+
+    responses = greedy_generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    by_task: dict[str, list[float]] = defaultdict(list)
+    samples = []
+    for row, resp in zip(rows, responses, strict=True):
+        score = float(gold_score(resp, row["answer"], row.get("match", "exact")))
+        by_task[row.get("task", "all")].append(score)
+        samples.append({"prompt": row["prompt"][-1]["content"], "response": resp, "answer": row["answer"],
+                        "task": row.get("task"), "score": score})
+    total = [s for v in by_task.values() for s in v]
+    acc = sum(total) / len(total) if total else math.nan
+    return GoldResult(accuracy=acc, per_task={k: sum(v) / len(v) for k, v in sorted(by_task.items())},
+                      samples=samples)
+
+
+@torch.no_grad()
+def causal_lm_loss(model, batches, device=None) -> float:
+    """Mean token loss over an iterable of dicts with input_ids/labels (HF convention, -100 ignored)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        out = model(**b)
+        n = int((b["labels"][:, 1:] != -100).sum())
+        total += float(out.loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,417 @@
+"""Our PPO for RLHF (TRL dropped its PPOTrainer in 1.13): rollout, scoring, GAE, clipped
+policy/value updates, adaptive KL, optional PPO-ptx, and a resumable state.
+
+    trainer = PPOTrainer(args, policy, value_model, reward_model, ref_policy=ref,
+                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    for step in range(n):
+        metrics = trainer.step(prompt_token_lists)   # one PPO iteration
+
+Models: `policy` is a causal LM (possibly a PEFT model: then `ref_policy=None` and the
+reference is the same model with adapters disabled, no second copy); `value_model` and
+`reward_model` are *ForSequenceClassification models (num_labels=1), the value model usually
+a copy of the reward model. All four run with dropout disabled (`disable_dropout`) at rollout
+and at training time, so on the first minibatch of the first epoch the ratio is 1.
+
+Per iteration the rollout costs one `generate` plus exactly one forward each for policy
+(log-probs + entropy), reference, values and reward, all under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from alignline.config import OptimConfig, StrictModel
+from alignline.rl.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    compute_rewards,
+    explained_variance,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+from alignline.rl.rollout import (
+    disable_dropout,
+    generate,
+    left_pad,
+    response_logprobs,
+    sequence_scores,
+    token_values,
+    truncate_after_eos,
+)
+
+
+class KLArgs(StrictModel):
+    """KL penalty in the reward: beta * (log p - log p_ref) per token."""
+
+    beta: float = Field(0.05, ge=0, description="initial (or fixed) KL coefficient")
+    estimator: Literal["k1", "k3"] = Field("k1", description="k1 = log ratio; k3 = (r-1) - log r, >= 0")
+    adaptive: bool = Field(False, description="Ziegler et al. controller towards `target`")
+    target: float = Field(6.0, gt=0, description="target KL per sequence (nats) for the adaptive controller")
+    horizon: int = Field(10000, gt=0, description="adaptive controller horizon, in rollouts")
+
+
+class PPOArgs(StrictModel):
+    """PPO hyperparameters (the `ppo:` section of configs/rlhf/*.yaml)."""
+
+    rollout_batch_size: int = Field(32, gt=0, description="prompts sampled per PPO iteration")
+    forward_batch_size: int = Field(64, gt=0, description="rows per generate/scoring forward (memory bound)")
+    mini_batch_size: int = Field(8, gt=0, description="rollouts per optimizer step")
+    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per minibatch")
+    ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
+    max_new_tokens: int = Field(16, gt=0)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; also applied to log-probs")
+    top_k: int = Field(0, ge=0, description="0 = off; anything else makes log-probs only approximate")
+    top_p: float = Field(1.0, gt=0, le=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0, description="policy ratio clip epsilon")
+    clip_range_value: float = Field(0.2, gt=0, description="value clip around the rollout values")
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    kl: KLArgs = KLArgs()
+    reward_clip: float | None = Field(None, gt=0, description="clip normalised scores to +-this; null = off")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of responses without EOS")
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the pretraining LM loss; 0 = off")
+    optim: OptimConfig = OptimConfig(lr=3e-4, weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0)
+
+    def check(self) -> None:
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"ppo.rollout_batch_size={self.rollout_batch_size} must be a multiple of "
+                f"ppo.mini_batch_size={self.mini_batch_size}"
+            )
+        if self.mini_batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"ppo.mini_batch_size={self.mini_batch_size} must be a multiple of "
+                f"ppo.grad_accum_steps={self.grad_accum_steps}"
+            )
+
+
+@dataclass
+class Rollout:
+    """One batch of scored rollouts; per-token tensors are [B, R]."""
+
+    query_response: torch.Tensor
+    attention_mask: torch.Tensor
+    context_len: int
+    mask: torch.Tensor
+    has_eos: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor
+    raw_scores: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.query_response[:, self.context_len :]
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+class PPOTrainer:
+    """PPO over token-level rewards for a causal LM policy and a sequence-classification critic."""
+
+    def __init__(
+        self,
+        args: PPOArgs,
+        policy,
+        value_model,
+        reward_model,
+        *,
+        eos_id: int,
+        pad_id: int,
+        ref_policy=None,
+        reward_mean: float = 0.0,
+        reward_std: float = 1.0,
+        ptx_sampler: Callable[[], torch.Tensor] | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        args.check()
+        if ref_policy is None and not hasattr(policy, "disable_adapter"):
+            raise ValueError(
+                "ref_policy is None but the policy is not a PEFT model; pass a frozen copy of the SFT "
+                "model as ref_policy (or train LoRA so the reference is the base with adapters off)"
+            )
+        if args.ptx_coef > 0 and ptx_sampler is None:
+            raise ValueError("ppo.ptx_coef > 0 needs a ptx_sampler returning pretraining token batches")
+        if reward_std <= 0 or not math.isfinite(reward_std):
+            raise ValueError(f"reward_std must be a positive number (got {reward_std}); check the reward eval.json")
+        self.args, self.device = args, torch.device(device)
+        self.policy, self.value_model, self.reward_model, self.ref_policy = (
+            policy,
+            value_model,
+            reward_model,
+            ref_policy,
+        )
+        for m in (policy, value_model, reward_model, ref_policy):
+            if m is not None:
+                disable_dropout(m)
+        for m in (reward_model, ref_policy):
+            if m is not None:
+                m.requires_grad_(False)
+        self.eos_id, self.pad_id = int(eos_id), int(pad_id)
+        self.reward_mean, self.reward_std = float(reward_mean), float(reward_std)
+        self.ptx_sampler = ptx_sampler
+        self.params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
+        o = args.optim
+        # No weight decay on vectors (norms, biases): the usual split, kept simple here.
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+        )
+        k = args.kl
+        self.kl_ctl = (
+            AdaptiveKLController(k.beta, k.target, k.horizon) if k.adaptive else FixedKLController(k.beta)
+        )
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ rollout
+
+    def _ref_logprobs(self, qr, attn, ctx):
+        if self.ref_policy is not None:
+            return response_logprobs(self.ref_policy, qr, attn, ctx, self.args.temperature)
+        with self.policy.disable_adapter():
+            return response_logprobs(self.policy, qr, attn, ctx, self.args.temperature)
+
+    def normalise_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+        """RM score -> (score - mean) / std with the reward stage's statistics, clip, EOS penalty."""
+        s = (raw - self.reward_mean) / self.reward_std
+        if self.args.reward_clip is not None:
+            s = s.clamp(-self.args.reward_clip, self.args.reward_clip)
+        return s - self.args.missing_eos_penalty * (~has_eos).to(s.dtype)
+
+    def rollout(self, prompts: list[list[int]]) -> Rollout:
+        """Sample responses to `prompts` (token lists) and score them; no autograd anywhere."""
+        with torch.inference_mode():
+            ro = self._rollout(prompts)
+        # Inference-mode tensors cannot be saved for backward; copies made outside it can.
+        for f in ("query_response", "attention_mask", "mask", "has_eos", "logprobs", "ref_logprobs"):
+            setattr(ro, f, getattr(ro, f).clone())
+        for f in ("entropy", "values", "raw_scores", "scores"):
+            setattr(ro, f, getattr(ro, f).clone())
+        return ro
+
+    def _rollout(self, prompts: list[list[int]]) -> Rollout:
+        a = self.args
+        ids, attn = left_pad(prompts, self.pad_id, self.device)
+        P = ids.shape[1]
+        responses = []
+        for sl in _chunks(len(prompts), a.forward_batch_size):
+            responses.append(
+                generate(
+                    self.policy,
+                    ids[sl],
+                    attn[sl],
+                    max_new_tokens=a.max_new_tokens,
+                    temperature=a.temperature,
+                    top_k=a.top_k,
+                    top_p=a.top_p,
+                    eos_id=self.eos_id,
+                    pad_id=self.pad_id,
+                )
+            )
+        R = max(r.shape[1] for r in responses)
+        resp = torch.full((len(prompts), R), self.pad_id, dtype=torch.long, device=self.device)
+        for sl, r in zip(_chunks(len(prompts), a.forward_batch_size), responses):
+            resp[sl, : r.shape[1]] = r
+        resp, mask, has_eos = truncate_after_eos(resp, self.eos_id, self.pad_id)
+        R = int(mask.sum(1).max())  # drop columns that are padding in every row
+        resp, mask = resp[:, :R], mask[:, :R]
+        qr = torch.cat([ids, resp], 1)
+        full_attn = torch.cat([attn, mask], 1)
+
+        out = {k: [] for k in ("logp", "ent", "ref", "val", "raw")}
+        for sl in _chunks(len(prompts), a.forward_batch_size):
+            q, m = qr[sl], full_attn[sl]
+            logp, ent = response_logprobs(self.policy, q, m, P, a.temperature, with_entropy=True)
+            out["logp"].append(logp)
+            out["ent"].append(ent)
+            out["ref"].append(self._ref_logprobs(q, m, P))
+            out["val"].append(token_values(self.value_model, q, m, P))
+            out["raw"].append(sequence_scores(self.reward_model, q, m, P, mask[sl]))
+        cat = {k: torch.cat(v) for k, v in out.items()}
+        raw = cat["raw"]
+        return Rollout(
+            query_response=qr,
+            attention_mask=full_attn,
+            context_len=P,
+            mask=mask,
+            has_eos=has_eos,
+            logprobs=cat["logp"],
+            ref_logprobs=cat["ref"],
+            entropy=cat["ent"],
+            values=cat["val"],
+            raw_scores=raw,
+            scores=self.normalise_scores(raw, has_eos),
+        )
+
+    def compute_advantages(self, ro: Rollout) -> Rollout:
+        a = self.args
+        rewards, kl = compute_rewards(
+            ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, self.kl_ctl.value, a.kl.estimator
+        )
+        if a.whiten_rewards:
+            rewards = masked_whiten(rewards, ro.mask, shift_mean=False)
+        adv, ret = compute_gae(rewards, ro.values, ro.mask, a.gamma, a.lam)
+        if a.whiten_advantages:
+            adv = masked_whiten(adv, ro.mask)
+        ro.rewards, ro.kl, ro.advantages, ro.returns = rewards, kl, adv, ret
+        return ro
+
+    # ------------------------------------------------------------------ optimisation
+
+    def _micro_loss(self, ro: Rollout, idx: torch.Tensor):
+        a = self.args
+        qr, attn, mask = ro.query_response[idx], ro.attention_mask[idx], ro.mask[idx]
+        # Trim to the longest response in this micro-batch: less compute, same values.
+        R = int(mask.sum(1).max())
+        keep = ro.context_len + R
+        qr, attn, mask = qr[:, :keep], attn[:, :keep], mask[:, :R]
+        logp = response_logprobs(self.policy, qr, attn, ro.context_len, a.temperature)
+        values = token_values(self.value_model, qr, attn, ro.context_len)
+        pg, pstats = policy_loss(logp, ro.logprobs[idx, :R], ro.advantages[idx, :R], mask, a.clip_range)
+        vf, vstats = value_loss(values, ro.values[idx, :R], ro.returns[idx, :R], mask, a.clip_range_value)
+        loss = pg + a.vf_coef * vf
+        stats = {"policy_loss": pg.detach(), "value_loss": vf.detach(), **pstats, **vstats}
+        if a.ptx_coef > 0:
+            ptx = self.ptx_loss(self.ptx_sampler())
+            loss = loss + a.ptx_coef * ptx
+            stats["ptx_loss"] = ptx.detach()
+        return loss, stats, int(mask.sum())
+
+    def ptx_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of the policy on a pretraining batch [b, L] (PPO-ptx)."""
+        tokens = tokens.to(self.device)
+        logits = self.policy(input_ids=tokens, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def optimize(self, ro: Rollout, generator: torch.Generator | None = None) -> dict[str, float]:
+        a = self.args
+        B = ro.query_response.shape[0]
+        micro = a.mini_batch_size // a.grad_accum_steps
+        sums: dict[str, float] = {}
+        n_micro, tokens = 0, 0
+        self.first_minibatch_stats: dict[str, float] | None = None
+        for _epoch in range(a.ppo_epochs):
+            perm = torch.randperm(B, generator=generator)
+            for mb_start in range(0, B, a.mini_batch_size):
+                mb = perm[mb_start : mb_start + a.mini_batch_size]
+                self.optimizer.zero_grad(set_to_none=True)
+                mb_stats: dict[str, float] = {}
+                for j in range(a.grad_accum_steps):
+                    idx = mb[j * micro : (j + 1) * micro]
+                    loss, stats, ntok = self._micro_loss(ro, idx)
+                    (loss / a.grad_accum_steps).backward()
+                    tokens += ntok
+                    for k, v in stats.items():
+                        mb_stats[k] = mb_stats.get(k, 0.0) + float(v) / a.grad_accum_steps
+                if a.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, a.optim.grad_clip)
+                self.optimizer.step()
+                if self.first_minibatch_stats is None:
+                    self.first_minibatch_stats = dict(mb_stats)
+                for k, v in mb_stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_micro += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {k: v / n_micro for k, v in sums.items()}
+        out["_train_tokens"] = tokens
+        return out
+
+    # ------------------------------------------------------------------ one iteration
+
+    def step(self, prompts: list[list[int]], generator: torch.Generator | None = None) -> dict[str, float]:
+        """Rollout + scoring + PPO epochs on `prompts`; returns the step's metrics."""
+        t0 = time.perf_counter()
+        ro = self.rollout(prompts)
+        self.compute_advantages(ro)
+        t1 = time.perf_counter()
+        opt = self.optimize(ro, generator)
+        t2 = time.perf_counter()
+        m = ro.mask
+        lengths = m.sum(1).float()
+        kl_seq = ro.kl.sum(1)
+        beta = self.kl_ctl.value
+        self.kl_ctl.update(float(kl_seq.mean()), len(prompts))
+        self.step_count += 1
+        train_tokens = opt.pop("_train_tokens")
+        metrics = {
+            "rlhf_reward": float(ro.rewards.sum(1).mean()),
+            "score": float(ro.scores.mean()),
+            "score_raw": float(ro.raw_scores.mean()),
+            "kl": float(kl_seq.mean()),
+            "entropy": float(masked_mean(ro.entropy, m)),
+            "explained_variance": explained_variance(ro.values, ro.returns, m),
+            "eos_rate": float(ro.has_eos.float().mean()),
+            "response_length": float(lengths.mean()),
+            "beta": beta,
+            "advantage_mean": float(masked_mean(ro.advantages, m)),
+            "return_mean": float(masked_mean(ro.returns, m)),
+            "rollout_tokens_per_s": float(lengths.sum()) / max(t1 - t0, 1e-9),
+            "train_tokens_per_s": train_tokens / max(t2 - t1, 1e-9),
+            "rollout_s": t1 - t0,
+            "train_s": t2 - t1,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **opt,
+        }
+        self.last_rollout = ro
+        return metrics
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-for-bit: trainable weights, optimizer, KL, step."""
+        trainable = {
+            "policy": {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad},
+            "value_model": {
+                n: p.detach().clone() for n, p in self.value_model.named_parameters() if p.requires_grad
+            },
+        }
+        return {
+            "weights": trainable,
+            "optimizer": self.optimizer.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "step": self.step_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, model in (("policy", self.policy), ("value_model", self.value_model)):
+            params = dict(model.named_parameters())
+            saved = state["weights"][key]
+            missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+            if missing:
+                raise ValueError(
+                    f"resume state has no weights for {key} parameters {missing[:3]}...; it was written by "
+                    "a different model/LoRA setup. Delete the stage's state/ dir to start over."
+                )
+            with torch.no_grad():
+                for n, t in saved.items():
+                    params[n].copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.step_count = int(state["step"])

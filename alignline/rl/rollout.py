@@ -1,0 +1,177 @@
+"""Rollout helpers for RLHF: left-padding prompts, KV-cached sampling, truncating responses at
+the first EOS, and the single forward passes that score a rollout (policy log-probs + entropy,
+per-token values, sequence reward).
+
+    from alignline.rl.rollout import left_pad, generate, truncate_after_eos
+    ids, attn = left_pad(prompt_token_lists, pad_id)
+    responses = generate(policy, ids, attn, max_new_tokens=16, temperature=0.7, eos_id=e, pad_id=p)
+    responses, mask, has_eos = truncate_after_eos(responses, e, p)
+
+Layout: a rollout is `query_response = [left-padded prompt (P) | response (R)]`. The logits
+at position P-1+t predict response token t, so response log-probs and values read positions
+P-1 .. P+R-2. Positions are counted from the first real token (left padding takes no
+position), the same rule HF generate uses, so training forwards see what sampling saw.
+Dropout must be off in every model used here; callers put models in eval() (see
+`disable_dropout`).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from alignline.rl.core import entropy_from_logits, logprobs_from_logits
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """eval() and p=0 on every Dropout: PPO's ratio must compare the same deterministic function
+    at rollout and at training time (TRL and the InstructGPT setup do the same)."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop"):
+        if hasattr(model.config, key) and isinstance(getattr(model.config, key), float):
+            setattr(model.config, key, 0.0)
+    return model
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"):
+    """Left-pad token lists into (input_ids, attention_mask) so generation continues every row
+    from the same column."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("left_pad needs a non-empty list of non-empty token sequences")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        attn[i, width - len(s) :] = 1
+    return ids.to(device), attn.to(device)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """Keep each response up to and including its first EOS; replace the rest by pad.
+
+    Returns (responses, mask, has_eos): mask is 1 on kept tokens (a prefix of each row), has_eos
+    says whether the row emitted EOS at all (rows that did not are cut at max_new_tokens).
+    """
+    if eos_id == pad_id:
+        raise ValueError(
+            f"pad id equals eos id ({eos_id}); RLHF masking needs a distinct pad token "
+            "(the alignline tokenizer has <|pad|>; set tokenizer.pad_token to it)"
+        )
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    R = responses.shape[1]
+    first = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, R, dtype=torch.long))
+    mask = torch.arange(R, device=responses.device)[None, :] <= first[:, None]
+    mask[:, : min(R, 1)] = True  # at least one token is always kept (the first sampled one)
+    return torch.where(mask, responses, torch.full_like(responses, pad_id)), mask.long(), has_eos
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> torch.Tensor:
+    """Sample continuations with HF generate (KV cache on). Returns response tokens [B, <=max_new]."""
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=top_k if do_sample and top_k > 0 else None,
+        top_p=top_p if do_sample and top_p < 1.0 else None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    # An explicit GenerationConfig so a checkpoint's generation_config.json (repetition penalty,
+    # min length, ...) cannot silently change the sampling distribution PPO assumes.
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+    return out[:, input_ids.shape[1] :]
+
+
+def _accepts(model, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def response_logits(
+    model, query_response: torch.Tensor, attention_mask: torch.Tensor, context_len: int, temperature: float
+) -> torch.Tensor:
+    """Logits (divided by temperature) that predict each response token: [B, R, V]."""
+    R = query_response.shape[1] - context_len
+    kwargs = {}
+    # Only compute the LM head on the R+1 last positions when the model supports it.
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = R + 1
+    out = model(
+        input_ids=query_response,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
+    logits = out.logits[:, -(R + 1) : -1]
+    return logits / temperature
+
+
+def response_logprobs(
+    model,
+    query_response: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_len: int,
+    temperature: float,
+    with_entropy: bool = False,
+):
+    """log p(response token) per position [B, R] (and entropy [B, R] when asked), one forward."""
+    logits = response_logits(model, query_response, attention_mask, context_len, temperature)
+    responses = query_response[:, context_len:]
+    logp = logprobs_from_logits(logits, responses)
+    if with_entropy:
+        return logp, entropy_from_logits(logits)
+    return logp
+
+
+def _score_head_outputs(model, query_response: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position outputs of a *ForSequenceClassification model's score head: [B, L] (label 0)."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=query_response,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return model.score(hidden)[..., 0].float()
+
+
+def token_values(value_model, query_response: torch.Tensor, attention_mask: torch.Tensor, context_len: int):
+    """V(state before response token t) for every response position: [B, R]."""
+    out = _score_head_outputs(value_model, query_response, attention_mask)
+    return out[:, context_len - 1 : -1]
+
+
+def sequence_scores(
+    reward_model, query_response: torch.Tensor, attention_mask: torch.Tensor, context_len: int, mask: torch.Tensor
+) -> torch.Tensor:
+    """Reward-model score at the last real response token (the EOS when there is one): [B]."""
+    out = _score_head_outputs(reward_model, query_response, attention_mask)
+    last = context_len + mask.long().sum(1) - 1
+    return out[torch.arange(out.shape[0], device=out.device), last]

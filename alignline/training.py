@@ -1,0 +1,271 @@
+"""Training helpers shared by the stages: optimizer groups, LR schedule, metrics logging, seeding.
+
+    opt = build_optimizer(model, cfg.optim)                 # AdamW, no decay on norms/biases/embeddings
+    sched = build_scheduler(opt, cfg.schedule, total_steps)  # warmup then cosine (LambdaLR)
+    logger = MetricsLogger(stage_dir, report_to=["tensorboard"])
+    logger.log(step, loss=..., lr=...)                       # metrics.jsonl + tb/ (+ W&B/MLflow)
+    seed_everything(0)
+    maybe_interrupt(step)   # test hook: raises after ALIGNLINE_FAIL_AFTER_STEP steps
+
+No Prefect, no stages: this is library code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignline.config import OptimConfig, ScheduleConfig
+
+FAIL_AFTER_ENV = "ALIGNLINE_FAIL_AFTER_STEP"
+
+
+class SimulatedInterrupt(RuntimeError):
+    """Raised by `maybe_interrupt` to simulate a crash (tests of resumption)."""
+
+
+def maybe_interrupt(step: int) -> None:
+    """Raise SimulatedInterrupt once `step` reaches $ALIGNLINE_FAIL_AFTER_STEP (when set)."""
+    raw = os.environ.get(FAIL_AFTER_ENV)
+    if raw and step >= int(raw):
+        raise SimulatedInterrupt(f"simulated interrupt after step {step} ({FAIL_AFTER_ENV}={raw})")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def _no_decay_param_ids(model: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for module in model.modules():
+        is_norm = isinstance(module, nn.LayerNorm | nn.GroupNorm) or "norm" in type(module).__name__.lower()
+        is_emb = isinstance(module, nn.Embedding)
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm or is_emb or name == "bias" or p.ndim < 2:
+                ids.add(id(p))
+    return ids
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices decay; norms, biases and embeddings (and weights tied to them) don't."""
+    no_decay = _no_decay_param_ids(model)
+    decay, keep = [], []
+    seen: set[int] = set()
+    for p in model.parameters():  # parameters() yields tied tensors once
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (keep if id(p) in no_decay else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": keep, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+
+
+def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    """Multiplier of the base LR at optimizer step `step` (0-based)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.kind == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.kind == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+    # A plain closure: LambdaLR then stores nothing for it in state_dict, so the state file stays
+    # loadable with weights_only=True.
+    def fn(step: int) -> float:
+        return lr_factor(step, total_steps, cfg)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+                    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(override_tflops: float | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, from the GPU name; None on CPU (MFU is then not logged)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    for key, val in _PEAK_BF16_FLOPS.items():
+        if key in name:
+            return val
+    return None
+
+
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12*L*H*T for attention (PaLM appendix B)."""
+    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricsLogger:
+    """Per-step metrics to `metrics.jsonl` and TensorBoard (`tb/`), plus W&B / MLflow when asked.
+
+    `out_dir=None` makes a no-op logger (non-zero ranks). `report_to` entries other than
+    "tensorboard" need their package installed; a missing one is an error, not a silent skip.
+    """
+
+    def __init__(self, out_dir: str | Path | None, report_to: list[str] | None = None,
+                 run_name: str | None = None, config: dict | None = None):
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.report_to = list(report_to or ["tensorboard"])
+        self._tb = None
+        self._wandb = None
+        self._mlflow = None
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "metrics.jsonl"
+        # TensorBoard is always written (cheap, local), whatever report_to says.
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+        if "wandb" in self.report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("logging.report_to contains 'wandb' but wandb is not installed; "
+                                   "pip install wandb or remove it from logging.report_to") from None
+            self._wandb = wandb.init(name=run_name, config=config, reinit=True)
+        if "mlflow" in self.report_to:
+            try:
+                import mlflow
+            except ImportError:
+                raise RuntimeError("logging.report_to contains 'mlflow' but mlflow is not installed; "
+                                   "pip install mlflow or remove it from logging.report_to") from None
+            self._mlflow = mlflow
+            mlflow.start_run(run_name=run_name)
+            if config:
+                mlflow.log_dict(config, "config.json")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records with step > `step` (a resumed run rewrites them)."""
+        if self.out_dir is None or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        self.path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+
+    def log(self, step: int, **values: Any) -> None:
+        if self.out_dir is None:
+            return
+        clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in values.items() if v is not None}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **clean}) + "\n")
+        for k, v in clean.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                self._tb.add_scalar(k, v, step)
+                if self._mlflow is not None:
+                    self._mlflow.log_metric(k.replace("/", "_"), v, step=step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+            self._mlflow = None
+
+
+
+
+# --------------------------------------------------------------------------- HF Trainer glue
+
+
+def latest_trainer_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoint-<step>` dir the HF Trainer wrote under `output_dir`, or None."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    cands = []
+    for p in root.glob("checkpoint-*"):
+        suffix = p.name.split("-", 1)[1]
+        # trainer_state.json is written last by Trainer._save_checkpoint, so it marks a complete save.
+        if suffix.isdigit() and (p / "trainer_state.json").is_file():
+            cands.append((int(suffix), p))
+    return max(cands)[1] if cands else None
+
+
+def metrics_callback(logger: MetricsLogger, skip_through: int = 0):
+    """A transformers TrainerCallback that forwards the Trainer's logs to `logger` (jsonl + tb).
+
+    HF names are mapped to ours: loss, lr (learning_rate), grad_norm, val_loss (eval_loss), ...
+    Records with step <= `skip_through` are dropped (already logged before a resume).
+    """
+    from transformers import TrainerCallback
+
+    rename = {"learning_rate": "lr", "eval_loss": "val_loss"}
+
+    class _Forward(TrainerCallback):
+        last: tuple[float, float] | None = None  # (time, num_tokens) at the previous training log
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or state.global_step <= skip_through:
+                return
+            vals = {rename.get(k, k): v for k, v in logs.items() if isinstance(v, int | float)}
+            # TRL logs the cumulative `num_tokens`; its rate is the throughput.
+            if "loss" in vals and "num_tokens" in vals:
+                now = time.perf_counter()
+                if self.last is not None and now > self.last[0]:
+                    vals["tokens_per_s"] = (vals["num_tokens"] - self.last[1]) / (now - self.last[0])
+                self.last = (now, vals["num_tokens"])
+            logger.log(state.global_step, **vals)
+
+        def on_save(self, args, state, control, **kwargs):
+            # Test hook: simulate a crash right after a checkpoint was written.
+            maybe_interrupt(state.global_step)
+
+    return _Forward()
+
+
+def external_report_to(report_to: list[str]) -> list[str] | str:
+    """HF Trainer's report_to: W&B / MLflow only; TensorBoard and jsonl go through MetricsLogger."""
+    rest = [r for r in report_to if r != "tensorboard"]
+    return rest or "none"

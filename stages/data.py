@@ -1,0 +1,132 @@
+"""Stage `data`: generate the built-in task suite (or prepare real data) into `<run_dir>/data/`.
+
+    python -m stages.data --config configs/data/tiny.yaml --run-dir runs/tiny
+    alignline stage data --config configs/data/tiny.yaml --set suite.seed=1
+
+Output (the layout of docs/ARCHITECTURE.md): pretrain/{train,val}.jsonl, sft/{train,val,test}.jsonl,
+preference/{train,val,test}.jsonl, prompts/{train,val,test}.jsonl, suite.json, plus the stage files
+(config.yaml, manifest.json). `source: builtin` uses `alignline.data.tasks`; `source: files` reads
+local files through `alignline.data.loaders` (pretraining text, SFT and preference data) and still
+takes the held-out prompts (and gold answers) from the built-in suite, so gold accuracy stays defined.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from alignline.artifacts import StageRun, write_jsonl
+from alignline.config import StrictModel
+from alignline.data.loaders import LoaderConfig
+from alignline.stage_cli import InputSpec, stage_main
+
+INPUTS: list[InputSpec] = []
+
+
+class FilesConfig(StrictModel):
+    """Real data through alignline.data.loaders: each source is a LoaderConfig (path, format, columns...).
+
+    `kind` is filled in from the section (pretrain / sft / preference) when omitted.
+    """
+
+    pretrain: list[LoaderConfig] = Field(default_factory=list, description="pretraining text sources")
+    sft: LoaderConfig | None = Field(None, description="SFT source (alpaca, sharegpt, messages, ...)")
+    preference: LoaderConfig | None = Field(None, description="preference source (sharegpt, hh, TRL layout)")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of each source held out as val")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kinds(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for kind in ("sft", "preference"):
+                if isinstance(data.get(kind), dict):
+                    data[kind] = {"kind": kind, **data[kind]}
+            if isinstance(data.get("pretrain"), list):
+                data["pretrain"] = [{"kind": "pretrain", **x} if isinstance(x, dict) else x
+                                    for x in data["pretrain"]]
+        return data
+
+
+class Config(StrictModel):
+    """Config of the data stage."""
+
+    source: Literal["builtin", "files"] = "builtin"
+    size: Literal["tiny", "default", "small"] = Field("default", description="built-in suite preset")
+    suite: dict[str, Any] = Field(default_factory=dict, description="SuiteConfig fields overriding the preset")
+    files: FilesConfig | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        # Validate the suite overrides now (unknown key -> error), not when the stage runs.
+        self.suite_config()
+        if self.source == "files" and self.files is None:
+            raise ValueError("source: files needs a `files:` section (pretrain, sft, preference paths)")
+        return self
+
+    def suite_config(self):
+        from alignline.data.tasks import suite_config
+
+        overrides = [f"{k}={json.dumps(v)}" for k, v in self.suite.items()]
+        return suite_config(self.size, overrides)
+
+
+def _split(rows: list[dict], frac: float) -> tuple[list[dict], list[dict]]:
+    n_val = max(1, int(len(rows) * frac))
+    return rows[n_val:], rows[:n_val]
+
+
+def _prepare_files(cfg: Config, out: Path) -> dict[str, Any]:
+    from alignline.data.loaders import load_records
+
+    files = cfg.files
+    assert files is not None
+    info: dict[str, Any] = {}
+    if files.pretrain:
+        texts = [r for src in files.pretrain for r in load_records(src, progress=True)]
+        train, val = _split(texts, files.val_fraction)
+        (out / "pretrain").mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / "pretrain/train.jsonl", train)
+        write_jsonl(out / "pretrain/val.jsonl", val)
+        info["pretrain"] = {"train": len(train), "val": len(val)}
+    for kind, src in (("sft", files.sft), ("preference", files.preference)):
+        if src is None:
+            continue
+        rows = load_records(src, progress=True)
+        train, val = _split(rows, files.val_fraction)
+        (out / kind).mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / kind / "train.jsonl", train)
+        write_jsonl(out / kind / "val.jsonl", val)
+        write_jsonl(out / kind / "test.jsonl", val)
+        info[kind] = {"train": len(train), "val": len(val), "source": src.path}
+    return info
+
+
+def run(config: Config, inputs: dict[str, Path] | None, run_dir: str | Path) -> Path:
+    from alignline.data.tasks import write_suite
+
+    run = StageRun(run_dir, "data", config, inputs={}, source=__file__)
+    suite_cfg = config.suite_config()
+    # The built-in suite is always written: its held-out prompts + gold answers are the fixed eval set.
+    meta = write_suite(run.staging, suite_cfg)
+    headline: dict[str, Any] = {"source": config.source, "sizes": meta["sizes"]}
+    if config.source == "files":
+        # Real data replaces the built-in training files; the built-in held-out prompts stay.
+        for sub in ("pretrain", "sft", "preference"):
+            if getattr(config.files, sub):
+                shutil.rmtree(run.staging / sub)
+        headline["files"] = _prepare_files(config, run.staging)
+    return run.finalize(eval={}, headline=headline)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    return stage_main("data", Config, run, INPUTS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

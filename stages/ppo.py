@@ -1,0 +1,652 @@
+"""Stage `rlhf`: align the SFT policy against the reward model with our PPO (default), or with
+TRL's DPO / GRPO / RLOO in the same slot (`algorithm: ppo|dpo|grpo|rloo`).
+
+    alignline stage ppo --config configs/rlhf/tiny.yaml --init RUN/sft --reward RUN/reward
+    python -m stages.ppo --config configs/rlhf/tiny.yaml --run-dir RUN [--set algorithm=dpo]
+
+Inputs: `--init` (SFT stage: policy, reference, tokenizer), `--reward` (reward stage: reward
+model, the value model's initialisation, and `reward_mean`/`reward_std` from its eval.json),
+`--data` (data stage: prompts/, preference/, pretrain/; default: found through the SFT stage's
+manifest inputs). Output `<run_dir>/rlhf/` follows the stage contract: checkpoint/ (merged
+policy + tokenizer), adapter/ (when LoRA), state/ (resumable), metrics.jsonl, tb/, eval.json,
+samples.jsonl, manifest.json.
+
+eval.json compares the SFT and the trained policy on held-out prompts (prompts/test.jsonl):
+RM score of greedy answers (normalised), gold accuracy (greedy, `gold_score`), KL to the
+reference (exact over the vocabulary along sampled answers), win rate of the trained policy
+over SFT under the RM, and `overoptimisation: true` when the RM score rose while gold
+accuracy fell.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from alignline.config import LoggingConfig, LoraArgs, StrictModel
+from alignline.rl.ppo import PPOArgs, PPOTrainer
+from alignline.stage_cli import InputSpec, stage_main
+
+log = logging.getLogger("alignline.stages.ppo")
+
+STAGE = "rlhf"
+
+
+# --------------------------------------------------------------------------- config
+
+
+class PromptsConfig(StrictModel):
+    max_train: int | None = Field(None, gt=0, description="use at most this many training prompts")
+    max_prompt_tokens: int = Field(128, gt=0, description="longer prompts are an error (say which)")
+
+
+class PtxConfig(StrictModel):
+    """PPO-ptx batches: packed blocks of the data stage's pretrain/train.jsonl."""
+
+    batch_size: int = Field(4, gt=0)
+    seq_len: int = Field(64, gt=1)
+
+
+class EvalConfig(StrictModel):
+    num_prompts: int = Field(64, gt=0, description="first N rows of prompts/test.jsonl")
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(64, gt=0)
+    kl_samples: int = Field(1, gt=0, description="sampled answers per prompt for the KL estimate")
+
+
+class DPOSection(StrictModel):
+    """TRL DPOTrainer on preference/train.jsonl, reference = SFT."""
+
+    beta: float = Field(0.1, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(128, gt=8)
+    loss_type: str = "sigmoid"
+
+
+class GroupSection(StrictModel):
+    """TRL GRPOTrainer / RLOOTrainer with our reward model (normalised) as the reward function."""
+
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, gt=0, description="completions per optimizer step (prompts x generations)")
+    num_generations: int = Field(4, gt=1)
+    max_completion_length: int = Field(16, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.05, ge=0, description="KL coefficient against the SFT reference")
+    gold_reward: bool = Field(False, description="add the gold scorer as a verifiable reward")
+    gold_weight: float = Field(1.0, ge=0)
+
+
+class RLHFConfig(StrictModel):
+    """Config of the `rlhf` stage (configs/rlhf/*.yaml)."""
+
+    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = "ppo"
+    seed: int = 0
+    steps: int = Field(30, gt=0, description="PPO iterations, or optimizer steps for dpo/grpo/rloo")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_every: int = Field(10, gt=0, description="write resumable state every N steps")
+    ppo: PPOArgs = PPOArgs()
+    lora: LoraArgs = LoraArgs()
+    prompts: PromptsConfig = PromptsConfig()
+    ptx: PtxConfig = PtxConfig()
+    eval: EvalConfig = EvalConfig()
+    dpo: DPOSection = DPOSection()
+    grpo: GroupSection = GroupSection()
+    rloo: GroupSection = GroupSection()
+    logging: LoggingConfig = LoggingConfig()
+
+
+Config = RLHFConfig
+
+INPUTS = [
+    InputSpec("init", default="sft", help="SFT stage dir (policy and reference)"),
+    InputSpec("reward", default="reward", help="reward stage dir (reward model, value init, normalisation)"),
+    InputSpec("data", default="data", required=False,
+              help="data stage dir (prompts, preference, pretrain); default: the SFT stage's data input"),
+]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def find_data_stage(start: Path, max_depth: int = 6) -> Path:
+    """Walk manifest inputs from `start` back to the `data` stage that produced the suite."""
+    from alignline.artifacts import load_stage
+
+    frontier, seen = [Path(start)], set()
+    for _ in range(max_depth):
+        nxt = []
+        for p in frontier:
+            if p in seen:
+                continue
+            seen.add(p)
+            sd = load_stage(p, verify=False)
+            if sd.stage == "data":
+                return p
+            nxt += [Path(v["path"]) for v in sd.manifest.get("inputs", {}).values()]
+        frontier = nxt
+    raise FileNotFoundError(
+        f"could not find the data stage among the inputs of {start}; pass --data RUN/data"
+    )
+
+
+def reward_normalisation(reward_dir) -> tuple[float, float]:
+    ev = reward_dir.eval
+    where = reward_dir.path / "eval.json"
+    if "reward_mean" not in ev or "reward_std" not in ev:
+        raise KeyError(
+            f"{where} has no reward_mean/reward_std (keys: {sorted(ev)}); the reward stage must record the "
+            "mean and std of its scores on held-out responses so PPO can normalise them"
+        )
+    mean, std = float(ev["reward_mean"]), float(ev["reward_std"])
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"{where}: reward_std={std} must be a positive number")
+    return mean, std
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the data stage writes it (alignline stage data)")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rows.append(json.loads(line))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def encode_prompts(tokenizer, rows: list[dict], max_tokens: int, source: Path) -> list[list[int]]:
+    """Chat-template each `prompt` (add_generation_prompt) into token ids; the template adds <|bos|>."""
+    out = []
+    for i, row in enumerate(rows):
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_tokens:
+            raise ValueError(
+                f"{source}:{i + 1}: prompt has {len(ids)} tokens > prompts.max_prompt_tokens={max_tokens}; "
+                "raise prompts.max_prompt_tokens"
+            )
+        out.append(ids)
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda but no CUDA device is visible; use device: auto or cpu")
+    return torch.device(name)
+
+
+def load_models(cfg: RLHFConfig, sft_ckpt: Path, reward_ckpt: Path, device: torch.device, need_value: bool):
+    """(tokenizer, policy, ref or None, value or None, reward model), dropout off everywhere."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import alignline  # noqa: F401  (registers the alignline architecture with the Auto classes)
+    from alignline.rl.rollout import disable_dropout
+
+    tok = AutoTokenizer.from_pretrained(str(sft_ckpt))
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        raise ValueError(f"{sft_ckpt}: the tokenizer needs a pad token distinct from eos (<|pad|>)")
+    policy = AutoModelForCausalLM.from_pretrained(str(sft_ckpt), dtype=torch.float32).to(device)
+    ref = None
+    if cfg.lora.enabled:
+        from alignline.peft_utils import attach_lora
+
+        policy = attach_lora(policy, cfg.lora)
+    else:
+        ref = AutoModelForCausalLM.from_pretrained(str(sft_ckpt), dtype=torch.float32).to(device)
+        ref.requires_grad_(False)
+        disable_dropout(ref)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(reward_ckpt), dtype=torch.float32).to(device)
+    rm.requires_grad_(False)
+    value = None
+    if need_value:
+        value = AutoModelForSequenceClassification.from_pretrained(str(reward_ckpt), dtype=torch.float32).to(device)
+        disable_dropout(value)
+    for m in (policy, rm):
+        disable_dropout(m)
+    return tok, policy, ref, value, rm
+
+
+class PtxSampler:
+    """Random fixed-length blocks of the tokenised pretraining corpus (PPO-ptx)."""
+
+    def __init__(self, tokenizer, path: Path, batch_size: int, seq_len: int, seed: int):
+        rows = read_jsonl(path)
+        ids: list[int] = []
+        for r in rows:
+            ids += tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) < seq_len + 1:
+            raise ValueError(f"{path}: only {len(ids)} tokens, fewer than ptx.seq_len={seq_len}")
+        self.tokens = torch.tensor(ids, dtype=torch.long)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> torch.Tensor:
+        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.gen)
+        return torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()])
+
+
+def prompt_batch(n_prompts: int, batch: int, step: int, seed: int) -> list[int]:
+    """Indices of the prompts for PPO iteration `step`: epoch-wise shuffles, a pure function of the
+    step, so a resumed run sees the same prompts without storing a data position."""
+    out = []
+    start = step * batch
+    for k in range(start, start + batch):
+        epoch, pos = divmod(k, n_prompts)
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def _greedy(model, tok, prompt_ids: list[list[int]], max_new: int, bs: int, device) -> list[torch.Tensor]:
+    from alignline.rl.rollout import generate, left_pad, truncate_after_eos
+
+    outs = []
+    for i in range(0, len(prompt_ids), bs):
+        ids, attn = left_pad(prompt_ids[i : i + bs], tok.pad_token_id, device)
+        resp = generate(model, ids, attn, max_new_tokens=max_new, temperature=1.0, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id, do_sample=False)
+        resp, mask, _ = truncate_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
+        outs += [r[: int(m.sum())] for r, m in zip(resp, mask)]
+    return outs
+
+
+@torch.inference_mode()
+def _rm_scores(rm, tok, prompt_ids, responses, mean, std, bs, device) -> torch.Tensor:
+    from alignline.rl.rollout import left_pad, sequence_scores
+
+    scores = []
+    for i in range(0, len(prompt_ids), bs):
+        p = prompt_ids[i : i + bs]
+        r = [x.tolist() for x in responses[i : i + bs]]
+        ids, attn = left_pad(p, tok.pad_token_id, device)
+        R = max(len(x) for x in r)
+        resp = torch.full((len(r), R), tok.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(r), R), dtype=torch.long, device=device)
+        for j, x in enumerate(r):
+            resp[j, : len(x)] = torch.tensor(x, device=device)
+            mask[j, : len(x)] = 1
+        qr, full = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
+        scores.append(sequence_scores(rm, qr, full, ids.shape[1], mask))
+    return (torch.cat(scores).cpu() - mean) / std
+
+
+@torch.inference_mode()
+def _kl_to_ref(policy, ref_fn, tok, prompt_ids, cfg: EvalConfig, temperature: float, device) -> float:
+    """Mean over prompts of sum_t KL(pi(.|x,y<t) || ref(.|x,y<t)) along answers sampled from pi."""
+    from alignline.rl.rollout import generate, left_pad, response_logits, truncate_after_eos
+
+    total, n = 0.0, 0
+    for _ in range(cfg.kl_samples):
+        for i in range(0, len(prompt_ids), cfg.batch_size):
+            ids, attn = left_pad(prompt_ids[i : i + cfg.batch_size], tok.pad_token_id, device)
+            resp = generate(policy, ids, attn, max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+            resp, mask, _ = truncate_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
+            qr, full = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
+            P = ids.shape[1]
+            lp = torch.log_softmax(response_logits(policy, qr, full, P, temperature), -1)
+            lq = torch.log_softmax(ref_fn(qr, full, P, temperature), -1)
+            kl = (lp.exp() * (lp - lq)).sum(-1)
+            total += float((kl * mask).sum())
+            n += len(ids)
+    return total / max(n, 1)
+
+
+def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, device, temperature):
+    """SFT vs trained policy on held-out prompts -> (eval dict, samples of the trained policy).
+
+    `ref` is the frozen SFT model, or None when the policy is a PEFT model (then SFT = the policy
+    with its adapters disabled)."""
+    from contextlib import nullcontext
+
+    from alignline.data.tasks import gold_score
+
+    e = cfg.eval
+    prompt_ids = [
+        tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False)["input_ids"]
+        for r in rows
+    ]
+    result: dict[str, Any] = {}
+    samples = []
+    per_model: dict[str, torch.Tensor] = {}
+    for name in ("sft", "policy"):
+        model = ref if (name == "sft" and ref is not None) else policy
+        ctx = policy.disable_adapter() if (name == "sft" and ref is None) else nullcontext()
+        with ctx:
+            responses = _greedy(model, tok, prompt_ids, e.max_new_tokens, e.batch_size, device)
+        scores = _rm_scores(rm, tok, prompt_ids, responses, mean, std, e.batch_size, device)
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        gold = [gold_score(t, r["answer"], r.get("match", "exact")) for t, r in zip(texts, rows)]
+        by_task: dict[str, list[float]] = {}
+        for g, r in zip(gold, rows):
+            by_task.setdefault(r.get("task", "all"), []).append(g)
+        result[name] = {
+            "rm_score": float(scores.mean()),
+            "gold_accuracy": sum(gold) / len(gold),
+            "per_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
+            "eos_rate": sum(int(len(x) > 0 and int(x[-1]) == tok.eos_token_id) for x in responses) / len(responses),
+            "response_length": sum(len(x) for x in responses) / len(responses),
+        }
+        per_model[name] = scores
+        if name == "policy":
+            samples = [
+                {"prompt": r["prompt"][-1]["content"], "response": t, "answer": r["answer"], "task": r.get("task"),
+                 "score": g, "rm_score": float(s)}
+                for r, t, g, s in zip(rows, texts, gold, scores.tolist())
+            ]
+    pol, sft = per_model["policy"], per_model["sft"]
+    wins = (pol > sft).float() + 0.5 * (pol == sft).float()
+    result["kl_to_ref"] = _kl_to_ref(policy, _ref_logits_fn(policy, ref), tok, prompt_ids, e, temperature, device)
+    result["win_rate"] = float(wins.mean())
+    result["rm_score_gain"] = result["policy"]["rm_score"] - result["sft"]["rm_score"]
+    result["gold_accuracy_gain"] = result["policy"]["gold_accuracy"] - result["sft"]["gold_accuracy"]
+    # Reward hacking signature: the proxy (RM) improved while the true objective (gold) got worse.
+    result["overoptimisation"] = bool(result["rm_score_gain"] > 0 and result["gold_accuracy_gain"] < 0)
+    result["num_prompts"] = len(rows)
+    return result, samples
+
+
+def _ref_logits_fn(policy, ref):
+    from alignline.rl.rollout import response_logits
+
+    if ref is not None:
+        return lambda qr, m, P, T: response_logits(ref, qr, m, P, T)
+
+    def fn(qr, m, P, T):
+        with policy.disable_adapter():
+            return response_logits(policy, qr, m, P, T)
+
+    return fn
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def save_policy(policy, tok, out: Path, lora: bool) -> None:
+    """checkpoint/ = merged HF model + tokenizer; adapter/ too when LoRA was trained."""
+    if lora:
+        policy.save_pretrained(str(out / "adapter"))
+        import copy
+
+        merged = copy.deepcopy(policy).merge_and_unload()
+        merged.save_pretrained(str(out / "checkpoint"))
+    else:
+        policy.save_pretrained(str(out / "checkpoint"))
+    tok.save_pretrained(str(out / "checkpoint"))
+
+
+# --------------------------------------------------------------------------- PPO
+
+
+def _flat_trainable(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    sd = trainer.state_dict()["weights"]
+    return {f"{k}.{n}": t for k, d in sd.items() for n, t in d.items()}
+
+
+def _load_flat_trainable(trainer: PPOTrainer, flat: dict[str, torch.Tensor]) -> None:
+    weights: dict[str, dict[str, torch.Tensor]] = {"policy": {}, "value_model": {}}
+    for key, t in flat.items():
+        head, name = key.split(".", 1)
+        weights[head][name] = t
+    params = {"policy": dict(trainer.policy.named_parameters()), "value_model": dict(trainer.value_model.named_parameters())}
+    with torch.no_grad():
+        for head, d in weights.items():
+            missing = [n for n, p in params[head].items() if p.requires_grad and n not in d]
+            if missing:
+                raise ValueError(f"resume state lacks {head} parameters {missing[:3]}; delete the stage's state/ dir")
+            for n, t in d.items():
+                params[head][n].copy_(t)
+
+
+def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict], dict]:
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    from alignline.training import maybe_interrupt, seed_everything
+
+    seed_everything(cfg.seed)
+    mean, std = reward_normalisation(reward)
+    tok, policy, ref, value, rm = load_models(cfg, sft.checkpoint, reward.checkpoint, device, need_value=True)
+    prompt_path = data_dir / "prompts" / "train.jsonl"
+    rows = read_jsonl(prompt_path, cfg.prompts.max_train)
+    prompts = encode_prompts(tok, rows, cfg.prompts.max_prompt_tokens, prompt_path)
+    ptx = None
+    if cfg.ppo.ptx_coef > 0:
+        ptx = PtxSampler(tok, data_dir / "pretrain" / "train.jsonl", cfg.ptx.batch_size, cfg.ptx.seq_len, cfg.seed)
+    trainer = PPOTrainer(cfg.ppo, policy, value, rm, ref_policy=ref, eos_id=tok.eos_token_id,
+                         pad_id=tok.pad_token_id, reward_mean=mean, reward_std=std, ptx_sampler=ptx, device=device)
+
+    start = 0
+    meta = run.load_state(optimizer=trainer.optimizer)  # also restores the RNG streams
+    if meta is not None:
+        _load_flat_trainable(trainer, load_file(str(Path(meta["path"]) / "model.safetensors")))
+        trainer.kl_ctl.load_state_dict(meta["extra"]["kl_ctl"])
+        start = trainer.step_count = int(meta["step"])
+        if ptx is not None:
+            ptx.gen.set_state(torch.tensor(meta["extra"]["ptx_rng"], dtype=torch.uint8))
+        run.metrics.truncate_after(start)
+        log.info("resuming PPO at iteration %d", start)
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ppo",
+               disable=not cfg.logging.progress)
+    t0 = time.time()
+    last: dict[str, float] = {}
+    for step in bar:
+        idx = prompt_batch(len(prompts), cfg.ppo.rollout_batch_size, step, cfg.seed)
+        last = trainer.step([prompts[i] for i in idx])
+        if (step + 1) % cfg.logging.every_steps == 0:
+            run.metrics.log(step + 1, **last)
+        bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}", eos=f"{last['eos_rate']:.2f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            extra = {"kl_ctl": trainer.kl_ctl.state_dict()}
+            if ptx is not None:
+                extra["ptx_rng"] = ptx.gen.get_state().tolist()
+            run.save_state(step + 1, model_state=_flat_trainable(trainer), optimizer=trainer.optimizer, extra=extra)
+        maybe_interrupt(step + 1)
+    train_time = time.time() - t0
+
+    rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
+    ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, device, cfg.ppo.temperature)
+    ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2),
+                   "final": {k: last.get(k) for k in ("score", "kl", "eos_rate", "response_length", "beta")}}
+    save_policy(policy, tok, run.staging, cfg.lora.enabled)
+    return ev, samples, {}
+
+
+# --------------------------------------------------------------------------- TRL algorithms
+
+
+class RMReward:
+    """A GRPO/RLOO reward function: the reward model's score of prompt+completion, normalised with
+    the reward stage's mean/std (the same scale PPO uses)."""
+
+    def __init__(self, rm, tok, mean: float, std: float, device):
+        self.rm, self.tok, self.mean, self.std, self.device = rm, tok, mean, std, device
+        self.__name__ = "reward_model"
+
+    @torch.inference_mode()
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        from alignline.rl.rollout import left_pad, sequence_scores
+
+        seqs = []
+        for p, c in zip(prompts, completions):
+            text = self.tok.apply_chat_template(p + c, tokenize=False)
+            seqs.append(self.tok(text, add_special_tokens=False)["input_ids"])
+        # Score at the last real token: right-align by left padding, then the last column is real.
+        ids, attn = left_pad(seqs, self.tok.pad_token_id, self.device)
+        ctx = ids.shape[1] - 1
+        s = sequence_scores(self.rm, ids, attn, ctx, torch.ones((len(seqs), 1), dtype=torch.long, device=self.device))
+        return ((s.cpu() - self.mean) / self.std).tolist()
+
+
+def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
+    """Verifiable reward: 1 when the completion is exactly the gold answer."""
+    from alignline.data.tasks import gold_score
+
+    return [gold_score(c[-1]["content"], a, m) for c, a, m in zip(completions, answer, match)]
+
+
+def _metrics_callback(run):
+    from transformers import TrainerCallback
+
+    class ToStageMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                run.metrics.log(state.global_step, **{k: v for k, v in logs.items() if isinstance(v, int | float)})
+
+    return ToStageMetrics()
+
+
+def _latest_trl_checkpoint(out: Path) -> str | None:
+    cks = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(cks[-1]) if cks else None
+
+
+def _trl_reference_workaround(policy) -> None:
+    """GRPO/RLOO (TRL 1.16) reload the reference from the policy's path and, for an architecture that
+    is not a `transformers` class (ours is registered through the Auto classes), read
+    `config.auto_map`, which configs without remote code do not have -> AttributeError. An empty
+    `auto_map` on the config class makes TRL fall back to AutoModelForCausalLM, which loads ours.
+    """
+    import transformers
+
+    cfg_cls = type(policy.config)
+    arch = (policy.config.architectures or [None])[0]
+    if arch and getattr(transformers, arch, None) is None and not hasattr(cfg_cls, "auto_map"):
+        log.info("setting %s.auto_map = {} so TRL can reload the reference model", cfg_cls.__name__)
+        cfg_cls.auto_map = {}
+
+
+def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict], dict]:
+    from datasets import Dataset
+
+    from alignline.training import seed_everything
+
+    seed_everything(cfg.seed)
+    mean, std = reward_normalisation(reward)
+    algo = cfg.algorithm
+    tok, policy, ref, _, rm = load_models(cfg, sft.checkpoint, reward.checkpoint, device, need_value=False)
+    state_dir = run.mark_state()
+    common = dict(
+        output_dir=str(state_dir), max_steps=cfg.steps, logging_steps=1, save_steps=cfg.save_every,
+        save_total_limit=1, report_to=[], seed=cfg.seed, use_cpu=device.type == "cpu", bf16=False,
+        disable_tqdm=not cfg.logging.progress, dataloader_num_workers=0, lr_scheduler_type="constant",
+        gradient_checkpointing=False,  # tiny models: recomputation costs more than the memory it saves
+    )
+    if algo == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        d = cfg.dpo
+        rows = read_jsonl(data_dir / "preference" / "train.jsonl")
+        ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+        args = DPOConfig(learning_rate=d.lr, per_device_train_batch_size=d.batch_size, beta=d.beta,
+                         max_length=d.max_length, loss_type=[d.loss_type], **common)
+        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[_metrics_callback(run)])
+    else:
+        g = cfg.grpo if algo == "grpo" else cfg.rloo
+        rows = read_jsonl(data_dir / "prompts" / "train.jsonl", cfg.prompts.max_train)
+        ds = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "match": r.get("match", "exact")}
+                                for r in rows])
+        funcs: list = [RMReward(rm, tok, mean, std, device)]
+        weights = [1.0]
+        if g.gold_reward:
+            funcs.append(gold_reward)
+            weights.append(g.gold_weight)
+        _trl_reference_workaround(policy)
+        kw = dict(learning_rate=g.lr, per_device_train_batch_size=g.batch_size, num_generations=g.num_generations,
+                  max_completion_length=g.max_completion_length, temperature=g.temperature, beta=g.beta,
+                  reward_weights=weights, **common)
+        if algo == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+
+            trainer = GRPOTrainer(model=policy, reward_funcs=funcs, args=GRPOConfig(**kw), train_dataset=ds,
+                                  processing_class=tok, callbacks=[_metrics_callback(run)])
+        else:
+            from trl import RLOOConfig, RLOOTrainer
+
+            trainer = RLOOTrainer(model=policy, reward_funcs=funcs, args=RLOOConfig(**kw), train_dataset=ds,
+                                  processing_class=tok, callbacks=[_metrics_callback(run)])
+    t0 = time.time()
+    resume = _latest_trl_checkpoint(state_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    train_time = time.time() - t0
+    policy = trainer.model
+    from alignline.rl.rollout import disable_dropout
+
+    disable_dropout(policy)
+    if ref is None and not cfg.lora.enabled:
+        raise RuntimeError("internal: no reference model for evaluation")
+    rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
+    temperature = 1.0 if algo == "dpo" else (cfg.grpo if algo == "grpo" else cfg.rloo).temperature
+    ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, device, temperature)
+    ev["train"] = {"steps": cfg.steps, "resumed_from": resume, "seconds": round(train_time, 2)}
+    save_policy(policy, tok, run.staging, cfg.lora.enabled)
+    return ev, samples, {}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path) -> Path:
+    """Run the rlhf stage; returns `<run_dir>/rlhf`."""
+    from alignline.artifacts import StageRun
+
+    if cfg.algorithm == "ppo":
+        cfg.ppo.check()
+    stage_inputs = {"init": inputs["init"], "reward": inputs["reward"]}
+    if inputs.get("data"):
+        data_dir = Path(inputs["data"])
+        try:
+            lineage = find_data_stage(Path(inputs["init"]))
+        except FileNotFoundError:
+            lineage = None  # e.g. an SFT dir made outside the pipeline: nothing to compare with
+        if lineage is not None and lineage.resolve() != data_dir.resolve():
+            log.warning("--data %s is not the data stage the SFT model was trained from (%s)", data_dir, lineage)
+    else:
+        data_dir = find_data_stage(Path(inputs["init"]))
+    stage_inputs["data"] = data_dir
+    run_ = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__)
+    sft, reward = run_.input("init"), run_.input("reward")
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+    fn = run_ppo if cfg.algorithm == "ppo" else run_trl
+    ev, samples, _ = fn(cfg, run_, sft, reward, data_dir, device)
+    ev = {"algorithm": cfg.algorithm, **ev, "wall_time_s": round(time.time() - t0, 2)}
+    headline = {
+        "rm_score": ev["policy"]["rm_score"],
+        "gold_accuracy": ev["policy"]["gold_accuracy"],
+        "sft_rm_score": ev["sft"]["rm_score"],
+        "sft_gold_accuracy": ev["sft"]["gold_accuracy"],
+        "win_rate": ev["win_rate"],
+        "kl": ev["kl_to_ref"],
+        "kl_to_ref": ev["kl_to_ref"],
+        "overoptimisation": ev["overoptimisation"],
+    }
+    return run_.finalize(eval=ev, headline=headline, samples=samples)
+
+
+def main(argv: Sequence[str] | None = None):
+    return stage_main(STAGE, RLHFConfig, run, INPUTS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

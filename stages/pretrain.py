@@ -1,0 +1,399 @@
+"""Stage `pretrain`: next-token pretraining of the alignline decoder with our own loop.
+
+    python -m stages.pretrain --config configs/pretrain/tiny.yaml --run-dir runs/tiny
+    alignline stage pretrain --config configs/pretrain/small.yaml --set train.max_steps=2000
+    torchrun --nproc_per_node=4 -m stages.pretrain --config configs/pretrain/1b.yaml --run-dir runs/1b
+
+Inputs: `--data` (data stage; pretrain/{train,val}.jsonl, prompts/test.jsonl) and `--tokenizer`.
+The loop (nanoGPT / torchtitan spirit): AdamW with decoupled weight decay (none on norms, biases,
+embeddings), linear warmup then cosine, gradient accumulation to a fixed global batch, global-norm
+clipping, bf16 autocast on CUDA, optional torch.compile, DDP or FSDP2 (`train.parallel`) under
+torchrun. Logged per step: loss, lr, grad_norm, tokens/s, MFU (GPU); periodically val loss/ppl.
+
+Data: documents are tokenized once into memory-mapped shards (alignline.data.shards, cached under
+`<run_dir>/cache/shards/`), joined with `<|eos|>` and cut into seq_len+1 blocks; a BlockSampler
+visits them in a seeded permutation per epoch. Its position is saved with the training state, so
+a resumed run sees exactly the batches an uninterrupted run would. Under DDP each rank takes its
+slice of the same global batch, so N processes compute the same loss as one.
+
+Resume: state is saved every `train.save_every` steps and before the final evaluation under
+`pretrain/state/`; re-running with the same config continues from it (bit-exact on CPU).
+eval.json: val_loss, val_ppl, initial_val_loss, tokens_seen, gold_accuracy (+ per task).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from alignline.artifacts import StageRun
+from alignline.config import LoggingConfig, OptimConfig, ScheduleConfig, StrictModel
+from alignline.stage_cli import InputSpec, stage_main
+
+log = logging.getLogger("stages.pretrain")
+
+INPUTS = [
+    InputSpec("data", default="data", help="data stage directory"),
+    InputSpec("tokenizer", default="tokenizer", help="tokenizer stage directory (or any dir with tokenizer files)"),
+]
+
+
+class ModelConfig(StrictModel):
+    """Decoder shape. vocab_size comes from the tokenizer."""
+
+    arch: Literal["alignline", "llama"] = Field("alignline", description="alignline decoder or HF LlamaForCausalLM")
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(176, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    max_position_embeddings: int = Field(256, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_word_embeddings: bool = True
+    initializer_range: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        return self
+
+
+class TrainConfig(StrictModel):
+    seed: int = 0
+    max_steps: int = Field(300, gt=0, description="optimizer steps")
+    batch_size: int = Field(32, gt=0, description="global batch in sequences per optimizer step")
+    micro_batch_size: int = Field(32, gt=0, description="sequences per forward/backward per process")
+    seq_len: int = Field(128, gt=1)
+    eval_every: int = Field(100, gt=0, description="val loss every N steps (and at the end)")
+    eval_batches: int = Field(8, gt=0, description="val batches of micro_batch_size sequences")
+    save_every: int = Field(100, gt=0, description="resumable state every N steps (and at the end)")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA")
+    compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: DDP, or FSDP2 fully_shard")
+    max_shard_size: str = Field("2GB", description="save_pretrained shard size")
+    peak_tflops: float | None = Field(None, gt=0, description="for MFU; None = from the GPU name")
+
+
+class EvalConfig(StrictModel):
+    gold_prompts: int = Field(120, ge=0, description="first N of prompts/test.jsonl for gold accuracy/samples")
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class Config(StrictModel):
+    """Config of the pretrain stage."""
+
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+def build_model(m: ModelConfig, tokenizer):
+    """A freshly initialised causal LM of the configured shape (seed the RNG before calling)."""
+    kwargs = dict(
+        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_word_embeddings, initializer_range=m.initializer_range,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if m.arch == "alignline":
+        from alignline.model import AlignlineConfig, AlignlineForCausalLM
+
+        return AlignlineForCausalLM(AlignlineConfig(**kwargs))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**kwargs))
+
+
+def read_texts(path: Path) -> list[str]:
+    """The `text` fields of a {"text": ...} JSONL file."""
+    texts = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                rec = json.loads(line)
+                if "text" not in rec:
+                    raise ValueError(f"{path}:{i}: pretraining records need a 'text' field; got {sorted(rec)}")
+                texts.append(rec["text"])
+    if not texts:
+        raise ValueError(f"{path} has no documents; check the data stage output")
+    return texts
+
+
+def tokenize_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """Documents as one token stream, each followed by <|eos|> (used for the small val set)."""
+    ids: list[int] = []
+    for i in range(0, len(texts), 2048):
+        for row in tokenizer(texts[i:i + 2048], add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+            ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def val_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
+    """Up to `n` non-overlapping windows of seq_len+1 tokens from the start of the val stream."""
+    count = min(n, (len(stream) - 1) // seq_len)
+    if count == 0:
+        raise ValueError(f"the val stream has {len(stream)} tokens, fewer than seq_len+1={seq_len + 1}")
+    idx = torch.arange(count)[:, None] * seq_len + torch.arange(seq_len + 1)[None, :]
+    return stream[idx].long()
+
+
+def lm_loss(model, tokens: torch.Tensor, autocast) -> torch.Tensor:
+    with autocast():
+        logits = model(input_ids=tokens[:, :-1]).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_loss(model, windows: torch.Tensor, micro: int, device, autocast) -> float:
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(windows), micro):
+        b = windows[i:i + micro].to(device)
+        total += float(lm_loss(model, b, autocast)) * len(b)
+        n += len(b)
+    model.train(was)
+    return total / n
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    from tqdm.auto import tqdm
+
+    from alignline.data.shards import BlockSampler, PackedBlocks, build_shards
+    from alignline.distributed import (
+        all_reduce_mean,
+        barrier,
+        cleanup,
+        full_optim_state_dict,
+        full_state_dict,
+        init_distributed,
+        wrap_model,
+    )
+    from alignline.evaluation import gold_eval, load_prompts
+    from alignline.tokenizer import load_tokenizer
+    from alignline.training import (
+        build_optimizer,
+        build_scheduler,
+        flops_per_token,
+        maybe_interrupt,
+        peak_flops,
+        seed_everything,
+    )
+
+    tc = config.train
+    dist = init_distributed(tc.device)
+    device = torch.device(dist.device)
+    run = StageRun(run_dir, "pretrain", config, inputs={"data": inputs["data"], "tokenizer": inputs["tokenizer"]},
+                   source=__file__)
+    data_dir, tok_dir = Path(inputs["data"]), Path(inputs["tokenizer"])
+    tokenizer = load_tokenizer(tok_dir)
+
+    per_rank = tc.batch_size // dist.world_size
+    if tc.batch_size % dist.world_size or per_rank % min(tc.micro_batch_size, per_rank):
+        raise ValueError(f"train.batch_size={tc.batch_size} must split evenly over {dist.world_size} processes "
+                         f"and micro batches of train.micro_batch_size={tc.micro_batch_size}")
+    micro = min(tc.micro_batch_size, per_rank)
+    accum = per_rank // micro
+    if tc.seq_len > config.model.max_position_embeddings:
+        raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_position_embeddings="
+                         f"{config.model.max_position_embeddings}")
+
+    # Training tokens live in memory-mapped shards cached per (corpus, tokenizer) under <run_dir>/cache;
+    # rank 0 builds them first so the other ranks only open the finished cache entry.
+    cache = Path(run_dir) / "cache" / "shards"
+    texts = read_texts(data_dir / "pretrain" / "train.jsonl")
+    if run.is_main:
+        shards = build_shards(texts, tokenizer, cache, progress=config.logging.progress)
+    barrier(dist)
+    if not run.is_main:
+        shards = build_shards(texts, tokenizer, cache)
+    del texts
+    blocks = PackedBlocks(shards, tc.seq_len)
+    sampler = BlockSampler(len(blocks), tc.batch_size, seed=tc.seed, rank=dist.rank, world_size=dist.world_size)
+    val = val_windows(tokenize_stream(read_texts(data_dir / "pretrain" / "val.jsonl"), tokenizer), tc.seq_len,
+                      tc.eval_batches * micro)
+    log.info("pretrain: %d train tokens (%d blocks), %d val windows, accum=%d, world=%d", shards.n_tokens,
+             len(blocks), len(val), accum, dist.world_size)
+
+    seed_everything(tc.seed)
+    model = build_model(config.model, tokenizer).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        if use_bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    fsdp = dist.enabled and tc.parallel == "fsdp"
+    if not fsdp:
+        opt = build_optimizer(model, config.optim)
+        sched = build_scheduler(opt, config.schedule, tc.max_steps)
+        meta = run.load_state(model=model, optimizer=opt, scheduler=sched)
+        wrapped = wrap_model(model, dist, tc.parallel)
+    else:
+        wrapped = wrap_model(model, dist, "fsdp")
+        opt = build_optimizer(wrapped, config.optim)
+        sched = build_scheduler(opt, config.schedule, tc.max_steps)
+        meta = _load_fsdp_state(run, wrapped, opt, sched, dist)
+    fwd = torch.compile(wrapped) if tc.compile else wrapped
+
+    start = 0
+    initial_val = None
+    if meta is not None:
+        start = int(meta["step"])
+        initial_val = meta["extra"].get("initial_val_loss")
+        sampler.load_state_dict(meta["data_position"]["sampler"])
+        if run.is_main:
+            run.metrics.truncate_after(start)
+    if initial_val is None:
+        initial_val = evaluate_loss(fwd, val, micro, device, autocast)
+        if run.is_main:
+            run.metrics.log(0, val_loss=initial_val, val_ppl=math.exp(initial_val))
+
+    fpt = flops_per_token(n_params, config.model.num_hidden_layers, config.model.hidden_size, tc.seq_len)
+    peak = peak_flops(tc.peak_tflops)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    bar = tqdm(total=tc.max_steps, initial=start, desc="pretrain", disable=not (run.is_main and config.logging.progress))
+    val_loss = None
+    wrapped.train()
+    for step in range(start, tc.max_steps):
+        t0 = time.perf_counter()
+        mine = blocks.batch(sampler.next_batch()).long()  # this rank's slice of the global batch
+        loss_sum = torch.zeros((), device=device)
+        for k in range(accum):
+            mb = mine[k * micro:(k + 1) * micro].to(device, non_blocking=True)
+            # Gradients sync only on the last micro batch (DDP); FSDP2 reduces on every backward.
+            sync = k == accum - 1 or not hasattr(fwd, "no_sync")
+            ctx = contextlib.nullcontext() if sync else fwd.no_sync()
+            with ctx:
+                loss = lm_loss(fwd, mb, autocast) / accum
+                loss.backward()
+            loss_sum += loss.detach()
+        if config.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), float("inf"))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        train_loss = float(all_reduce_mean(loss_sum, dist))
+        done = step + 1
+        dt = time.perf_counter() - t0
+        tps = tokens_per_step / dt
+        rec = {"loss": train_loss, "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(
+            grad_norm, "full_tensor") else grad_norm), "tokens_per_s": tps,
+            "tokens_seen": done * tokens_per_step}
+        if peak:
+            rec["mfu"] = fpt * tps / (peak * dist.world_size)
+        if done % tc.save_every == 0 or done == tc.max_steps:
+            _save(run, done, wrapped, model, opt, sched, dist, tc.parallel,
+                  {"step": done, "sampler": sampler.state_dict()}, initial_val, full_state_dict,
+                  full_optim_state_dict)
+        if done % tc.eval_every == 0 or done == tc.max_steps:
+            val_loss = evaluate_loss(fwd, val, micro, device, autocast)
+            rec.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+        if run.is_main and (done % config.logging.every_steps == 0 or "val_loss" in rec):
+            run.metrics.log(done, **rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+        maybe_interrupt(done)
+    bar.close()
+    if val_loss is None:  # resumed after the last step: nothing trained in this process
+        val_loss = evaluate_loss(fwd, val, micro, device, autocast)
+
+    # Everything below is rank 0: gather weights, evaluate, write the checkpoint.
+    sd = full_state_dict(wrapped, dist, tc.parallel) if fsdp else None
+    out = run.path
+    if run.is_main:
+        final = model
+        if fsdp:
+            seed_everything(tc.seed)
+            final = build_model(config.model, tokenizer)
+            final.load_state_dict(sd, strict=False)
+        final = final.to(device).eval()
+        rows = load_prompts(data_dir, "test", config.eval.gold_prompts) if config.eval.gold_prompts else []
+        gold = gold_eval(final, tokenizer, rows, config.eval.max_new_tokens, config.eval.batch_size) if rows else None
+        ckpt = run.staging / "checkpoint"
+        final.generation_config.update(do_sample=False, bos_token_id=tokenizer.bos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        final.save_pretrained(ckpt, max_shard_size=tc.max_shard_size)
+        tokenizer.save_pretrained(ckpt)
+        eval_out = {
+            "val_loss": val_loss, "val_ppl": math.exp(val_loss), "initial_val_loss": initial_val,
+            "tokens_seen": tc.max_steps * tokens_per_step, "n_params": n_params,
+            "gold_accuracy": gold.accuracy if gold else None,
+            "gold_per_task": gold.per_task if gold else {},
+        }
+        headline = {k: eval_out[k] for k in ("val_loss", "val_ppl", "initial_val_loss", "gold_accuracy")}
+        out = run.finalize(eval=eval_out, headline=headline, samples=gold.samples if gold else [])
+    barrier(dist)
+    cleanup(dist)
+    return out
+
+
+def _save(run, step, wrapped, model, opt, sched, dist, mode, position, initial_val, full_state_dict,
+          full_optim_state_dict):
+    extra = {"initial_val_loss": initial_val}
+    if dist.enabled and mode == "fsdp":
+        msd = full_state_dict(wrapped, dist, mode)  # collective: every rank calls
+        osd = full_optim_state_dict(wrapped, opt, dist, mode)
+        run.save_state(step, model_state=msd, optimizer_state=osd, scheduler=sched,
+                       data_position=position, extra=extra)
+    else:
+        run.save_state(step, model=model, optimizer=opt, scheduler=sched, data_position=position, extra=extra)
+
+
+def _load_fsdp_state(run, wrapped, opt, sched, dist):
+    from safetensors.torch import load_file
+
+    from alignline.distributed import load_full_state
+
+    latest = run.latest_state()
+    if latest is None:
+        return None
+    meta = run.load_state(scheduler=sched)  # scheduler, RNG and meta; weights below
+    if meta is None:
+        return None
+    msd = load_file(str(latest / "model.safetensors"))
+    osd = torch.load(latest / "optimizer.pt", weights_only=True)
+    load_full_state(wrapped, opt, msd, osd, dist, "fsdp")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    return stage_main("pretrain", Config, run, INPUTS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

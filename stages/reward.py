@@ -1,0 +1,188 @@
+"""Stage `reward`: a reward model trained on preference pairs with TRL's RewardTrainer.
+
+    python -m stages.reward --config configs/reward/tiny.yaml --run-dir runs/tiny     # --init runs/tiny/sft
+    alignline stage reward --config configs/reward/tiny.yaml --init runs/tiny/sft --set train.max_steps=50
+
+The model is `AlignlineForSequenceClassification` (num_labels=1) initialised from the SFT
+checkpoint with a fresh score head; for a non-alignline checkpoint, AutoModelForSequenceClassification.
+Inputs: `--init` (sft stage dir or HF causal LM dir; default `<run-dir>/sft`) and `--data`
+(preference/{train,val}.jsonl: prompt / chosen / rejected in conversational form).
+
+eval.json, on the held-out val pairs: `accuracy` (chosen scored above rejected), mean `margin`,
+and `reward_mean` / `reward_std` of the chosen (reference) responses; PPO normalises with these.
+Resume: Trainer checkpoints under `reward/state/trainer/`, like sft.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from alignline.artifacts import StageRun, model_dir, read_jsonl
+from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
+from alignline.stage_cli import InputSpec, stage_main
+
+log = logging.getLogger("stages.reward")
+
+INPUTS = [
+    InputSpec("init", default="sft", allow_hf_dir=True, help="model to start from: sft stage dir or HF model dir"),
+    InputSpec("data", default="data", help="data stage directory (preference/{train,val}.jsonl)"),
+]
+
+
+class RewardTrainConfig(StrictModel):
+    seed: int = 0
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
+    batch_size: int = Field(32, gt=0, description="per-device pairs per step")
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(256, gt=0)
+    center_rewards_coefficient: float | None = Field(None, ge=0, description="push mean reward toward 0")
+    eval_every: int = Field(50, gt=0)
+    save_every: int = Field(50, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    max_train_examples: int | None = Field(None, ge=1)
+
+
+class RewardEvalConfig(StrictModel):
+    batch_size: int = Field(64, gt=0)
+
+
+class Config(StrictModel):
+    """Config of the reward stage."""
+
+    train: RewardTrainConfig = RewardTrainConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-3, weight_decay=0.0)
+    schedule: ScheduleConfig = ScheduleConfig(warmup_steps=10)
+    lora: LoraArgs = LoraArgs()
+    logging: LoggingConfig = LoggingConfig()
+    eval: RewardEvalConfig = RewardEvalConfig()
+
+
+@torch.no_grad()
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 64,
+                        max_length: int = 256) -> list[float]:
+    """Scalar rewards for full conversations (rendered with the chat template, right-padded)."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    out: list[float] = []
+    try:
+        for i in range(0, len(conversations), batch_size):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[i:i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                            add_special_tokens=False).to(device)
+            out.extend(model(**enc).logits[:, 0].float().tolist())
+    finally:
+        tokenizer.padding_side = old
+        model.train(was)
+    return out
+
+
+def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    n = len(chosen)
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    mean = sum(chosen) / n
+    std = math.sqrt(sum((c - mean) ** 2 for c in chosen) / max(n - 1, 1))
+    return {
+        "accuracy": sum(m > 0 for m in margins) / n,
+        "margin": sum(margins) / n,
+        "reward_mean": mean,
+        "reward_std": std,
+        "rejected_mean": sum(rejected) / n,
+        "n_pairs": n,
+    }
+
+
+def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    import alignline  # noqa: F401  (registers the alignline model with the Auto classes)
+    from alignline.peft_utils import attach_lora, merge_lora
+    from alignline.training import (
+        build_optimizer,
+        latest_trainer_checkpoint,
+        metrics_callback,
+        seed_everything,
+    )
+    from stages.sft import common_trainer_args
+
+    init_path, data_dir = Path(inputs["init"]), Path(inputs["data"])
+    external = not (init_path / "manifest.json").exists()
+    stage_inputs = {"data": data_dir} | ({} if external else {"init": init_path})
+    run = StageRun(run_dir, "reward", config, inputs=stage_inputs, source=__file__)
+    src = model_dir(init_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer in {src} has no pad token; the reward model needs one to find "
+                         "the last token of each sequence")
+
+    seed_everything(config.train.seed)
+    hf_cfg = AutoConfig.from_pretrained(str(src))
+    if hf_cfg.model_type == "alignline":
+        from alignline.model import AlignlineForSequenceClassification as cls
+    else:
+        cls = AutoModelForSequenceClassification
+    # The causal-LM checkpoint has no score head: it is created fresh (the load warning says so).
+    model = cls.from_pretrained(str(src), num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
+    if config.lora.enabled:
+        model = attach_lora(model, config.lora, config.train.gradient_checkpointing, task_type="SEQ_CLS")
+
+    t = config.train
+    cap = t.max_train_examples
+    train_rows = read_jsonl(data_dir / "preference" / "train.jsonl")[: cap or None]
+    val_rows = read_jsonl(data_dir / "preference" / "val.jsonl")
+
+    def ds(rows):
+        return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                                  for r in rows])
+
+    args = RewardConfig(**common_trainer_args(config, run, t.device, t.precision), max_length=t.max_length,
+                        center_rewards_coefficient=t.center_rewards_coefficient)
+    resume = latest_trainer_checkpoint(args.output_dir)
+    skip = int(resume.name.split("-")[1]) if resume else 0
+    if resume:
+        run.metrics.truncate_after(skip)
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=ds(train_rows), eval_dataset=ds(val_rows),
+        processing_class=tokenizer, optimizers=(build_optimizer(model, config.optim), None),
+        callbacks=[metrics_callback(run.metrics, skip)],
+    )
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    trained = trainer.model
+    if config.lora.enabled:
+        trained.save_pretrained(str(run.staging / "adapter"))
+        trained = merge_lora(trained)
+    chosen = score_conversations(trained, tokenizer, [r["prompt"] + r["chosen"] for r in val_rows],
+                                 config.eval.batch_size, t.max_length)
+    rejected = score_conversations(trained, tokenizer, [r["prompt"] + r["rejected"] for r in val_rows],
+                                   config.eval.batch_size, t.max_length)
+    metrics = pair_metrics(chosen, rejected)
+    metrics["train_steps"] = trainer.state.global_step
+    ckpt = run.staging / "checkpoint"
+    trained.save_pretrained(str(ckpt))
+    tokenizer.save_pretrained(str(ckpt))
+    run.metrics.log(trainer.state.global_step, val_accuracy=metrics["accuracy"], val_margin=metrics["margin"])
+    headline = {k: metrics[k] for k in ("accuracy", "margin", "reward_mean", "reward_std")}
+    extra = {"external_init": str(init_path.resolve())} if external else {}
+    return run.finalize(eval=metrics, headline=headline, extra_manifest=extra)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    return stage_main("reward", Config, run, INPUTS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

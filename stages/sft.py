@@ -1,0 +1,218 @@
+"""Stage `sft`: supervised fine-tuning with TRL's SFTTrainer (full fine-tune or LoRA).
+
+    python -m stages.sft --config configs/sft/tiny.yaml --run-dir runs/tiny       # --init runs/tiny/pretrain
+    alignline stage sft --config configs/sft/tiny.yaml --init runs/tiny/pretrain --set lora.enabled=true
+    alignline stage sft --init /path/to/any/hf/causal-lm --data runs/tiny/data
+
+Inputs: `--init` (a pretrain/sft stage dir, or any HF causal LM dir with a chat-template tokenizer;
+default `<run-dir>/pretrain`) and `--data` (its sft/{train,val}.jsonl in TRL's `messages` format).
+Loss is on assistant tokens only (the chat template marks them with {% generation %}); packing is
+optional. With `lora.enabled`, `adapter/` holds the PEFT adapter and `checkpoint/` the merged model.
+
+Resume: the Trainer's checkpoints live under `sft/state/trainer/`; re-running with the same config
+resumes from the newest one (`resume_from_checkpoint`). eval.json: val_loss and, on the built-in
+suite, gold_accuracy (greedy, chat template) on the first N held-out prompts of prompts/test.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from alignline.artifacts import StageRun, model_dir, read_jsonl
+from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
+from alignline.stage_cli import InputSpec, stage_main
+
+log = logging.getLogger("stages.sft")
+
+INPUTS = [
+    InputSpec("init", default="pretrain", allow_hf_dir=True,
+              help="model to fine-tune: a stage dir or any HF causal LM dir"),
+    InputSpec("data", default="data", help="data stage directory (sft/{train,val}.jsonl, prompts/test.jsonl)"),
+]
+
+
+class SFTTrainConfig(StrictModel):
+    seed: int = 0
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
+    batch_size: int = Field(32, gt=0, description="per-device batch (conversations, or packed rows)")
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(256, gt=0)
+    packing: bool = False
+    assistant_only_loss: bool = True
+    eval_every: int = Field(50, gt=0)
+    save_every: int = Field(50, gt=0, description="Trainer checkpoint under state/ every N steps")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    max_train_examples: int | None = Field(None, ge=1)
+
+
+class SFTEvalConfig(StrictModel):
+    gold_prompts: int = Field(120, ge=0, description="first N of prompts/test.jsonl")
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class Config(StrictModel):
+    """Config of the sft stage."""
+
+    train: SFTTrainConfig = SFTTrainConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-3, weight_decay=0.0)
+    schedule: ScheduleConfig = ScheduleConfig(warmup_steps=10)
+    lora: LoraArgs = LoraArgs()
+    logging: LoggingConfig = LoggingConfig()
+    eval: SFTEvalConfig = SFTEvalConfig()
+
+
+def hf_schedule(s: ScheduleConfig) -> tuple[str, dict]:
+    """Our ScheduleConfig as HF Trainer's lr_scheduler_type + kwargs."""
+    if s.kind == "constant":
+        return "constant_with_warmup", {}
+    if s.kind == "linear":
+        return "linear", {}
+    return "cosine_with_min_lr", {"min_lr_rate": s.min_lr_ratio}
+
+
+def common_trainer_args(cfg, run: StageRun, device: str, precision: str) -> dict:
+    """TrainingArguments fields shared by the TRL-based stages (sft, reward)."""
+    from alignline.training import external_report_to
+
+    t = cfg.train
+    sched, sched_kwargs = hf_schedule(cfg.schedule)
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    bf16 = precision == "bf16" or (precision == "auto" and not use_cpu)
+    # Passed only when on: the name is deprecated in recent transformers (activation_checkpointing),
+    # but older 5.x releases know only this one.
+    ckpt = {"gradient_checkpointing": True} if t.gradient_checkpointing else {}
+    return dict(
+        **ckpt,
+        output_dir=str(run.mark_state() / "trainer"),
+        seed=t.seed, data_seed=t.seed,
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps,
+        max_grad_norm=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e9,
+        lr_scheduler_type=sched, lr_scheduler_kwargs=sched_kwargs, warmup_steps=cfg.schedule.warmup_steps,
+        logging_steps=cfg.logging.every_steps, eval_strategy="steps", eval_steps=t.eval_every,
+        save_strategy="steps", save_steps=t.save_every, save_total_limit=1,
+        report_to=external_report_to(cfg.logging.report_to), disable_tqdm=not cfg.logging.progress,
+        use_cpu=use_cpu, bf16=bf16, dataloader_num_workers=0,
+    )
+
+
+def load_causal_lm(src: Path):
+    """An HF causal LM from `src` in fp32: our class for alignline checkpoints, AutoModelForCausalLM otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if AutoConfig.from_pretrained(str(src)).model_type == "alignline":
+        from alignline.model import AlignlineForCausalLM
+
+        return AlignlineForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+
+
+def _load_rows(path: Path, limit: int | None) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the data stage writes it (alignline stage data)")
+    rows = read_jsonl(path)
+    return rows[:limit] if limit else rows
+
+
+def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    import alignline  # noqa: F401  (registers the alignline model with the Auto classes)
+    from alignline.evaluation import gold_eval, load_prompts
+    from alignline.peft_utils import attach_lora, merge_lora
+    from alignline.training import (
+        build_optimizer,
+        latest_trainer_checkpoint,
+        metrics_callback,
+        seed_everything,
+    )
+
+    init_path, data_dir = Path(inputs["init"]), Path(inputs["data"])
+    stage_inputs = {"data": data_dir}
+    external = not (init_path / "manifest.json").exists()
+    if not external:
+        stage_inputs["init"] = init_path
+    run = StageRun(run_dir, "sft", config, inputs=stage_inputs, source=__file__)
+    src = model_dir(init_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the tokenizer in {src} has no chat template; SFT needs one (train the alignline "
+                         "tokenizer, or use a chat model)")
+    if tokenizer.pad_token is None:
+        raise ValueError(f"the tokenizer in {src} has no pad token; set one (pad != eos) before SFT")
+
+    seed_everything(config.train.seed)
+    model = load_causal_lm(src)
+    if config.lora.enabled:
+        model = attach_lora(model, config.lora, gradient_checkpointing=config.train.gradient_checkpointing)
+
+    train_rows = _load_rows(data_dir / "sft" / "train.jsonl", config.train.max_train_examples)
+    val_rows = _load_rows(data_dir / "sft" / "val.jsonl", None)
+    train_ds = Dataset.from_list([{"messages": r["messages"]} for r in train_rows])
+    val_ds = Dataset.from_list([{"messages": r["messages"]} for r in val_rows])
+
+    t = config.train
+    args = SFTConfig(
+        **common_trainer_args(config, run, t.device, t.precision),
+        max_length=t.max_length, packing=t.packing, assistant_only_loss=t.assistant_only_loss,
+        dataset_num_proc=None,
+    )
+    resume = latest_trainer_checkpoint(args.output_dir)
+    skip = int(resume.name.split("-")[1]) if resume else 0
+    if resume:
+        run.metrics.truncate_after(skip)
+        log.info("resuming sft from %s", resume)
+    optimizer = build_optimizer(model, config.optim)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+        optimizers=(optimizer, None), callbacks=[metrics_callback(run.metrics, skip)],
+    )
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    val_loss = float(trainer.evaluate()["eval_loss"])
+
+    trained = trainer.model
+    ckpt = run.staging / "checkpoint"
+    if config.lora.enabled:
+        trained.save_pretrained(str(run.staging / "adapter"))
+        trained = merge_lora(trained)
+    trained.generation_config.update(do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+    trained.save_pretrained(str(ckpt))
+    tokenizer.save_pretrained(str(ckpt))
+
+    gold = None
+    if config.eval.gold_prompts and (data_dir / "prompts" / "test.jsonl").is_file():
+        rows = load_prompts(data_dir, "test", config.eval.gold_prompts)
+        gold = gold_eval(trained, tokenizer, rows, config.eval.max_new_tokens, config.eval.batch_size)
+    eval_out = {
+        "val_loss": val_loss,
+        "gold_accuracy": gold.accuracy if gold else None,
+        "gold_per_task": gold.per_task if gold else {},
+        "train_steps": trainer.state.global_step,
+        "lora": config.lora.enabled,
+    }
+    extra = {"external_init": str(init_path.resolve())} if external else {}
+    return run.finalize(eval=eval_out, headline={"val_loss": val_loss, "gold_accuracy": eval_out["gold_accuracy"]},
+                        samples=gold.samples if gold else [], extra_manifest=extra)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    return stage_main("sft", Config, run, INPUTS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

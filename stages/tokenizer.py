@@ -1,0 +1,103 @@
+"""Stage `tokenizer`: train the byte-level BPE tokenizer on the pretraining corpus, or reuse one.
+
+    python -m stages.tokenizer --config configs/tokenizer/tiny.yaml --run-dir runs/tiny
+    alignline stage tokenizer --data runs/tiny/data --set vocab_size=1024
+
+The tokenizer files go to `<run_dir>/tokenizer/checkpoint/` (the same place as in every model
+stage, so `alignline.tokenizer.load_tokenizer(<stage dir>)` and `AutoTokenizer.from_pretrained(
+<stage dir>/checkpoint)` work for all of them). `source: reuse` copies the tokenizer of an existing
+checkpoint or stage dir (`reuse_from`) instead of training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignline.artifacts import StageRun
+from alignline.config import StrictModel
+from alignline.stage_cli import InputSpec, stage_main
+
+INPUTS = [InputSpec("data", default="data", help="data stage directory (its pretrain/train.jsonl is the corpus)")]
+
+
+class Config(StrictModel):
+    """Config of the tokenizer stage."""
+
+    source: Literal["train", "reuse"] = "train"
+    vocab_size: int = Field(512, ge=262, description="BPE vocabulary size incl. 256 bytes and 6 special tokens")
+    min_frequency: int = Field(2, ge=1)
+    corpus: list[str] = Field(default_factory=lambda: ["pretrain/train.jsonl"],
+                              description="files relative to the data stage dir (or absolute paths)")
+    max_docs: int | None = Field(None, ge=1, description="train on the first N documents only")
+    reuse_from: str | None = Field(None, description="source: reuse -> checkpoint/stage dir to take the tokenizer from")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.source == "reuse" and not self.reuse_from:
+            raise ValueError("source: reuse needs reuse_from: <checkpoint or stage dir>")
+        return self
+
+
+def _texts(paths: list[Path], max_docs: int | None) -> Iterator[str]:
+    n = 0
+    jsonl = [p for p in paths if p.suffix == ".jsonl"]
+    others = [p for p in paths if p.suffix != ".jsonl"]
+    for p in jsonl:
+        with open(p, encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if "text" not in rec:
+                    raise ValueError(f"{p}:{i}: a pretraining record needs a 'text' field; got keys {sorted(rec)}")
+                yield rec["text"]
+                n += 1
+                if max_docs and n >= max_docs:
+                    return
+    if others:
+        from alignline.tokenizer import iter_corpus_texts
+
+        for t in iter_corpus_texts(others):
+            yield t
+            n += 1
+            if max_docs and n >= max_docs:
+                return
+
+
+def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    from alignline.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+
+    stage_inputs = {"data": inputs["data"]} if config.source == "train" else {}
+    run = StageRun(run_dir, "tokenizer", config, inputs=stage_inputs, source=__file__)
+    out = run.staging / "checkpoint"
+    if config.source == "train":
+        data_dir = Path(inputs["data"])
+        paths = [p if Path(p).is_absolute() else data_dir / p for p in map(Path, config.corpus)]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"tokenizer corpus files not found: {missing}; check `corpus:` in the config")
+        tok = train_tokenizer(_texts(paths, config.max_docs), vocab_size=config.vocab_size,
+                              min_frequency=config.min_frequency, show_progress=False)
+        save_tokenizer(tok, out)
+    else:
+        tok = load_tokenizer(config.reuse_from)
+        save_tokenizer(tok, out)
+    headline = {"vocab_size": len(tok), "tokenizer_sha256": tokenizer_hash(tok)}
+    # A quick round-trip check on the fixed prompts' style of text keeps a broken tokenizer out.
+    probe = "What is 12+7? Reverse c a t."
+    if tok.decode(tok(probe, add_special_tokens=False)["input_ids"]) != probe:
+        raise RuntimeError(f"tokenizer does not round-trip {probe!r}; the trained tokenizer is broken")
+    return run.finalize(eval=headline, headline=headline)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    return stage_main("tokenizer", Config, run, INPUTS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""PPO math against closed forms and plain-Python references (alignline/rl/core.py, rollout.py).
+
+    .venv/bin/pytest tests/test_rl_core.py -q
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignline.rl.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    compute_rewards,
+    entropy_from_logits,
+    explained_variance,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+from alignline.rl.rollout import left_pad, truncate_after_eos
+
+
+def prefix_mask(lengths, T):
+    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+    """Textbook GAE, one episode at a time, in plain Python floats."""
+    B, T = len(rewards), len(rewards[0])
+    adv = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        n = lengths[b]
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = values[b][t + 1] if t + 1 < n else 0.0
+            delta = rewards[b][t] + gamma * next_v - values[b][t]
+            last = delta + gamma * lam * last
+            adv[b][t] = last
+    ret = [[adv[b][t] + (values[b][t] if t < lengths[b] else 0.0) for t in range(T)] for b in range(B)]
+    return adv, ret
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_matches_python_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 4, 7, 3]
+    T = 7
+    rewards = torch.randn(5, T, generator=g, dtype=torch.float64)
+    values = torch.randn(5, T, generator=g, dtype=torch.float64)
+    mask = prefix_mask(lengths, T)
+    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    ref_adv, ref_ret = gae_reference(rewards.tolist(), values.tolist(), lengths, gamma, lam)
+    torch.testing.assert_close(adv, torch.tensor(ref_adv, dtype=torch.float64))
+    torch.testing.assert_close(ret, torch.tensor(ref_ret, dtype=torch.float64))
+
+
+def test_gae_ignores_masked_rewards_and_values():
+    g = torch.Generator().manual_seed(1)
+    mask = prefix_mask([3, 5, 2], 5)
+    r, v = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    junk = torch.randn(3, 5, generator=g) * 1e6
+    a1, ret1 = compute_gae(r, v, mask, 1.0, 0.95)
+    a2, ret2 = compute_gae(torch.where(mask.bool(), r, junk), torch.where(mask.bool(), v, junk), mask, 1.0, 0.95)
+    assert torch.equal(a1, a2) and torch.equal(ret1, ret2)
+    assert torch.all(a1[mask == 0] == 0)
+
+
+def test_masked_statistics_closed_form():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, float("nan")]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    real = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert masked_mean(x, mask).item() == pytest.approx(real.mean().item())
+    assert masked_var(x, mask).item() == pytest.approx(real.var().item())
+    w = masked_whiten(x, mask)
+    assert masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert masked_var(w, mask).item() == pytest.approx(1.0, abs=1e-4)
+    assert torch.all(w[mask == 0] == 0)
+    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([2.0, 4.5]))
+
+
+def test_logprobs_and_entropy_closed_form():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, -1e9, -1e9]]])
+    tokens = torch.tensor([[2, 0]])
+    lp = logprobs_from_logits(logits, tokens)
+    torch.testing.assert_close(lp, torch.tensor([[math.log(0.25), math.log(0.75)]]))
+    ent = entropy_from_logits(logits)
+    h2 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    torch.testing.assert_close(ent, torch.tensor([[math.log(4.0), h2]]))
+
+
+def test_kl_estimators_are_unbiased_and_k3_nonnegative():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.3, 0.5])
+    true_kl = float((p * (p / q).log()).sum())
+    g = torch.Generator().manual_seed(0)
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    logp, logq = p.log()[x], q.log()[x]
+    k1, k3 = kl_estimate(logp, logq, "k1"), kl_estimate(logp, logq, "k3")
+    assert k1.mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert k3.mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert torch.all(k3 >= 0)
+    assert k3.var() < k1.var()  # the point of k3
+    with pytest.raises(ValueError, match="k1"):
+        kl_estimate(logp, logq, "k2")
+
+
+def test_rewards_score_on_last_token_minus_kl():
+    mask = prefix_mask([3, 1], 4)
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -9.0], [-1.0, 5.0, 5.0, 5.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, 0.0], [-0.25, 0.0, 0.0, 0.0]])
+    rewards, kl = compute_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, beta=0.1)
+    expected_kl = torch.tensor([[0.5, -1.0, 0.0, 0.0], [-0.75, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(kl, expected_kl)
+    expected = -0.1 * expected_kl
+    expected[0, 2] += 2.0
+    expected[1, 0] += -1.0
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_policy_loss_ratio_one_and_clipping():
+    mask = prefix_mask([3, 2], 3)
+    adv = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, 99.0]])
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.7, -0.1]])
+    loss, stats = policy_loss(old.clone(), old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(-(1 - 2 + 0.5 + 3 + 1) / 5)
+    assert stats["approx_kl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
+    assert stats["ratio_mean"].item() == 1.0 and stats["ratio_var"].item() == 0.0
+    # ratio 2 everywhere: positive advantages are clipped at 1.2, negative ones take the full 2x.
+    new = (old + math.log(2.0)).requires_grad_()
+    loss, stats = policy_loss(new, old, adv, mask, 0.2)
+    per_tok = [-1.2 * 1.0, 2.0 * 2.0, -1.2 * 0.5, -1.2 * 3.0, -1.2 * 1.0]
+    assert loss.item() == pytest.approx(sum(per_tok) / 5, rel=1e-5)
+    assert stats["clipfrac"].item() == pytest.approx(4 / 5)
+    loss.backward()
+    # Clipped tokens get no gradient; the unclipped negative-advantage token does.
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] != 0 and torch.all(new.grad[mask == 0] == 0)
+
+
+def test_value_loss_takes_max_of_clipped_and_unclipped():
+    mask = torch.tensor([[1, 1, 0]])
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    ret = torch.tensor([[1.0, 1.0, 1.0]])
+    new = torch.tensor([[0.5, 2.0, 7.0]], requires_grad=True)
+    loss, stats = value_loss(new, old, ret, mask, clip_range=0.2)
+    # token 0: unclipped 0.25, clipped (0.2-1)^2=0.64 -> 0.64; token 1: unclipped 1, clipped 0.64 -> 1
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.0) / 2)
+    assert stats["vf_clipfrac"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] != 0 and new.grad[0, 2] == 0
+
+
+def test_masked_positions_change_no_loss_and_no_grad():
+    """Perturbing logits/values/old values/returns/advantages where mask==0 changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 3, 5, 11
+    mask = prefix_mask([5, 2, 3], T)
+    tokens = torch.randint(V, (B, T), generator=g)
+    base_logits = torch.randn(B, T, V, generator=g)
+    old = torch.randn(B, T, generator=g) - 2
+    adv = torch.randn(B, T, generator=g)
+    base_values, old_v, ret = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+
+    def run(perturb: float):
+        m3 = (mask == 0)[..., None].expand(B, T, V)
+        logits = torch.where(m3, base_logits + perturb * torch.randn(B, T, V, generator=g), base_logits)
+        logits.requires_grad_()
+        values = torch.where(mask == 0, base_values + perturb, base_values).requires_grad_()
+        junk = lambda x: torch.where(mask == 0, x + perturb * 7, x)  # noqa: E731
+        lp = logprobs_from_logits(logits, tokens)
+        pl, _ = policy_loss(lp, junk(old), junk(adv), mask, 0.2)
+        vl, _ = value_loss(values, junk(old_v), junk(ret), mask, 0.2)
+        (pl + vl).backward()
+        return pl.detach(), vl.detach(), logits.grad, values.grad
+
+    a, b = run(0.0), run(1e4)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert torch.all(a[2][mask == 0] == 0) and torch.all(a[3][mask == 0] == 0)
+
+
+def test_explained_variance():
+    mask = prefix_mask([3, 2], 3)
+    ret = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
+    assert explained_variance(ret, ret, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.zeros_like(ret) + 3.0, ret, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.1
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    ctl.update(12.0, 100)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000))
+    ctl.update(5.4, 100)  # error -0.1
+    assert ctl.value == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+    state = ctl.state_dict()
+    other = AdaptiveKLController(1.0, 6.0, 1000)
+    other.load_state_dict(state)
+    assert other.value == ctl.value
+    with pytest.raises(ValueError, match="diverged"):
+        ctl.update(float("nan"), 1)
+
+
+def test_truncate_after_first_eos():
+    eos, pad = 2, 0
+    resp = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9], [4, 4, 2, 0]])
+    out, mask, has_eos = truncate_after_eos(resp, eos, pad)
+    assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [4, 4, 2, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
+    assert has_eos.tolist() == [True, False, True, True]
+    with pytest.raises(ValueError, match="distinct pad"):
+        truncate_after_eos(resp, 2, 2)
+
+
+def test_left_pad():
+    ids, attn = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert attn.tolist() == [[1, 1, 1], [0, 0, 1]]
