@@ -238,6 +238,17 @@ class PtxSampler:
         return torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()])
 
 
+def gold_verifier(tok, rows: list[dict]):
+    """A PPO verifier for one rollout batch: 1.0 where the decoded response is the row's gold answer."""
+    from alignline.data.tasks import gold_score
+
+    def verify(responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        texts = tok.batch_decode([r[: int(m.sum())] for r, m in zip(responses, mask)], skip_special_tokens=True)
+        return torch.tensor([gold_score(t, r["answer"], r.get("match", "exact")) for t, r in zip(texts, rows)])
+
+    return verify
+
+
 def prompt_batch(n_prompts: int, batch: int, step: int, seed: int) -> list[int]:
     """Indices of the prompts for PPO iteration `step`: epoch-wise shuffles, a pure function of the
     step, so a resumed run sees the same prompts without storing a data position."""
@@ -428,6 +439,12 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     prompt_path = data_dir / "prompts" / "train.jsonl"
     rows = read_jsonl(prompt_path, cfg.prompts.max_train)
     prompts = encode_prompts(tok, rows, cfg.prompts.max_prompt_tokens, prompt_path)
+    has_gold = all("answer" in r for r in rows)
+    if cfg.ppo.verifier_weight > 0 and not has_gold:
+        raise ValueError(
+            f"ppo.verifier_weight={cfg.ppo.verifier_weight} needs a gold `answer` on every row of {prompt_path} "
+            "(the built-in suite's prompts have one); set ppo.verifier_weight=0 for prompts without answers"
+        )
     ptx = None
     if cfg.ppo.ptx_coef > 0:
         ptx = PtxSampler(tok, data_dir / "pretrain" / "train.jsonl", cfg.ptx.batch_size, cfg.ptx.seq_len, cfg.seed)
@@ -451,10 +468,14 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     last: dict[str, float] = {}
     for step in bar:
         idx = prompt_batch(len(prompts), cfg.ppo.rollout_batch_size, step, cfg.seed)
-        last = trainer.step([prompts[i] for i in idx])
+        verifier = gold_verifier(tok, [rows[i] for i in idx]) if has_gold else None
+        last = trainer.step([prompts[i] for i in idx], verifier=verifier)
         if (step + 1) % cfg.logging.every_steps == 0:
             run.metrics.log(step + 1, **last)
-        bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}", eos=f"{last['eos_rate']:.2f}")
+        post = dict(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}", eos=f"{last['eos_rate']:.2f}")
+        if "rollout_gold_accuracy" in last:
+            post["gold"] = f"{last['rollout_gold_accuracy']:.2f}"
+        bar.set_postfix(**post)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             extra = {"kl_ctl": trainer.kl_ctl.state_dict()}
             if ptx is not None:

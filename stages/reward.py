@@ -8,8 +8,14 @@ checkpoint with a fresh score head; for a non-alignline checkpoint, AutoModelFor
 Inputs: `--init` (sft stage dir or HF causal LM dir; default `<run-dir>/sft`) and `--data`
 (preference/{train,val}.jsonl: prompt / chosen / rejected in conversational form).
 
+With `onpolicy.enabled`, the init policy is sampled on prompts/train.jsonl first and each distinct
+wrong sample (by the suite's gold scorer) is paired against the gold answer and added to the
+training pairs (alignline/rl/policy_pairs.py): the RM then sees the mistakes PPO will exploit.
+
 eval.json, on the held-out val pairs: `accuracy` (chosen scored above rejected), mean `margin`,
 and `reward_mean` / `reward_std` of the chosen (reference) responses; PPO normalises with these.
+With on-policy pairs also `onpolicy_accuracy` (the same on pairs sampled from prompts/val.jsonl)
+and `onpolicy` (sample accuracy and pair counts).
 Resume: Trainer checkpoints under `reward/state/trainer/`, like sft.
 """
 
@@ -55,6 +61,21 @@ class RewardEvalConfig(StrictModel):
     batch_size: int = Field(64, gt=0)
 
 
+class OnPolicyConfig(StrictModel):
+    """Extra pairs from the init policy's own samples: gold answer (chosen) vs each distinct wrong
+    sample (rejected), labelled by the task suite's gold scorer (alignline/rl/policy_pairs.py).
+    They teach the reward model the mistakes PPO would otherwise exploit."""
+
+    enabled: bool = False
+    prompts: int = Field(1000, gt=0, description="first N rows of prompts/train.jsonl to sample")
+    val_prompts: int = Field(120, ge=0, description="rows of prompts/val.jsonl for onpolicy_accuracy (0 = off)")
+    samples_per_prompt: int = Field(4, gt=0)
+    max_pairs_per_prompt: int = Field(2, gt=0)
+    temperature: float = Field(1.0, gt=0, description="use the temperature PPO samples at")
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
 class Config(StrictModel):
     """Config of the reward stage."""
 
@@ -64,6 +85,7 @@ class Config(StrictModel):
     lora: LoraArgs = LoraArgs()
     logging: LoggingConfig = LoggingConfig()
     eval: RewardEvalConfig = RewardEvalConfig()
+    onpolicy: OnPolicyConfig = OnPolicyConfig()
 
 
 @torch.no_grad()
@@ -101,6 +123,29 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]
         "rejected_mean": sum(rejected) / n,
         "n_pairs": n,
     }
+
+
+def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[list, list, dict]:
+    """(train pairs, val pairs, stats) sampled from the init policy; see OnPolicyConfig."""
+    from transformers import AutoModelForCausalLM
+
+    from alignline.rl.policy_pairs import sample_policy_pairs
+
+    o = config.onpolicy
+    device = "cuda" if config.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    policy = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device)
+    kw = dict(samples_per_prompt=o.samples_per_prompt, max_pairs_per_prompt=o.max_pairs_per_prompt,
+              temperature=o.temperature, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
+              seed=config.train.seed, progress=config.logging.progress)
+    train, stats = sample_policy_pairs(policy, tokenizer, read_jsonl(data_dir / "prompts" / "train.jsonl")[: o.prompts],
+                                       **kw)
+    val, val_stats = ([], {})
+    if o.val_prompts:
+        val, val_stats = sample_policy_pairs(
+            policy, tokenizer, read_jsonl(data_dir / "prompts" / "val.jsonl")[: o.val_prompts], **kw)
+    log.info("on-policy pairs: %d train (policy sample accuracy %.3f), %d val", len(train),
+             stats["sample_accuracy"], len(val))
+    return train, val, {"train": stats, "val": val_stats}
 
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
@@ -143,6 +188,10 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     cap = t.max_train_examples
     train_rows = read_jsonl(data_dir / "preference" / "train.jsonl")[: cap or None]
     val_rows = read_jsonl(data_dir / "preference" / "val.jsonl")
+    onpolicy_val, onpolicy_stats = [], None
+    if config.onpolicy.enabled:
+        extra, onpolicy_val, onpolicy_stats = policy_pairs(config, src, tokenizer, data_dir)
+        train_rows = train_rows + extra  # the Trainer shuffles
 
     def ds(rows):
         return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
@@ -170,12 +219,21 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     rejected = score_conversations(trained, tokenizer, [r["prompt"] + r["rejected"] for r in val_rows],
                                    config.eval.batch_size, t.max_length)
     metrics = pair_metrics(chosen, rejected)
+    if onpolicy_stats is not None:
+        metrics["onpolicy"] = onpolicy_stats
+        if onpolicy_val:
+            c = score_conversations(trained, tokenizer, [r["prompt"] + r["chosen"] for r in onpolicy_val],
+                                    config.eval.batch_size, t.max_length)
+            r = score_conversations(trained, tokenizer, [r["prompt"] + r["rejected"] for r in onpolicy_val],
+                                    config.eval.batch_size, t.max_length)
+            metrics["onpolicy_accuracy"] = pair_metrics(c, r)["accuracy"]
     metrics["train_steps"] = trainer.state.global_step
     ckpt = run.staging / "checkpoint"
     trained.save_pretrained(str(ckpt))
     tokenizer.save_pretrained(str(ckpt))
     run.metrics.log(trainer.state.global_step, val_accuracy=metrics["accuracy"], val_margin=metrics["margin"])
-    headline = {k: metrics[k] for k in ("accuracy", "margin", "reward_mean", "reward_std")}
+    headline = {k: metrics[k] for k in ("accuracy", "margin", "reward_mean", "reward_std", "onpolicy_accuracy")
+                if k in metrics}
     extra = {"external_init": str(init_path.resolve())} if external else {}
     return run.finalize(eval=metrics, headline=headline, extra_manifest=extra)
 

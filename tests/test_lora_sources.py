@@ -146,11 +146,13 @@ def test_lora_checkpoint_chains_into_the_reward_stage(tmp_path, data_stage):
                    None, tmp_path / "run")
     cfg = load_config(reward.Config, Path(__file__).resolve().parents[1] / "configs/reward/tiny.yaml",
                       ["train.max_steps=3", "train.batch_size=8", "train.max_train_examples=24",
-                       "logging.progress=false", "train.device=cpu"])
+                       "logging.progress=false", "train.device=cpu", "onpolicy.prompts=16",
+                       "onpolicy.val_prompts=8"])
     out = reward.run(cfg, {"init": lora_dir, "data": data_stage}, tmp_path / "run")
     rm = load_stage(out, expect="reward")
     assert rm.manifest["inputs"]["init"]["manifest_sha256"] == manifest_sha256(lora_dir)
     assert rm.eval["n_pairs"] > 0 and "accuracy" in rm.eval
+    assert rm.eval["onpolicy"]["train"]["samples"] == 16 * 8  # sampled the LoRA model (pad == eos here)
 
 
 @pytest.mark.skipif(

@@ -73,14 +73,14 @@ def test_tiny_ppo_beats_sft_and_logs_everything(tiny_chain, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     need = {"rlhf_reward", "score", "kl", "entropy", "clipfrac", "approx_kl", "ratio_mean", "ratio_var",
             "value_loss", "explained_variance", "eos_rate", "response_length", "rollout_tokens_per_s",
-            "train_tokens_per_s"}
+            "train_tokens_per_s", "rollout_gold_accuracy", "score_rm"}
     assert need <= set(rows[-1]), need - set(rows[-1])
     assert len(rows) == load_config(__import__("stages.ppo").ppo.Config, TINY).steps
     assert any((out / "tb").iterdir())
     if not gold_up:
-        # Known, reported: the tiny reward model is exploitable (e.g. it scores "c m m v" above the
-        # right capital), so PPO raises the RM score while gold accuracy does not follow. eval.json
-        # flags it; this needs a stronger tiny RM, not a PPO change.
+        # Known, reported in issue 5: the tiny RM ranks the policy's held-out mistakes only a little
+        # better than chance (onpolicy_accuracy ~0.65; arithmetic at chance), so PPO raises the RM
+        # score while greedy gold accuracy does not follow. eval.json flags it.
         pytest.xfail(f"gold accuracy did not rise: SFT {ev['sft']['gold_accuracy']:.3f} -> "
                      f"PPO {ev['policy']['gold_accuracy']:.3f} (RM {ev['sft']['rm_score']:.3f} -> "
                      f"{ev['policy']['rm_score']:.3f}); overoptimisation={ev['overoptimisation']}")

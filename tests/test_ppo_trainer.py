@@ -178,6 +178,29 @@ def test_tokens_after_eos_change_no_loss_or_gradient():
         assert torch.allclose(g1, g2, atol=1e-6, rtol=0)
 
 
+def test_verifier_adds_its_weighted_score_and_logs_rollout_gold():
+    t = trainer(args(verifier_weight=2.0, missing_eos_penalty=0.5))
+    torch.manual_seed(5)
+    seen = {}
+
+    def verifier(responses, mask):  # "correct" = the first response token is even
+        seen["shape"] = tuple(responses.shape)
+        return (responses[:, 0] % 2 == 0).float()
+
+    m = t.step(prompts(), verifier=verifier)
+    ro = t.last_rollout
+    v = (ro.responses[:, 0] % 2 == 0).float()
+    assert seen["shape"] == tuple(ro.responses.shape)
+    torch.testing.assert_close(ro.verified, v)
+    rm_only = (ro.raw_scores - t.reward_mean) / t.reward_std - 0.5 * (~ro.has_eos).float()
+    torch.testing.assert_close(ro.scores, rm_only + 2.0 * v)
+    assert m["rollout_gold_accuracy"] == pytest.approx(float(v.mean()))
+    assert m["score_rm"] == pytest.approx(float(rm_only.mean()), abs=1e-6)
+
+    with pytest.raises(ValueError, match="one score per response"):
+        t.rollout(prompts(), verifier=lambda r, mk: torch.zeros(3))
+
+
 def test_reward_goes_up_without_kl():
     t = trainer(args(kl=KLArgs(beta=0.0), ppo_epochs=4, optim={"lr": 1e-2, "weight_decay": 0.0}), seed=4)
     torch.manual_seed(4)

@@ -91,6 +91,16 @@ def test_reward_model_ranks_held_out_pairs(tiny_chain):
     assert ev["reward_mean"] > ev["rejected_mean"]
 
 
+def test_reward_model_learns_the_policys_own_mistakes(tiny_chain):
+    """configs/reward/tiny.yaml adds on-policy pairs (SFT samples labelled by the gold scorer); the RM
+    must rank the SFT policy's held-out mistakes below the gold answer more often than chance."""
+    ev = json.loads((tiny_chain.reward / "eval.json").read_text())
+    op = ev["onpolicy"]
+    assert op["train"]["pairs"] > 1000 and op["val"]["pairs"] > 100, op
+    assert 0 < op["train"]["sample_accuracy"] < 1
+    assert ev["onpolicy_accuracy"] > 0.55, ev
+
+
 def test_reward_checkpoint_reloads_with_same_scores(tiny_chain):
     from transformers import AutoTokenizer
 

@@ -84,6 +84,11 @@ class PPOArgs(StrictModel):
     reward_clip: float | None = Field(None, gt=0, description="clip normalised scores to +-this; null = off")
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of responses without EOS")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the pretraining LM loss; 0 = off")
+    verifier_weight: float = Field(
+        0.0, ge=0,
+        description="weight of a verifiable reward (the task's gold scorer, 0/1) added to the normalised RM "
+        "score; 0 = RM only. With a verifier the rollout's gold accuracy is logged either way",
+    )
     optim: OptimConfig = OptimConfig(lr=3e-4, weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0)
 
     def check(self) -> None:
@@ -114,6 +119,7 @@ class Rollout:
     values: torch.Tensor
     raw_scores: torch.Tensor
     scores: torch.Tensor
+    verified: torch.Tensor | None = None  # [B] verifier reward (gold 0/1) when a verifier was given
     rewards: torch.Tensor | None = None
     kl: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -122,6 +128,9 @@ class Rollout:
     @property
     def responses(self) -> torch.Tensor:
         return self.query_response[:, self.context_len :]
+
+
+Verifier = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _chunks(n: int, size: int):
@@ -205,15 +214,27 @@ class PPOTrainer:
             s = s.clamp(-self.args.reward_clip, self.args.reward_clip)
         return s - self.args.missing_eos_penalty * (~has_eos).to(s.dtype)
 
-    def rollout(self, prompts: list[list[int]]) -> Rollout:
-        """Sample responses to `prompts` (token lists) and score them; no autograd anywhere."""
+    def rollout(self, prompts: list[list[int]], verifier: Verifier | None = None) -> Rollout:
+        """Sample responses to `prompts` (token lists) and score them; no autograd anywhere.
+
+        `verifier(responses [B, R], mask [B, R]) -> [B]` scores each response against its prompt's
+        known answer (row i of the batch is prompt i); its score, times `verifier_weight`, is added
+        to the normalised RM score."""
         with torch.inference_mode():
             ro = self._rollout(prompts)
+            if verifier is not None:
+                v = torch.as_tensor(verifier(ro.responses, ro.mask), dtype=ro.scores.dtype, device=ro.scores.device)
+                if v.shape != ro.scores.shape:
+                    raise ValueError(f"verifier returned shape {tuple(v.shape)}; expected one score per "
+                                     f"response {tuple(ro.scores.shape)}")
+                ro.verified = v
+                ro.scores = ro.scores + self.args.verifier_weight * v
         # Inference-mode tensors cannot be saved for backward; copies made outside it can.
         for f in ("query_response", "attention_mask", "mask", "has_eos", "logprobs", "ref_logprobs"):
             setattr(ro, f, getattr(ro, f).clone())
-        for f in ("entropy", "values", "raw_scores", "scores"):
-            setattr(ro, f, getattr(ro, f).clone())
+        for f in ("entropy", "values", "raw_scores", "scores", "verified"):
+            if getattr(ro, f) is not None:
+                setattr(ro, f, getattr(ro, f).clone())
         return ro
 
     def _rollout(self, prompts: list[list[int]]) -> Rollout:
@@ -345,10 +366,13 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one iteration
 
-    def step(self, prompts: list[list[int]], generator: torch.Generator | None = None) -> dict[str, float]:
-        """Rollout + scoring + PPO epochs on `prompts`; returns the step's metrics."""
+    def step(
+        self, prompts: list[list[int]], generator: torch.Generator | None = None, verifier: Verifier | None = None
+    ) -> dict[str, float]:
+        """Rollout + scoring + PPO epochs on `prompts`; returns the step's metrics (see `rollout` for
+        `verifier`)."""
         t0 = time.perf_counter()
-        ro = self.rollout(prompts)
+        ro = self.rollout(prompts, verifier)
         self.compute_advantages(ro)
         t1 = time.perf_counter()
         opt = self.optimize(ro, generator)
@@ -379,6 +403,10 @@ class PPOTrainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             **opt,
         }
+        if ro.verified is not None:
+            metrics["score_rm"] = float(self.normalise_scores(ro.raw_scores, ro.has_eos).mean())
+            # The true objective on the policy's own samples: the first place reward hacking shows.
+            metrics["rollout_gold_accuracy"] = float(ro.verified.mean())
         self.last_rollout = ro
         return metrics
 
