@@ -136,6 +136,18 @@ def test_one_forward_per_model_per_rollout(monkeypatch):
     assert ro.logprobs.shape == ro.mask.shape == ro.values.shape == ro.entropy.shape
 
 
+def test_values_are_read_on_the_normalised_reward_scale():
+    """The critic starts as a copy of the RM: its outputs go through the scores' (x - mean) / std."""
+    from alignline.rl.rollout import token_values
+
+    t = trainer(args())
+    t.reward_mean, t.reward_std = 4.5, 2.0
+    torch.manual_seed(6)
+    ro = t.rollout(prompts())
+    raw = token_values(t.value_model, ro.query_response, ro.attention_mask, ro.context_len)
+    torch.testing.assert_close(ro.values, (raw - 4.5) / 2.0)
+
+
 def test_rollout_masks_after_eos_and_penalises_missing_eos():
     t = trainer(args(missing_eos_penalty=3.0, max_new_tokens=4))
     torch.manual_seed(2)

@@ -207,6 +207,13 @@ class PPOTrainer:
         with self.policy.disable_adapter():
             return response_logprobs(self.policy, qr, attn, ctx, self.args.temperature)
 
+    def _values(self, qr, attn, ctx):
+        """Per-token values on the normalised reward scale. The critic starts as a copy of the reward
+        model, so its raw outputs are in RM units (tiny default: mean ~4.5, std ~1.9); read through the
+        same (x - mean) / std as the scores, it starts near the right scale instead of several nats
+        off, which would swamp the advantages (and, with value clipping, take ~15 iterations to fix)."""
+        return (token_values(self.value_model, qr, attn, ctx) - self.reward_mean) / self.reward_std
+
     def normalise_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         """RM score -> (score - mean) / std with the reward stage's statistics, clip, EOS penalty."""
         s = (raw - self.reward_mean) / self.reward_std
@@ -273,7 +280,7 @@ class PPOTrainer:
             out["logp"].append(logp)
             out["ent"].append(ent)
             out["ref"].append(self._ref_logprobs(q, m, P))
-            out["val"].append(token_values(self.value_model, q, m, P))
+            out["val"].append(self._values(q, m, P))
             out["raw"].append(sequence_scores(self.reward_model, q, m, P, mask[sl]))
         cat = {k: torch.cat(v) for k, v in out.items()}
         raw = cat["raw"]
@@ -314,7 +321,7 @@ class PPOTrainer:
         keep = ro.context_len + R
         qr, attn, mask = qr[:, :keep], attn[:, :keep], mask[:, :R]
         logp = response_logprobs(self.policy, qr, attn, ro.context_len, a.temperature)
-        values = token_values(self.value_model, qr, attn, ro.context_len)
+        values = self._values(qr, attn, ro.context_len)
         pg, pstats = policy_loss(logp, ro.logprobs[idx, :R], ro.advantages[idx, :R], mask, a.clip_range)
         vf, vstats = value_loss(values, ro.values[idx, :R], ro.returns[idx, :R], mask, a.clip_range_value)
         loss = pg + a.vf_coef * vf
