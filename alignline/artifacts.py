@@ -126,11 +126,17 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The first `limit` (default: all) JSON rows of `path`; bad lines are named by file:line."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; the stage that writes it (for data files: "
+                                "`alignline stage data`) has not run in this run directory")
     rows = []
     with open(path, encoding="utf-8") as fh:
         for i, line in enumerate(fh, 1):
+            if limit is not None and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
             try:

@@ -12,7 +12,6 @@ used by every causal-LM stage, so their samples and accuracies are comparable.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,17 +30,9 @@ class GoldResult:
 
 def load_prompts(data_dir: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
     """The first `limit` rows of `<data_dir>/prompts/<split>.jsonl` (`prompt`, `answer`, `task`, `match`)."""
-    path = Path(data_dir) / "prompts" / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the data stage writes it (alignline stage data)")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
+    from alignline.artifacts import read_jsonl
+
+    return read_jsonl(Path(data_dir) / "prompts" / f"{split}.jsonl", limit)
 
 
 @torch.no_grad()

@@ -269,3 +269,40 @@ def external_report_to(report_to: list[str]) -> list[str] | str:
     """HF Trainer's report_to: W&B / MLflow only; TensorBoard and jsonl go through MetricsLogger."""
     rest = [r for r in report_to if r != "tensorboard"]
     return rest or "none"
+
+
+def hf_schedule(s: ScheduleConfig) -> tuple[str, dict]:
+    """Our ScheduleConfig as HF Trainer's lr_scheduler_type + kwargs."""
+    if s.kind == "constant":
+        return "constant_with_warmup", {}
+    if s.kind == "linear":
+        return "linear", {}
+    return "cosine_with_min_lr", {"min_lr_rate": s.min_lr_ratio}
+
+
+def common_trainer_args(cfg, run, device: str, precision: str) -> dict:
+    """TrainingArguments fields shared by the TRL-based stages (sft, reward): `cfg` has train/optim/
+    schedule/logging sections, `run` is the StageRun (checkpoints go to its state/trainer/)."""
+    t = cfg.train
+    sched, sched_kwargs = hf_schedule(cfg.schedule)
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    bf16 = precision == "bf16" or (precision == "auto" and not use_cpu)
+    # Passed only when on: the name is deprecated in recent transformers (activation_checkpointing),
+    # but older 5.x releases know only this one.
+    ckpt = {"gradient_checkpointing": True} if t.gradient_checkpointing else {}
+    return dict(
+        **ckpt,
+        output_dir=str(run.mark_state() / "trainer"),
+        seed=t.seed, data_seed=t.seed,
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps,
+        max_grad_norm=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e9,
+        lr_scheduler_type=sched, lr_scheduler_kwargs=sched_kwargs, warmup_steps=cfg.schedule.warmup_steps,
+        logging_steps=cfg.logging.every_steps, eval_strategy="steps", eval_steps=t.eval_every,
+        save_strategy="steps", save_steps=t.save_every, save_total_limit=1,
+        report_to=external_report_to(cfg.logging.report_to), disable_tqdm=not cfg.logging.progress,
+        use_cpu=use_cpu, bf16=bf16, dataloader_num_workers=0,
+    )

@@ -20,7 +20,6 @@ accuracy fell.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -31,6 +30,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from alignline.artifacts import read_jsonl
 from alignline.config import LoggingConfig, LoraArgs, StrictModel
 from alignline.rl.ppo import PPOArgs, PPOTrainer
 from alignline.stage_cli import InputSpec, stage_main
@@ -150,19 +150,6 @@ def reward_normalisation(reward_dir) -> tuple[float, float]:
     if not (math.isfinite(std) and std > 0):
         raise ValueError(f"{where}: reward_std={std} must be a positive number")
     return mean, std
-
-
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the data stage writes it (alignline stage data)")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_tokens: int, source: Path) -> list[list[int]]:
@@ -541,21 +528,6 @@ def _latest_trl_checkpoint(out: Path) -> str | None:
     return str(cks[-1]) if cks else None
 
 
-def _trl_reference_workaround(policy) -> None:
-    """GRPO/RLOO (TRL 1.16) reload the reference from the policy's path and, for an architecture that
-    is not a `transformers` class (ours is registered through the Auto classes), read
-    `config.auto_map`, which configs without remote code do not have -> AttributeError. An empty
-    `auto_map` on the config class makes TRL fall back to AutoModelForCausalLM, which loads ours.
-    """
-    import transformers
-
-    cfg_cls = type(policy.config)
-    arch = (policy.config.architectures or [None])[0]
-    if arch and getattr(transformers, arch, None) is None and not hasattr(cfg_cls, "auto_map"):
-        log.info("setting %s.auto_map = {} so TRL can reload the reference model", cfg_cls.__name__)
-        cfg_cls.auto_map = {}
-
-
 def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict], dict]:
     from datasets import Dataset
 
@@ -592,7 +564,6 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         if g.gold_reward:
             funcs.append(gold_reward)
             weights.append(g.gold_weight)
-        _trl_reference_workaround(policy)
         kw = dict(learning_rate=g.lr, per_device_train_batch_size=g.batch_size, num_generations=g.num_generations,
                   max_completion_length=g.max_completion_length, temperature=g.temperature, beta=g.beta,
                   reward_weights=weights, **common)

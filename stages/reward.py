@@ -157,11 +157,11 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
         build_optimizer,
+        common_trainer_args,
         latest_trainer_checkpoint,
         metrics_callback,
         seed_everything,
     )
-    from stages.sft import common_trainer_args
 
     init_path, data_dir = Path(inputs["init"]), Path(inputs["data"])
     external = not (init_path / "manifest.json").exists()

@@ -70,44 +70,6 @@ class Config(StrictModel):
     eval: SFTEvalConfig = SFTEvalConfig()
 
 
-def hf_schedule(s: ScheduleConfig) -> tuple[str, dict]:
-    """Our ScheduleConfig as HF Trainer's lr_scheduler_type + kwargs."""
-    if s.kind == "constant":
-        return "constant_with_warmup", {}
-    if s.kind == "linear":
-        return "linear", {}
-    return "cosine_with_min_lr", {"min_lr_rate": s.min_lr_ratio}
-
-
-def common_trainer_args(cfg, run: StageRun, device: str, precision: str) -> dict:
-    """TrainingArguments fields shared by the TRL-based stages (sft, reward)."""
-    from alignline.training import external_report_to
-
-    t = cfg.train
-    sched, sched_kwargs = hf_schedule(cfg.schedule)
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    bf16 = precision == "bf16" or (precision == "auto" and not use_cpu)
-    # Passed only when on: the name is deprecated in recent transformers (activation_checkpointing),
-    # but older 5.x releases know only this one.
-    ckpt = {"gradient_checkpointing": True} if t.gradient_checkpointing else {}
-    return dict(
-        **ckpt,
-        output_dir=str(run.mark_state() / "trainer"),
-        seed=t.seed, data_seed=t.seed,
-        num_train_epochs=t.epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-        adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps,
-        max_grad_norm=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e9,
-        lr_scheduler_type=sched, lr_scheduler_kwargs=sched_kwargs, warmup_steps=cfg.schedule.warmup_steps,
-        logging_steps=cfg.logging.every_steps, eval_strategy="steps", eval_steps=t.eval_every,
-        save_strategy="steps", save_steps=t.save_every, save_total_limit=1,
-        report_to=external_report_to(cfg.logging.report_to), disable_tqdm=not cfg.logging.progress,
-        use_cpu=use_cpu, bf16=bf16, dataloader_num_workers=0,
-    )
-
-
 def load_causal_lm(src: Path):
     """An HF causal LM from `src` in fp32: our class for alignline checkpoints, AutoModelForCausalLM otherwise."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -117,13 +79,6 @@ def load_causal_lm(src: Path):
 
         return AlignlineForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-
-
-def _load_rows(path: Path, limit: int | None) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the data stage writes it (alignline stage data)")
-    rows = read_jsonl(path)
-    return rows[:limit] if limit else rows
 
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
@@ -136,6 +91,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
         build_optimizer,
+        common_trainer_args,
         latest_trainer_checkpoint,
         metrics_callback,
         seed_everything,
@@ -160,8 +116,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     if config.lora.enabled:
         model = attach_lora(model, config.lora, gradient_checkpointing=config.train.gradient_checkpointing)
 
-    train_rows = _load_rows(data_dir / "sft" / "train.jsonl", config.train.max_train_examples)
-    val_rows = _load_rows(data_dir / "sft" / "val.jsonl", None)
+    train_rows = read_jsonl(data_dir / "sft" / "train.jsonl", config.train.max_train_examples)
+    val_rows = read_jsonl(data_dir / "sft" / "val.jsonl")
     train_ds = Dataset.from_list([{"messages": r["messages"]} for r in train_rows])
     val_ds = Dataset.from_list([{"messages": r["messages"]} for r in val_rows])
 

@@ -10,13 +10,13 @@ import re
 
 import pytest
 
+from alignline.artifacts import read_jsonl
 from alignline.config import ConfigError
 from alignline.data.tasks import (
     TRAINING_FILES,
     SuiteConfig,
     gold_score,
     make_world,
-    read_jsonl,
     record_texts,
     suite_config,
     write_suite,

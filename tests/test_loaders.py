@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from alignline.artifacts import read_jsonl
 from alignline.data.loaders import DataValidationError, LoaderConfig, load_records, load_suite_split
-from alignline.data.tasks import read_jsonl, suite_config, write_suite
+from alignline.data.tasks import suite_config, write_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -547,11 +547,6 @@ def write_suite(
     return meta
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def record_texts(record: dict) -> list[str]:
     """Every string in a suite record (for leakage checks)."""
     if "text" in record:

@@ -49,6 +49,7 @@ from alignline.rl.rollout import (
     token_values,
     truncate_after_eos,
 )
+from alignline.training import build_optimizer
 
 
 class KLArgs(StrictModel):
@@ -183,16 +184,8 @@ class PPOTrainer:
         self.reward_mean, self.reward_std = float(reward_mean), float(reward_std)
         self.ptx_sampler = ptx_sampler
         self.params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
-        o = args.optim
-        # No weight decay on vectors (norms, biases): the usual split, kept simple here.
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr,
-            betas=o.betas,
-            eps=o.eps,
-        )
+        # One AdamW over policy and critic, with the library's decay groups (none on norms/embeddings).
+        self.optimizer = build_optimizer(torch.nn.ModuleList([policy, value_model]), args.optim)
         k = args.kl
         self.kl_ctl = (
             AdaptiveKLController(k.beta, k.target, k.horizon) if k.adaptive else FixedKLController(k.beta)
