@@ -28,7 +28,9 @@ Only lora_A/lora_B train (r, alpha, dropout, rsLoRA, DoRA, targets per architect
 alignline/peft_utils.py); `train.gradient_checkpointing` trades compute for memory.
 Every bad input (not a causal LM, no tokenizer, bad data, unknown target module, QLoRA without
 CUDA) is reported before any weights load. Training uses TRL's SFTTrainer on our pre-tokenised,
-pre-masked examples.
+pre-masked examples. Resume: Trainer checkpoints every `train.save_every` steps go to
+`RUN_DIR/lora/state/trainer/`; running the same command again after a crash continues from the
+latest one.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import logging
 import random
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -117,6 +118,7 @@ class ChatConfig(StrictModel):
 
 class LoraTrainConfig(StrictModel):
     max_steps: int = Field(100, gt=0)
+    save_every: int = Field(50, gt=0, description="Trainer checkpoint (resume point) every N steps")
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-4, gt=0)
@@ -661,57 +663,56 @@ def load_base_model(prep: Prepared, dtype, quantize: bool):
     return model
 
 
-def _metrics_callback(run):
-    from transformers import TrainerCallback
-
-    class _ToMetrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            values = {k: v for k, v in (logs or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
-            if values:
-                run.metrics.log(state.global_step, **values)
-
-    return _ToMetrics()
-
-
 def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from alignline.training import latest_trainer_checkpoint, metrics_callback
+
     t = prep.cfg.train
     ds = Dataset.from_list(prep.train_rows)
-    with tempfile.TemporaryDirectory(prefix="alignline-lora-") as tmp:
-        args = SFTConfig(
-            output_dir=tmp,
-            max_steps=t.max_steps,
-            per_device_train_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.grad_accum,
-            learning_rate=t.lr,
-            weight_decay=t.weight_decay,
-            warmup_steps=t.warmup_steps,
-            lr_scheduler_type=t.lr_scheduler,
-            max_grad_norm=t.max_grad_norm,
-            max_length=t.max_length,
-            seed=t.seed,
-            data_seed=t.seed,
-            logging_steps=prep.cfg.logging.every_steps,
-            save_strategy="no",
-            report_to="none",  # our callback writes metrics.jsonl + TensorBoard (+ wandb/mlflow)
-            disable_tqdm=not prep.cfg.logging.progress,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            use_cpu=not torch.cuda.is_available(),
-            # TRL enables it on the PEFT model (and the input grads a frozen base needs)
-            activation_checkpointing=t.gradient_checkpointing,
-            packing=False,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-        )
-        trainer = SFTTrainer(
-            model=peft_model, args=args, train_dataset=ds, processing_class=prep.tokenizer,
-            callbacks=[_metrics_callback(run)],
-        )
-        result = trainer.train()
+    # Trainer checkpoints (adapter, optimizer, scheduler, RNG) under the stage's state/: a killed run
+    # continues from the latest one when the stage is started again.
+    out_dir = run.mark_state() / "trainer"
+    resume = latest_trainer_checkpoint(out_dir)
+    skip = int(resume.name.split("-")[1]) if resume else 0
+    if resume:
+        run.metrics.truncate_after(skip)
+        print(f"[lora] resuming from {resume}")
+    args = SFTConfig(
+        output_dir=str(out_dir),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        max_length=t.max_length,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=prep.cfg.logging.every_steps,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=1,
+        report_to="none",  # our callback writes metrics.jsonl + TensorBoard (+ wandb/mlflow)
+        disable_tqdm=not prep.cfg.logging.progress,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        # TRL enables it on the PEFT model (and the input grads a frozen base needs)
+        activation_checkpointing=t.gradient_checkpointing,
+        packing=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = SFTTrainer(
+        model=peft_model, args=args, train_dataset=ds, processing_class=prep.tokenizer,
+        callbacks=[metrics_callback(run.metrics, skip)],
+    )
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
 
 

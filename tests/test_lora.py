@@ -183,3 +183,33 @@ def test_alpaca_demo_through_the_loaders(tmp_path):
     ev = json.loads((out / "eval.json").read_text())
     assert ev["heldout_loss_after"] < ev["heldout_loss_before"]
     assert ev["train_examples"] + ev["heldout_examples"] + sum(ev["dropped_examples"].values()) == 48
+
+
+def test_killed_run_resumes_from_its_trainer_checkpoint(tmp_path, monkeypatch, capsys):
+    """A crash after a checkpoint, then the same command again: the adapter equals an uninterrupted run's."""
+    from alignline.artifacts import load_stage
+    from alignline.training import FAIL_AFTER_ENV, SimulatedInterrupt
+    from stages.lora import build_config, run
+
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(48))
+    base = build_base("llama", tmp_path / "base")
+    cfg = build_config(None, str(base), str(data), lora_overrides(**{"train.max_steps": 8, "train.save_every": 4}))
+    full = run(cfg, None, tmp_path / "a")
+
+    monkeypatch.setenv(FAIL_AFTER_ENV, "4")
+    with pytest.raises(SimulatedInterrupt):
+        run(cfg, None, tmp_path / "b")
+    assert (tmp_path / "b" / "lora" / "state" / "trainer" / "checkpoint-4").is_dir()
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    capsys.readouterr()
+    resumed = run(cfg, None, tmp_path / "b")
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint-4" in out, out
+
+    wa = load_file(str(load_stage(full).adapter / "adapter_model.safetensors"))
+    wb = load_file(str(load_stage(resumed).adapter / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "metrics logged before the crash must not be repeated"
