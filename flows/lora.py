@@ -42,7 +42,7 @@ def _summary(stage_dir: Path) -> str:
     return "\n".join(lines)
 
 
-@flow(name="lora", log_prints=True)
+@flow(name="lora", log_prints=False)
 def lora_flow(
     base: str = "runs/nightly/sft",
     data: str = "runs/nightly/data",

@@ -253,7 +253,7 @@ def publish_report(config: PipelineConfig, run_dir: Path, records: list[StageRec
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name="alignline-pipeline", log_prints=True, validate_parameters=True)
+@flow(name="alignline-pipeline", log_prints=False, validate_parameters=True)
 def pipeline_flow(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - a pydantic default renders the UI form
     from_stage: str | None = None,

@@ -23,7 +23,7 @@ from alignline.report import StageRecord
 from flows.tasks import StageEntry, resolve_stage, stage_task
 
 
-@flow(name="alignline-stage", log_prints=True)
+@flow(name="alignline-stage", log_prints=False)
 def stage_flow(
     stage: str,
     run_dir: str = "runs/tiny",

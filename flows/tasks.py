@@ -290,7 +290,10 @@ def stage_command(module: str, config_file: Path, run_dir: Path, inputs: dict[st
     return [sys.executable, "-m", module, *args]
 
 
-@task(name="stage", cache_policy=NO_CACHE, log_prints=True)
+# log_prints stays off here and on the flows: Prefect's print patch also catches the prints that
+# dill (under `datasets` fingerprinting) captures from dis.dis, which flooded the run log with bytecode.
+# Stage progress goes through the run logger; a stage's own prints still reach the terminal.
+@task(name="stage", cache_policy=NO_CACHE, log_prints=False)
 def stage_task(
     stage: str,
     module: str,
