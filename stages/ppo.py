@@ -225,13 +225,19 @@ class PtxSampler:
         return torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()])
 
 
+def gold_scores(texts: list[str], rows: list[dict]) -> list[float]:
+    """The suite's gold scorer on each text against its row's `answer` (and `match`, default exact)."""
+    from alignline.data.tasks import gold_score
+
+    return [gold_score(t, r["answer"], r.get("match", "exact")) for t, r in zip(texts, rows, strict=True)]
+
+
 def gold_verifier(tok, rows: list[dict]):
     """A PPO verifier for one rollout batch: 1.0 where the decoded response is the row's gold answer."""
-    from alignline.data.tasks import gold_score
 
     def verify(responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         texts = tok.batch_decode([r[: int(m.sum())] for r, m in zip(responses, mask)], skip_special_tokens=True)
-        return torch.tensor([gold_score(t, r["answer"], r.get("match", "exact")) for t, r in zip(texts, rows)])
+        return torch.tensor(gold_scores(texts, rows))
 
     return verify
 
@@ -314,8 +320,6 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, device, temper
     with its adapters disabled)."""
     from contextlib import nullcontext
 
-    from alignline.data.tasks import gold_score
-
     e = cfg.eval
     prompt_ids = [
         tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
@@ -332,7 +336,7 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, device, temper
             responses = _greedy(model, tok, prompt_ids, e.max_new_tokens, e.batch_size, device)
         scores = _rm_scores(rm, tok, prompt_ids, responses, mean, std, e.batch_size, device)
         texts = tok.batch_decode(responses, skip_special_tokens=True)
-        gold = [gold_score(t, r["answer"], r.get("match", "exact")) for t, r in zip(texts, rows)]
+        gold = gold_scores(texts, rows)
         by_task: dict[str, list[float]] = {}
         for g, r in zip(gold, rows):
             by_task.setdefault(r.get("task", "all"), []).append(g)
@@ -507,37 +511,26 @@ class RMReward:
 
 def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
     """Verifiable reward: 1 when the completion is exactly the gold answer."""
-    from alignline.data.tasks import gold_score
-
-    return [gold_score(c[-1]["content"], a, m) for c, a, m in zip(completions, answer, match)]
-
-
-def _metrics_callback(run):
-    from transformers import TrainerCallback
-
-    class ToStageMetrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                run.metrics.log(state.global_step, **{k: v for k, v in logs.items() if isinstance(v, int | float)})
-
-    return ToStageMetrics()
-
-
-def _latest_trl_checkpoint(out: Path) -> str | None:
-    cks = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(cks[-1]) if cks else None
+    rows = [{"answer": a, "match": m} for a, m in zip(answer, match, strict=True)]
+    return gold_scores([c[-1]["content"] for c in completions], rows)
 
 
 def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict], dict]:
     from datasets import Dataset
 
-    from alignline.training import seed_everything
+    from alignline.training import latest_trainer_checkpoint, metrics_callback, seed_everything
 
     seed_everything(cfg.seed)
     mean, std = reward_normalisation(reward)
     algo = cfg.algorithm
     tok, policy, ref, _, rm = load_models(cfg, sft.checkpoint, reward.checkpoint, device, need_value=False)
     state_dir = run.mark_state()
+    resume = latest_trainer_checkpoint(state_dir)
+    start = int(resume.name.split("-")[1]) if resume else 0
+    if resume:
+        run.metrics.truncate_after(start)  # the resumed Trainer logs those steps again
+        log.info("resuming %s from %s", algo, resume)
+    callbacks = [metrics_callback(run.metrics, skip_through=start)]
     common = dict(
         output_dir=str(state_dir), max_steps=cfg.steps, logging_steps=1, save_steps=cfg.save_every,
         save_total_limit=1, report_to=[], seed=cfg.seed, use_cpu=device.type == "cpu", bf16=False,
@@ -553,7 +546,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         args = DPOConfig(learning_rate=d.lr, per_device_train_batch_size=d.batch_size, beta=d.beta,
                          max_length=d.max_length, loss_type=[d.loss_type], **common)
         trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
-                             callbacks=[_metrics_callback(run)])
+                             callbacks=callbacks)
     else:
         g = cfg.grpo if algo == "grpo" else cfg.rloo
         rows = read_jsonl(data_dir / "prompts" / "train.jsonl", cfg.prompts.max_train)
@@ -571,15 +564,14 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
             from trl import GRPOConfig, GRPOTrainer
 
             trainer = GRPOTrainer(model=policy, reward_funcs=funcs, args=GRPOConfig(**kw), train_dataset=ds,
-                                  processing_class=tok, callbacks=[_metrics_callback(run)])
+                                  processing_class=tok, callbacks=callbacks)
         else:
             from trl import RLOOConfig, RLOOTrainer
 
             trainer = RLOOTrainer(model=policy, reward_funcs=funcs, args=RLOOConfig(**kw), train_dataset=ds,
-                                  processing_class=tok, callbacks=[_metrics_callback(run)])
+                                  processing_class=tok, callbacks=callbacks)
     t0 = time.time()
-    resume = _latest_trl_checkpoint(state_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_time = time.time() - t0
     policy = trainer.model
     from alignline.rl.rollout import disable_dropout
@@ -590,7 +582,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
     temperature = 1.0 if algo == "dpo" else (cfg.grpo if algo == "grpo" else cfg.rloo).temperature
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, device, temperature)
-    ev["train"] = {"steps": cfg.steps, "resumed_from": resume, "seconds": round(train_time, 2)}
+    ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2)}
     save_policy(policy, tok, run.staging, cfg.lora.enabled)
     return ev, samples, {}
 

@@ -126,3 +126,24 @@ def test_trl_algorithms_fill_the_same_slot(tiny_chain, tmp_path, algorithm):
         assert len(steps_rows) >= steps - 1, rows
         assert steps_rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps_rows[-1]["kl"] > 0
     assert ev["kl_to_ref"] > 0  # the policy moved off the reference
+
+
+@pytest.mark.slow
+def test_interrupted_dpo_resumes_from_its_trainer_checkpoint(tiny_chain, tmp_path, monkeypatch):
+    # TRL algorithms checkpoint through the HF Trainer under rlhf/state/; a killed run continues from
+    # the latest checkpoint and logs each step once.
+    cfg = REPO / "configs" / "rlhf" / "dpo_tiny.yaml"
+    short = ["steps=4", "save_every=2", "eval.num_prompts=8"]
+    straight = _run(tmp_path / "a", tiny_chain, short, config=cfg)
+    monkeypatch.setenv(FAIL_AFTER_ENV, "2")
+    with pytest.raises(SimulatedInterrupt):
+        _run(tmp_path / "b", tiny_chain, short, config=cfg)
+    assert not (tmp_path / "b" / "rlhf" / "manifest.json").exists()
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    resumed = _run(tmp_path / "b", tiny_chain, short, config=cfg)
+    ev_a, ev_b = (json.loads((p / "eval.json").read_text()) for p in (straight, resumed))
+    assert ev_a["train"]["resumed_from"] == 0 and ev_b["train"]["resumed_from"] == 2
+    assert ev_b["policy"]["rm_score"] == pytest.approx(ev_a["policy"]["rm_score"], abs=1e-4)
+    losses = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in losses if "loss" in r]
+    assert steps == [1, 2, 3, 4], steps

@@ -73,13 +73,14 @@ def label_pairs(
     n_right = n_total = 0
     for row, outs in zip(rows, samples, strict=True):
         match = row.get("match", "exact")
-        wrong: list[str] = []
+        wrong: dict[str, None] = {}  # distinct wrong texts, in sampling order
         for text in outs:
             n_total += 1
             if gold_score(text, row["answer"], match) > 0:
                 n_right += 1
-            elif text.strip() not in {w.strip() for w in wrong}:
-                wrong.append(text.strip())
+            else:
+                wrong.setdefault(text.strip())
+        wrong = list(wrong)
         rng.shuffle(wrong)
         for text in wrong[:max_pairs_per_prompt]:
             pairs.append({
