@@ -78,9 +78,9 @@ def test_tiny_ppo_beats_sft_and_logs_everything(tiny_chain, tmp_path):
     assert len(rows) == load_config(__import__("stages.ppo").ppo.Config, TINY).steps
     assert any((out / "tb").iterdir())
     if not gold_up:
-        # Known, reported in issue 5: the tiny SFT policy's remaining mistakes are mostly arithmetic,
-        # which the tiny RM ranks at chance even with on-policy pairs, so PPO raises the RM score
-        # while greedy gold accuracy does not follow. eval.json flags it.
+        # Reported in issue 5: the tiny default (RM + gold verifier, lr 1e-5) raises held-out gold by
+        # 2-4 of 120 prompts on the seeds measured, a margin another machine's float order can erase.
+        # The tiny RM alone ranks arithmetic mistakes at chance. eval.json flags a drop.
         pytest.xfail(f"gold accuracy did not rise: SFT {ev['sft']['gold_accuracy']:.3f} -> "
                      f"PPO {ev['policy']['gold_accuracy']:.3f} (RM {ev['sft']['rm_score']:.3f} -> "
                      f"{ev['policy']['rm_score']:.3f}); overoptimisation={ev['overoptimisation']}")
