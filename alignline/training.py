@@ -5,6 +5,7 @@
     logger = MetricsLogger(stage_dir, report_to=["tensorboard"])
     logger.log(step, loss=..., lr=...)                       # metrics.jsonl + tb/ (+ W&B/MLflow)
     seed_everything(0)
+    resume, step = trainer_resume_point(out_dir, logger)   # HF Trainer: latest checkpoint, metrics trimmed
     maybe_interrupt(step)   # test hook: raises after ALIGNLINE_FAIL_AFTER_STEP steps
 
 No Prefect, no stages: this is library code.
@@ -231,6 +232,21 @@ def latest_trainer_checkpoint(output_dir: str | Path) -> Path | None:
         if suffix.isdigit() and (p / "trainer_state.json").is_file():
             cands.append((int(suffix), p))
     return max(cands)[1] if cands else None
+
+
+def trainer_resume_point(output_dir: str | Path, metrics: MetricsLogger) -> tuple[str | None, int]:
+    """Where a HF Trainer run under `output_dir` continues: (checkpoint path for
+    `trainer.train(resume_from_checkpoint=...)`, its step), or (None, 0) on a fresh start.
+
+    Metrics logged after that step are dropped from `metrics`: the resumed Trainer logs them again.
+    Pass the step to `metrics_callback(..., skip_through=step)`.
+    """
+    ckpt = latest_trainer_checkpoint(output_dir)
+    if ckpt is None:
+        return None, 0
+    step = int(ckpt.name.split("-", 1)[1])
+    metrics.truncate_after(step)
+    return str(ckpt), step
 
 
 def metrics_callback(logger: MetricsLogger, skip_through: int = 0):

@@ -668,17 +668,15 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from alignline.training import latest_trainer_checkpoint, metrics_callback
+    from alignline.training import metrics_callback, trainer_resume_point
 
     t = prep.cfg.train
     ds = Dataset.from_list(prep.train_rows)
     # Trainer checkpoints (adapter, optimizer, scheduler, RNG) under the stage's state/: a killed run
     # continues from the latest one when the stage is started again.
     out_dir = run.mark_state() / "trainer"
-    resume = latest_trainer_checkpoint(out_dir)
-    skip = int(resume.name.split("-")[1]) if resume else 0
+    resume, skip = trainer_resume_point(out_dir, run.metrics)
     if resume:
-        run.metrics.truncate_after(skip)
         print(f"[lora] resuming from {resume}")
     args = SFTConfig(
         output_dir=str(out_dir),
@@ -712,7 +710,7 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
         model=peft_model, args=args, train_dataset=ds, processing_class=prep.tokenizer,
         callbacks=[metrics_callback(run.metrics, skip)],
     )
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=resume)
     return {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
 
 

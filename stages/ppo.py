@@ -518,17 +518,15 @@ def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
 def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict], dict]:
     from datasets import Dataset
 
-    from alignline.training import latest_trainer_checkpoint, metrics_callback, seed_everything
+    from alignline.training import metrics_callback, seed_everything, trainer_resume_point
 
     seed_everything(cfg.seed)
     mean, std = reward_normalisation(reward)
     algo = cfg.algorithm
     tok, policy, ref, _, rm = load_models(cfg, sft.checkpoint, reward.checkpoint, device, need_value=False)
     state_dir = run.mark_state()
-    resume = latest_trainer_checkpoint(state_dir)
-    start = int(resume.name.split("-")[1]) if resume else 0
+    resume, start = trainer_resume_point(state_dir, run.metrics)
     if resume:
-        run.metrics.truncate_after(start)  # the resumed Trainer logs those steps again
         log.info("resuming %s from %s", algo, resume)
     callbacks = [metrics_callback(run.metrics, skip_through=start)]
     common = dict(
@@ -571,7 +569,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
             trainer = RLOOTrainer(model=policy, reward_funcs=funcs, args=RLOOConfig(**kw), train_dataset=ds,
                                   processing_class=tok, callbacks=callbacks)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.train(resume_from_checkpoint=resume)
     train_time = time.time() - t0
     policy = trainer.model
     from alignline.rl.rollout import disable_dropout

@@ -158,9 +158,9 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.training import (
         build_optimizer,
         common_trainer_args,
-        latest_trainer_checkpoint,
         metrics_callback,
         seed_everything,
+        trainer_resume_point,
     )
 
     init_path, data_dir = Path(inputs["init"]), Path(inputs["data"])
@@ -199,16 +199,13 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
 
     args = RewardConfig(**common_trainer_args(config, run, t.device, t.precision), max_length=t.max_length,
                         center_rewards_coefficient=t.center_rewards_coefficient)
-    resume = latest_trainer_checkpoint(args.output_dir)
-    skip = int(resume.name.split("-")[1]) if resume else 0
-    if resume:
-        run.metrics.truncate_after(skip)
+    resume, skip = trainer_resume_point(args.output_dir, run.metrics)
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=ds(train_rows), eval_dataset=ds(val_rows),
         processing_class=tokenizer, optimizers=(build_optimizer(model, config.optim), None),
         callbacks=[metrics_callback(run.metrics, skip)],
     )
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.train(resume_from_checkpoint=resume)
 
     trained = trainer.model
     if config.lora.enabled:

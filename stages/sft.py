@@ -92,9 +92,9 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.training import (
         build_optimizer,
         common_trainer_args,
-        latest_trainer_checkpoint,
         metrics_callback,
         seed_everything,
+        trainer_resume_point,
     )
 
     init_path, data_dir = Path(inputs["init"]), Path(inputs["data"])
@@ -127,17 +127,15 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         max_length=t.max_length, packing=t.packing, assistant_only_loss=t.assistant_only_loss,
         dataset_num_proc=None,
     )
-    resume = latest_trainer_checkpoint(args.output_dir)
-    skip = int(resume.name.split("-")[1]) if resume else 0
+    resume, skip = trainer_resume_point(args.output_dir, run.metrics)
     if resume:
-        run.metrics.truncate_after(skip)
         log.info("resuming sft from %s", resume)
     optimizer = build_optimizer(model, config.optim)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
         optimizers=(optimizer, None), callbacks=[metrics_callback(run.metrics, skip)],
     )
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.train(resume_from_checkpoint=resume)
     val_loss = float(trainer.evaluate()["eval_loss"])
 
     trained = trainer.model

@@ -73,14 +73,11 @@ def label_pairs(
     n_right = n_total = 0
     for row, outs in zip(rows, samples, strict=True):
         match = row.get("match", "exact")
-        wrong: dict[str, None] = {}  # distinct wrong texts, in sampling order
-        for text in outs:
-            n_total += 1
-            if gold_score(text, row["answer"], match) > 0:
-                n_right += 1
-            else:
-                wrong.setdefault(text.strip())
-        wrong = list(wrong)
+        right = [gold_score(text, row["answer"], match) > 0 for text in outs]
+        n_total += len(outs)
+        n_right += sum(right)
+        # distinct wrong texts, in sampling order
+        wrong = list(dict.fromkeys(text.strip() for text, ok in zip(outs, right) if not ok))
         rng.shuffle(wrong)
         for text in wrong[:max_pairs_per_prompt]:
             pairs.append({
