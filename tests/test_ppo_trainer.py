@@ -5,7 +5,8 @@
 Checks: ratio == 1 and approx_kl == 0 on the first minibatch; one forward per model per
 rollout; garbage after EOS changes no loss or gradient; the RM score goes up with beta = 0;
 a huge beta keeps the policy at the reference; a LoRA policy uses its own base as reference;
-a resumed trainer continues exactly like an uninterrupted one.
+a resumed trainer continues exactly like an uninterrupted one; log-probs are those of the
+temperature-scaled sampling distribution; the trainer turns dropout off in all four models.
 """
 
 from __future__ import annotations
@@ -311,3 +312,41 @@ def test_ptx_mixes_in_the_pretraining_loss():
     assert mixed < base - 0.1, (mixed, base)
     with pytest.raises(ValueError, match="ptx_sampler"):
         trainer(args(ptx_coef=1.0))
+
+
+def test_logprobs_apply_the_sampling_temperature():
+    # The rollout samples from softmax(logits / T); the log-probs PPO uses must be of that same
+    # distribution, so they are log_softmax(logits / T), computed here by hand from a plain forward.
+    policy = make_models()[0]
+    q = torch.tensor([[BOS, 5, 7, 9]])
+    r = torch.tensor([[4, 11, 3, EOS]])
+    qr = torch.cat([q, r], 1)
+    attn = torch.ones_like(qr)
+    P = q.shape[1]
+    with torch.no_grad():
+        logits = policy(input_ids=qr, attention_mask=attn).logits[:, P - 1 : -1]
+        for T in (0.7, 1.0, 1.6):
+            want = torch.log_softmax(logits / T, -1).gather(-1, r.unsqueeze(-1)).squeeze(-1)
+            got = response_logprobs(policy, qr, attn, P, T)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert not torch.allclose(response_logprobs(policy, qr, attn, P, 0.7), response_logprobs(policy, qr, attn, P, 1.0))
+
+
+def test_trainer_turns_dropout_off_in_all_four_models():
+    # Models built with dropout and left in train mode: the trainer must make all four deterministic,
+    # or the first-minibatch ratio would not be 1 and the reference/RM/values would be noisy.
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(tiny_cfg(attention_dropout=0.5))
+    ref = copy.deepcopy(policy)
+    rm = LlamaForSequenceClassification(tiny_cfg(num_labels=1, attention_dropout=0.5))
+    value = copy.deepcopy(rm)
+    models = (policy, ref, value, rm)
+    assert all(m.training for m in models)
+    PPOTrainer(args(), policy, value, rm, ref_policy=ref, eos_id=EOS, pad_id=PAD)
+    qr = torch.tensor([[BOS, 5, 7, 9, 4, 11, 3, EOS]])
+    attn = torch.ones_like(qr)
+    for m in models:
+        assert not m.training and m.config.attention_dropout == 0.0
+        with torch.no_grad():
+            a, b = m(input_ids=qr, attention_mask=attn).logits, m(input_ids=qr, attention_mask=attn).logits
+        assert torch.equal(a, b)
