@@ -193,3 +193,24 @@ def test_config_is_strict_and_presets_validate():
     for size in ("tiny", "default", "small"):
         suite_config(size)
     assert suite_config("tiny", ["tasks=[add]"]).tasks == ["add"]
+
+
+def test_verbose_demonstrators_change_only_sft_train(suite, tmp_path):
+    """`sft_verbose_rate` rewrites that share of SFT training answers as "The answer is X." (same items,
+    same order) and leaves every other file byte-identical; preferences still favour the bare answer."""
+    out, _ = suite
+    noisy = tmp_path / "noisy"
+    write_suite(noisy, CFG.model_copy(update={"sft_verbose_rate": 0.4}))
+    for rel in sorted(set(TRAINING_FILES) | set(FILES) | {"pretrain/val.jsonl"}):
+        if rel != "sft/train.jsonl":
+            assert (noisy / rel).read_bytes() == (out / rel).read_bytes(), rel
+    clean, verbose = _load(out, "sft/train.jsonl"), _load(noisy, "sft/train.jsonl")
+    assert len(clean) == len(verbose)
+    n_verbose = 0
+    for c, v in zip(clean, verbose, strict=True):
+        assert c["messages"][0] == v["messages"][0]
+        bare, got = c["messages"][1]["content"], v["messages"][1]["content"]
+        if got != bare:
+            assert got == f"The answer is {bare}."
+            n_verbose += 1
+    assert 0.3 < n_verbose / len(clean) < 0.5, n_verbose

@@ -66,24 +66,24 @@ def _check_contract(out: Path, algorithm: str) -> dict:
 def test_tiny_ppo_beats_sft_and_logs_everything(tiny_chain, tmp_path):
     out = _run(tmp_path / "run", tiny_chain, [])
     ev = _check_contract(out, "ppo")
-    assert ev["policy"]["rm_score"] > ev["sft"]["rm_score"], ev
-    assert ev["win_rate"] > 0.5
-    gold_up = ev["policy"]["gold_accuracy"] > ev["sft"]["gold_accuracy"]
-    assert ev["overoptimisation"] is (not gold_up and ev["policy"]["gold_accuracy"] < ev["sft"]["gold_accuracy"])
+    # The tiny default's SFT data is 40% verbose demonstrations ("The answer is 19."), which the
+    # preferences and the gold scorer reject (configs/data/tiny.yaml): PPO must learn the preferred
+    # bare style. Measured: held-out gold 0.35 -> ~0.5 in 25 iterations, on the RM alone too.
+    assert ev["policy"]["rm_score"] > ev["sft"]["rm_score"] + 0.2, ev
+    assert ev["policy"]["gold_accuracy"] > ev["sft"]["gold_accuracy"] + 0.08, ev
+    assert ev["win_rate"] > 0.6, ev
+    assert ev["overoptimisation"] is False
+    verbose = lambda path: sum("The answer is" in json.loads(x)["response"]  # noqa: E731
+                               for x in path.read_text().splitlines())
+    assert verbose(out / "samples.jsonl") < verbose(tiny_chain.sft / "samples.jsonl") / 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     need = {"rlhf_reward", "score", "kl", "entropy", "clipfrac", "approx_kl", "ratio_mean", "ratio_var",
             "value_loss", "explained_variance", "eos_rate", "response_length", "rollout_tokens_per_s",
             "train_tokens_per_s", "rollout_gold_accuracy", "score_rm"}
     assert need <= set(rows[-1]), need - set(rows[-1])
     assert len(rows) == load_config(__import__("stages.ppo").ppo.Config, TINY).steps
+    assert rows[-1]["rollout_gold_accuracy"] > rows[0]["rollout_gold_accuracy"] + 0.05
     assert any((out / "tb").iterdir())
-    if not gold_up:
-        # Reported in issue 5: the tiny default (RM + gold verifier, lr 1e-5) raises held-out gold by
-        # 2-4 of 120 prompts on the seeds measured, a margin another machine's float order can erase.
-        # The tiny RM alone ranks arithmetic mistakes at chance. eval.json flags a drop.
-        pytest.xfail(f"gold accuracy did not rise: SFT {ev['sft']['gold_accuracy']:.3f} -> "
-                     f"PPO {ev['policy']['gold_accuracy']:.3f} (RM {ev['sft']['rm_score']:.3f} -> "
-                     f"{ev['policy']['rm_score']:.3f}); overoptimisation={ev['overoptimisation']}")
 
 
 @pytest.mark.slow

@@ -14,6 +14,11 @@ Tasks (answers are short; the assistant content is just the answer):
     count    "How many o in b o o k?"             -> "2"       (numeric)
     world    "What is the capital of Norvia?"     -> "Lumen"   (exact)
              "What language is spoken in Norvia?" -> "Velish"  (exact)
+Demonstrators: with `sft_verbose_rate` > 0 that share of the SFT training demonstrations is written
+as "The answer is 19." while the preference data always prefers the bare "19", which is also all the
+gold scorer accepts. That is the gap RLHF exists to close (demonstrations are cheap and inconsistent,
+comparisons are easy to label): the tiny default sets 0.4, so the SFT model answers verbosely on about
+a third of held-out prompts and PPO has a measurable job. Held-out SFT files always hold bare answers.
 Letters are written space-separated so each letter is its own token (a tiny BPE model cannot spell
 merged tokens). World facts (a generated world of `n_countries` countries) appear ONLY in the
 pretraining text; the countries asked about in val/test are never asked about in any training file,
@@ -72,6 +77,11 @@ class SuiteConfig(StrictModel):
     n_languages: int = Field(12, ge=2)
     pref_format_fraction: float = Field(
         0.65, ge=0, le=1, description="share of rejected answers that are malformed/verbose (vs plausible wrong)"
+    )
+    sft_verbose_rate: float = Field(
+        0.0, ge=0, le=1,
+        description="share of SFT training demonstrations written by a verbose demonstrator ('The answer is 19.'); "
+        "the preference data prefers the bare answer, which is what the gold scorer accepts",
     )
     pretrain_mix: dict[str, float] = Field(
         default_factory=lambda: {"prose": 0.15, "fact": 0.3, "math": 0.3, "string": 0.25},
@@ -446,8 +456,11 @@ def _assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
-def _sft(it: Item) -> dict:
-    return {"messages": _user(it.prompt) + _assistant(it.answer)}
+VERBOSE_DEMO = "The answer is {a}."
+
+
+def _sft(it: Item, verbose: bool = False) -> dict:
+    return {"messages": _user(it.prompt) + _assistant(VERBOSE_DEMO.format(a=it.answer) if verbose else it.answer)}
 
 
 def _pair(it: Item, rng: random.Random, cfg: SuiteConfig, world: World) -> dict:
@@ -481,7 +494,11 @@ def generate_suite(cfg: SuiteConfig) -> dict[str, list[dict]]:
         "pretrain/val.jsonl": [{"text": corpus.doc(rng_pv)} for _ in range(cfg.pretrain_val_docs)],
     }
     rng = random.Random(f"{cfg.seed}:sft")
-    out["sft/train.jsonl"] = [_sft(gen.train_item(rng, heldout_keys)) for _ in range(cfg.sft_train)]
+    rng_style = random.Random(f"{cfg.seed}:sft-style")  # its own stream: rate 0 leaves the file unchanged
+    out["sft/train.jsonl"] = [
+        _sft(gen.train_item(rng, heldout_keys), rng_style.random() < cfg.sft_verbose_rate)
+        for _ in range(cfg.sft_train)
+    ]
     rng = random.Random(f"{cfg.seed}:pref")
     out["preference/train.jsonl"] = [
         _pair(gen.train_item(rng, heldout_keys), rng, cfg, world) for _ in range(cfg.pref_train)
