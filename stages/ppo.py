@@ -291,6 +291,11 @@ def _rm_scores(rm, tok, prompt_ids, responses, mean, std, bs, device) -> torch.T
     return (torch.cat(scores).cpu() - mean) / std
 
 
+def overoptimised(rm_score_gain: float, gold_accuracy_gain: float) -> bool:
+    """Reward hacking signature: the proxy (RM) improved while the true objective (gold) got worse."""
+    return bool(rm_score_gain > 0 and gold_accuracy_gain < 0)
+
+
 @torch.inference_mode()
 def _kl_to_ref(policy, ref_fn, tok, prompt_ids, cfg: EvalConfig, temperature: float, device) -> float:
     """Mean over prompts of sum_t KL(pi(.|x,y<t) || ref(.|x,y<t)) along answers sampled from pi."""
@@ -360,8 +365,7 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, device, temper
     result["win_rate"] = float(wins.mean())
     result["rm_score_gain"] = result["policy"]["rm_score"] - result["sft"]["rm_score"]
     result["gold_accuracy_gain"] = result["policy"]["gold_accuracy"] - result["sft"]["gold_accuracy"]
-    # Reward hacking signature: the proxy (RM) improved while the true objective (gold) got worse.
-    result["overoptimisation"] = bool(result["rm_score_gain"] > 0 and result["gold_accuracy_gain"] < 0)
+    result["overoptimisation"] = overoptimised(result["rm_score_gain"], result["gold_accuracy_gain"])
     result["num_prompts"] = len(rows)
     return result, samples
 

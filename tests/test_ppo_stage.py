@@ -62,6 +62,18 @@ def _check_contract(out: Path, algorithm: str) -> dict:
     return ev
 
 
+@pytest.mark.parametrize(("rm_gain", "gold_gain", "flag"), [
+    (0.3, -0.05, True),    # the RM got happier while the answers got worse: reward hacking
+    (0.3, 0.2, False),     # both up
+    (0.3, 0.0, False),     # gold unchanged is not a drop
+    (-0.1, -0.05, False),  # everything worse is a failed run, not overoptimisation
+])
+def test_overoptimisation_flag_is_rm_up_while_gold_down(rm_gain, gold_gain, flag):
+    from stages.ppo import overoptimised
+
+    assert overoptimised(rm_gain, gold_gain) is flag
+
+
 @pytest.mark.slow
 def test_tiny_ppo_beats_sft_and_logs_everything(tiny_chain, tmp_path):
     out = _run(tmp_path / "run", tiny_chain, [])
