@@ -220,31 +220,23 @@ class MetricsLogger:
 # --------------------------------------------------------------------------- HF Trainer glue
 
 
-def latest_trainer_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete `checkpoint-<step>` dir the HF Trainer wrote under `output_dir`, or None."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    cands = []
-    for p in root.glob("checkpoint-*"):
-        suffix = p.name.split("-", 1)[1]
-        # trainer_state.json is written last by Trainer._save_checkpoint, so it marks a complete save.
-        if suffix.isdigit() and (p / "trainer_state.json").is_file():
-            cands.append((int(suffix), p))
-    return max(cands)[1] if cands else None
-
-
 def trainer_resume_point(output_dir: str | Path, metrics: MetricsLogger) -> tuple[str | None, int]:
-    """Where a HF Trainer run under `output_dir` continues: (checkpoint path for
-    `trainer.train(resume_from_checkpoint=...)`, its step), or (None, 0) on a fresh start.
+    """Where a HF Trainer run under `output_dir` continues: (the newest complete `checkpoint-<step>`
+    dir, for `trainer.train(resume_from_checkpoint=...)`, and its step), or (None, 0) on a fresh start.
 
     Metrics logged after that step are dropped from `metrics`: the resumed Trainer logs them again.
     Pass the step to `metrics_callback(..., skip_through=step)`.
     """
-    ckpt = latest_trainer_checkpoint(output_dir)
-    if ckpt is None:
+    root = Path(output_dir)
+    cands = []
+    for p in root.glob("checkpoint-*") if root.is_dir() else ():
+        suffix = p.name.split("-", 1)[1]
+        # trainer_state.json is written last by Trainer._save_checkpoint, so it marks a complete save.
+        if suffix.isdigit() and (p / "trainer_state.json").is_file():
+            cands.append((int(suffix), p))
+    if not cands:
         return None, 0
-    step = int(ckpt.name.split("-", 1)[1])
+    step, ckpt = max(cands)
     metrics.truncate_after(step)
     return str(ckpt), step
 

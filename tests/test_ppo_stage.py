@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignline.artifacts import load_stage
+from alignline.artifacts import load_stage, read_jsonl
 from alignline.config import load_config
 from alignline.training import FAIL_AFTER_ENV, SimulatedInterrupt
 
@@ -62,6 +62,10 @@ def _check_contract(out: Path, algorithm: str) -> dict:
     return ev
 
 
+def _verbose_answers(stage_dir: Path) -> int:
+    return sum("The answer is" in r["response"] for r in read_jsonl(stage_dir / "samples.jsonl"))
+
+
 @pytest.mark.parametrize(("rm_gain", "gold_gain", "flag"), [
     (0.3, -0.05, True),    # the RM got happier while the answers got worse: reward hacking
     (0.3, 0.2, False),     # both up
@@ -85,9 +89,7 @@ def test_tiny_ppo_beats_sft_and_logs_everything(tiny_chain, tmp_path):
     assert ev["policy"]["gold_accuracy"] > ev["sft"]["gold_accuracy"] + 0.08, ev
     assert ev["win_rate"] > 0.6, ev
     assert ev["overoptimisation"] is False
-    verbose = lambda path: sum("The answer is" in json.loads(x)["response"]  # noqa: E731
-                               for x in path.read_text().splitlines())
-    assert verbose(out / "samples.jsonl") < verbose(tiny_chain.sft / "samples.jsonl") / 2
+    assert _verbose_answers(out) < _verbose_answers(tiny_chain.sft) / 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     need = {"rlhf_reward", "score", "kl", "entropy", "clipfrac", "approx_kl", "ratio_mean", "ratio_var",
             "value_loss", "explained_variance", "eos_rate", "response_length", "rollout_tokens_per_s",

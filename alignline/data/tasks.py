@@ -17,8 +17,8 @@ Tasks (answers are short; the assistant content is just the answer):
 Demonstrators: with `sft_verbose_rate` > 0 that share of the SFT training demonstrations is written
 as "The answer is 19." while the preference data always prefers the bare "19", which is also all the
 gold scorer accepts. That is the gap RLHF exists to close (demonstrations are cheap and inconsistent,
-comparisons are easy to label): the tiny default sets 0.4, so the SFT model answers verbosely on about
-a third of held-out prompts and PPO has a measurable job. Held-out SFT files always hold bare answers.
+comparisons are easy to label): the tiny default sets 0.4, so the SFT model answers verbosely on ~40%
+of held-out prompts and PPO has a measurable job. Held-out SFT files always hold bare answers.
 Letters are written space-separated so each letter is its own token (a tiny BPE model cannot spell
 merged tokens). World facts (a generated world of `n_countries` countries) appear ONLY in the
 pretraining text; the countries asked about in val/test are never asked about in any training file,
@@ -340,7 +340,7 @@ def _plausible_wrong(it: Item, rng: random.Random, world: World) -> str:
 
 
 _VERBOSE = [
-    "The answer is {a}.",
+    "The answer is {a}.",  # also the verbose SFT demonstrator's style (sft_verbose_rate)
     "I think it is {a}, but I am not sure.",
     "Answer: {a}",
     "{a} {a} {a}",
@@ -456,11 +456,8 @@ def _assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
-VERBOSE_DEMO = "The answer is {a}."
-
-
 def _sft(it: Item, verbose: bool = False) -> dict:
-    return {"messages": _user(it.prompt) + _assistant(VERBOSE_DEMO.format(a=it.answer) if verbose else it.answer)}
+    return {"messages": _user(it.prompt) + _assistant(_VERBOSE[0].format(a=it.answer) if verbose else it.answer)}
 
 
 def _pair(it: Item, rng: random.Random, cfg: SuiteConfig, world: World) -> dict:
