@@ -142,6 +142,25 @@ def test_trl_algorithms_fill_the_same_slot(tiny_chain, tmp_path, algorithm):
     assert ev["kl_to_ref"] > 0  # the policy moved off the reference
 
 
+def test_gold_reward_scores_trl_completions_against_each_rows_answer():
+    from stages.ppo import gold_reward
+
+    completions = [[{"role": "assistant", "content": c}] for c in ("19", " 19 ", "The answer is 19.", "t a c", "c a t")]
+    got = gold_reward(prompts=None, completions=completions, answer=["19", "19", "19", "t a c", "t a c"],
+                      match=["numeric", "numeric", "numeric", "exact", "exact"])
+    assert got == [1.0, 1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.slow
+def test_grpo_adds_the_gold_scorer_as_a_verifiable_reward(tiny_chain, tmp_path):
+    cfg = REPO / "configs" / "rlhf" / "grpo_tiny.yaml"
+    out = _run(tmp_path, tiny_chain, ["steps=2", "eval.num_prompts=8", "grpo.gold_reward=true"], config=cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    gold = [r["rewards/gold_reward/mean"] for r in rows if "rewards/gold_reward/mean" in r]
+    assert gold and all(0.0 <= g <= 1.0 for g in gold), rows
+    assert any(0.0 < g for g in gold)  # the SFT policy already gets some training prompts right
+
+
 @pytest.mark.slow
 def test_interrupted_dpo_resumes_from_its_trainer_checkpoint(tiny_chain, tmp_path, monkeypatch):
     # TRL algorithms checkpoint through the HF Trainer under rlhf/state/; a killed run continues from

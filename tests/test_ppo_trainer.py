@@ -350,3 +350,34 @@ def test_trainer_turns_dropout_off_in_all_four_models():
         with torch.no_grad():
             a, b = m(input_ids=qr, attention_mask=attn).logits, m(input_ids=qr, attention_mask=attn).logits
         assert torch.equal(a, b)
+
+
+def test_scores_are_normalised_then_clipped_then_eos_penalised():
+    # (raw - mean) / std with the reward stage's statistics, clipped to +-reward_clip, then the
+    # missing-EOS penalty: raw [1, 11, -9, 3] with mean 1, std 2 -> [0, 5, -5, 1].
+    raw = torch.tensor([1.0, 11.0, -9.0, 3.0])
+    has_eos = torch.tensor([True, True, True, False])
+    clipped = trainer(args(reward_clip=2.0, missing_eos_penalty=0.5), reward_mean=1.0, reward_std=2.0)
+    torch.testing.assert_close(clipped.normalise_scores(raw, has_eos), torch.tensor([0.0, 2.0, -2.0, 0.5]))
+    unclipped = trainer(args(reward_clip=None, missing_eos_penalty=0.5), reward_mean=1.0, reward_std=2.0)
+    torch.testing.assert_close(unclipped.normalise_scores(raw, has_eos), torch.tensor([0.0, 5.0, -5.0, 0.5]))
+
+
+def test_rm_score_is_read_at_the_last_real_response_token():
+    # Left-padded prompts, right-padded responses of different lengths: the score must equal the RM's
+    # own (HF) score of each unpadded prompt+response, i.e. the head at the last real token.
+    from alignline.rl.rollout import left_pad, sequence_scores
+
+    rm = make_models()[3].eval()
+    prompt_ids = [[BOS, 5, 7], [BOS, 4, 9, 11, 3]]
+    responses = [[6, 8, EOS], [10]]
+    ids, attn = left_pad(prompt_ids, PAD)
+    resp = torch.full((2, 3), PAD)
+    mask = torch.zeros((2, 3), dtype=torch.long)
+    for i, r in enumerate(responses):
+        resp[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    with torch.no_grad():
+        got = sequence_scores(rm, torch.cat([ids, resp], 1), torch.cat([attn, mask], 1), ids.shape[1], mask)
+        want = torch.stack([rm(input_ids=torch.tensor([p + r])).logits[0, 0] for p, r in zip(prompt_ids, responses)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
