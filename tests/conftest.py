@@ -75,3 +75,41 @@ def tiny_chain(tmp_path_factory) -> TinyChain:
              "reward": ["logging.progress=false"]}
     out = {name: run_stage(name, run_dir, quiet.get(name)) for name in CHAIN}
     return TinyChain(run_dir=run_dir, **out)
+
+
+@pytest.fixture(params=["cache", "past_key_values"])
+def cache_convention(request, monkeypatch):
+    """Make generate() hand the KV cache to our forward as `cache` (transformers >= 5.24) or as
+    `past_key_values` (5.0-5.23), whatever the installed transformers does, and check it did.
+
+    Generation tests use it (`pytestmark = pytest.mark.usefixtures("cache_convention")`) so the model is
+    exercised under both call conventions on one install.
+    """
+    import functools
+
+    from alignline.model import AlignlineForCausalLM
+
+    name = request.param
+    other = "past_key_values" if name == "cache" else "cache"
+    prepare, forward = AlignlineForCausalLM.prepare_inputs_for_generation, AlignlineForCausalLM.forward
+    seen: set[str] = set()
+    steps = []
+
+    def prepare_renamed(self, *args, **kwargs):
+        inputs = prepare(self, *args, **kwargs)
+        steps.append(1)
+        if other in inputs:
+            inputs[name] = inputs.pop(other)
+        return inputs
+
+    @functools.wraps(forward)  # generate() reads forward's signature
+    def forward_recorded(self, *args, **kwargs):
+        seen.update(k for k in (name, other) if kwargs.get(k) is not None)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(AlignlineForCausalLM, "prepare_inputs_for_generation", prepare_renamed)
+    monkeypatch.setattr(AlignlineForCausalLM, "forward", forward_recorded)
+    yield name
+    assert other not in seen, f"forward received `{other}` while testing the `{name}` convention"
+    if len(steps) > 1 and request.node.funcargs.get("use_cache", True):  # decoding steps after the first
+        assert name in seen, f"generate() never passed the KV cache as `{name}`"

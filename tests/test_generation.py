@@ -13,6 +13,8 @@ from alignline.generation import SamplingOptions, chat_loop, encode_prompt, load
 from alignline.model.tiny import tiny_model, toy_tokenizer
 from alignline_cli import model_cmds
 
+pytestmark = pytest.mark.usefixtures("cache_convention")  # generate() under both KV-cache names
+
 CORPUS = ["hello there how are you", "the cat sat on the mat", "what is 1 + 2 ?", "3 4 5 6 7 8 9"]
 
 

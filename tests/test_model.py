@@ -11,9 +11,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import alignline  # noqa: F401  (registers the Auto classes)
 from alignline.model import AlignlineConfig, AlignlineForCausalLM, AlignlineForSequenceClassification
 from alignline.model.convert import to_llama
+from alignline.model.modeling import CACHE_OUTPUT_FIELD
 from alignline.model.tiny import tiny_config, tiny_model
 
 VOCAB = 128
+GENERATE_TESTS = pytest.mark.usefixtures("cache_convention")  # generate() under both KV-cache names
 
 PARITY_CASES = {
     "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4),
@@ -54,6 +56,7 @@ def test_logits_match_llama_after_conversion(case):
     assert torch.isfinite(ours).all()  # fully masked (pad) query rows must not produce NaN
 
 
+@GENERATE_TESTS
 @pytest.mark.parametrize("case", ["mha-untied", "gqa-tied", "linear-rope"])
 def test_greedy_generate_matches_llama_with_left_padding(case):
     model = tiny_model(**PARITY_CASES[case]).eval()
@@ -63,6 +66,7 @@ def test_greedy_generate_matches_llama_with_left_padding(case):
     assert torch.equal(model.generate(ids, **kw), llama.generate(ids, **kw))
 
 
+@GENERATE_TESTS
 def test_batched_left_padded_generate_equals_one_by_one():
     model = tiny_model().eval()
     prompts = [_ids(1, n, seed=n)[0] for n in (9, 5, 7)]
@@ -78,6 +82,7 @@ def test_batched_left_padded_generate_equals_one_by_one():
         assert torch.equal(batched[row], alone), row
 
 
+@GENERATE_TESTS
 def test_sampling_is_seeded_and_respects_top_k():
     model = tiny_model().eval()
     ids = _ids(2, 6)
@@ -106,8 +111,9 @@ def test_causality_later_tokens_never_change_earlier_logits():
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_kv_cache_incremental_decode_equals_full_recompute(padded):
+def test_kv_cache_incremental_decode_equals_full_recompute(padded, cache_name):
     model = tiny_model(num_key_value_heads=1).eval()
     ids = _ids(3, 16)
     mask = torch.ones_like(ids)
@@ -118,13 +124,14 @@ def test_kv_cache_incremental_decode_equals_full_recompute(padded):
         full = model(ids, attention_mask=mask, position_ids=pos).logits
         # prefill 6, then a chunk of 4 (past + several new tokens), then one token at a time
         out = model(ids[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6], use_cache=True)
-        cache, pieces = out.past_key_values, [out.logits]
+        cache, pieces = getattr(out, CACHE_OUTPUT_FIELD), [out.logits]
         out = model(ids[:, 6:10], attention_mask=mask[:, :10], position_ids=pos[:, 6:10],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{cache_name: cache})
         pieces.append(out.logits)
+        assert cache.get_seq_length() == 10  # the chunk extended the cache passed under either name
         for t in range(10, 16):
             out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                        past_key_values=cache, use_cache=True)
+                        use_cache=True, **{cache_name: cache})
             pieces.append(out.logits)
     incremental = torch.cat(pieces, dim=1)
     real = mask.bool()
@@ -262,3 +269,21 @@ def test_unsupported_forward_kwargs_are_refused():
     model = tiny_model()
     with pytest.raises(TypeError, match="cu_seq_lens_q"):
         model(_ids(1, 4), cu_seq_lens_q=torch.tensor([0, 4]))
+
+
+def test_cache_under_both_names_at_once_is_refused():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        cache = getattr(model(_ids(1, 4), use_cache=True), CACHE_OUTPUT_FIELD)
+        with pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+            model(_ids(1, 1), cache=cache, past_key_values=cache)
+
+
+def test_output_field_is_the_one_installed_transformers_reads():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    model = tiny_model().eval()
+    with torch.no_grad():
+        out = model(_ids(1, 4), use_cache=True)
+    assert CACHE_OUTPUT_FIELD in CausalLMOutputWithPast.__dataclass_fields__
+    assert getattr(out, CACHE_OUTPUT_FIELD).get_seq_length() == 4

@@ -48,7 +48,7 @@ class AlignlineConfig(PretrainedConfig):
     """
 
     model_type = "alignline"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     # No remote code: the Auto classes find us through registration. TRL's GRPO/RLOO (1.16) read
     # `config.auto_map` to reload the reference of an architecture transformers does not ship, and a
     # config without the attribute raises; an empty mapping sends them to AutoModelForCausalLM.

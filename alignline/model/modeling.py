@@ -41,6 +41,18 @@ from alignline.model.configuration import AlignlineConfig
 # Keyword arguments that HF/TRL callers pass and that need no action here.
 _IGNORED_KWARGS = {"cache_position"}  # positions are derived from position_ids / the cache length
 
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, both as the forward argument
+# that generate() passes and as the output field it reads back. Forwards accept either name (one at a
+# time); outputs use the field the installed transformers declares, so its generate() finds the cache.
+CACHE_OUTPUT_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None, where: str) -> Cache | None:
+    """The KV cache passed under either name; both at once is a caller error."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError(f"{where}.forward got both `cache` and `past_key_values`; pass the KV cache once.")
+    return cache if cache is not None else past_key_values
+
 
 # --------------------------------------------------------------------------- building blocks
 
@@ -228,7 +240,7 @@ class AlignlineAttention(nn.Module):
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        past_key_values: Cache | None,
+        cache: Cache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # Separate q/k/v matmuls (not one fused GEMM): measured no faster on CPU, and they stay LoRA-able.
@@ -237,8 +249,8 @@ class AlignlineAttention(nn.Module):
         k = k.view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nkv, S, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hd)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
@@ -269,10 +281,10 @@ class AlignlineDecoderLayer(GradientCheckpointingLayer):
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         h = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), cos, sin, attn_mask, is_causal, past_key_values
+            self.input_layernorm(hidden_states), cos, sin, attn_mask, is_causal, cache
         )
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -338,7 +350,7 @@ class AlignlinePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["AlignlineDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -368,7 +380,7 @@ def _check_kwargs(kwargs: dict, where: str) -> None:
     if unknown:
         raise TypeError(
             f"{where}.forward got unsupported arguments {sorted(unknown)}; alignline models take input_ids, "
-            "attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, output_hidden_states, "
+            "attention_mask, position_ids, cache (or past_key_values), inputs_embeds, use_cache, output_hidden_states, "
             "return_dict (and labels/logits_to_keep on heads). Remove them or extend the model."
         )
 
@@ -396,15 +408,19 @@ class AlignlineModel(AlignlinePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         _check_kwargs(kwargs, type(self).__name__)
+        cache = _one_cache(cache, past_key_values, type(self).__name__)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if output_attentions:
@@ -416,18 +432,18 @@ class AlignlineModel(AlignlinePreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
         B, T, _ = inputs_embeds.shape
         if self.gradient_checkpointing and self.training:
-            if past_key_values is not None:
+            if cache is not None:
                 raise ValueError(
-                    "past_key_values cannot be combined with gradient checkpointing in training (the recomputed "
+                    "A KV cache cannot be combined with gradient checkpointing in training (the recomputed "
                     "layers would update the cache twice); call model.eval() or disable checkpointing."
                 )
             use_cache = False
         elif use_cache is None:
             # The cache is for inference: training forwards skip it unless given one or asked explicitly.
-            use_cache = past_key_values is not None or (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+            use_cache = cache is not None or (self.config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         max_position = None
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None]  # (1, T)
@@ -438,22 +454,22 @@ class AlignlineModel(AlignlinePreTrainedModel):
         cos, sin = self.rotary_emb(inputs_embeds, position_ids, max_position)  # (B|1, T, hd)
         cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, T, hd): broadcast over heads
 
-        cache = past_key_values  # a cache that was passed in is always read and extended
+        # A cache that was passed in is always read and extended.
         hidden_states = inputs_embeds
         all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
             hidden_states = layer(
-                hidden_states, cos=cos, sin=sin, attn_mask=attn_mask, is_causal=is_causal, past_key_values=cache
+                hidden_states, cos=cos, sin=sin, attn_mask=attn_mask, is_causal=is_causal, cache=cache
             )
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         out = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_OUTPUT_FIELD: cache},
         )
         return out if return_dict is not False else out.to_tuple()
 
@@ -539,7 +555,7 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -549,13 +565,14 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values, type(self).__name__),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -576,8 +593,8 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
         out = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_OUTPUT_FIELD: getattr(outputs, CACHE_OUTPUT_FIELD)},
         )
         return out if return_dict is not False else out.to_tuple()
 
@@ -624,7 +641,7 @@ class AlignlineForSequenceClassification(AlignlinePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -632,6 +649,7 @@ class AlignlineForSequenceClassification(AlignlinePreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
         del num_items_in_batch  # classification losses are per-row means
@@ -639,7 +657,7 @@ class AlignlineForSequenceClassification(AlignlinePreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values, type(self).__name__),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -655,7 +673,8 @@ class AlignlineForSequenceClassification(AlignlinePreTrainedModel):
         if labels is not None:
             loss = self._loss(logits, labels.to(logits.device))
         out = SequenceClassifierOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+            **{CACHE_OUTPUT_FIELD: getattr(outputs, CACHE_OUTPUT_FIELD)},
         )
         return out if return_dict is not False else out.to_tuple()
 
