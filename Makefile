@@ -1,9 +1,11 @@
-# The two quick-start commands: `make demo` and `make test`. Both create .venv on
-# first use. torch is pinned only here: 2.13.0 is the CPU wheel on our boxes; GPU
-# users can `pip install torch` from their CUDA index before `make`.
+# The two quick-start commands: `make demo` and `make test`. Both create .venv on first use and
+# install exact versions from lock/requirements.txt (what CI tested is what you get). GPU users
+# install CUDA torch 2.13.0 into .venv first; the lock then pins everything else (README).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LOCK := lock/requirements.txt
+PIP_VERSION := 26.3
 RUN_DIR ?= runs/tiny
 
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
@@ -11,13 +13,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast test-hf deps-latest lock lint bench clean
 
-$(BIN)/alignline: pyproject.toml
+$(BIN)/alignline: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q -c $(LOCK) torch
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(BIN)/alignline
 
 install: $(BIN)/alignline
@@ -29,6 +31,23 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
+# About a minute: the library and model tests, no stage trainings, Prefect or subprocesses.
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not slow and not chain" -x -q
+
+# transformers' own common model tests (from the installed version's sdist) against our model.
+test-hf: install
+	$(BIN)/python -m pytest tests -m hf_battery -q
+
+# The newest releases the registry serves, upper bounds ignored, in a throwaway venv.
+deps-latest: install
+	$(BIN)/python tools/deps_latest.py
+
+# Recompile the lock after changing dependencies in pyproject.toml.
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+		--constraint lock/torch.txt -o $(LOCK) -q
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -37,4 +56,4 @@ bench: install
 	$(BIN)/python bench/model_throughput.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .venv-latest

@@ -185,7 +185,7 @@ def require_qlora_support() -> None:
     if not bitsandbytes_available():
         raise QLoraUnavailableError(
             "QLoRA (4-bit) needs the bitsandbytes package, which is not installed. Install it with "
-            "`pip install bitsandbytes` (in .venv: `.venv/bin/pip install bitsandbytes`), or set qlora=false."
+            "`pip install 'alignline[qlora]'` (in .venv: `.venv/bin/pip install -e '.[qlora]'`), or set qlora=false."
         )
 
 

@@ -165,14 +165,14 @@ class MetricsLogger:
                 import wandb
             except ImportError:
                 raise RuntimeError("logging.report_to contains 'wandb' but wandb is not installed; "
-                                   "pip install wandb or remove it from logging.report_to") from None
+                                   "pip install 'alignline[wandb]' or remove it from logging.report_to") from None
             self._wandb = wandb.init(name=run_name, config=config, reinit=True)
         if "mlflow" in self.report_to:
             try:
                 import mlflow
             except ImportError:
                 raise RuntimeError("logging.report_to contains 'mlflow' but mlflow is not installed; "
-                                   "pip install mlflow or remove it from logging.report_to") from None
+                                   "pip install 'alignline[mlflow]' or remove it from logging.report_to") from None
             self._mlflow = mlflow
             mlflow.start_run(run_name=run_name)
             if config:

@@ -120,7 +120,7 @@ def test_qlora_without_bitsandbytes(env, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(pu, "bitsandbytes_available", lambda: False)
     msg = _run_expecting_error(env, env["llama"], env["data"], tmp_path, "qlora=true", match="bitsandbytes")
-    assert "pip install bitsandbytes" in msg
+    assert "pip install 'alignline[qlora]'" in msg
 
 
 def test_generation_mask_needs_tags(env, tmp_path):
