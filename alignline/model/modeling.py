@@ -86,7 +86,7 @@ def rope_inv_freq(
     dynamic: NTK-aware base growth once seq_len exceeds max_position_embeddings.
     yarn: per-frequency blend of interpolation and extrapolation plus an attention scale (Peng et al. 2023).
     """
-    rp = config.rope_parameters
+    rp = config.validated_rope_parameters()  # a dict assigned after construction may lack defaults
     rope_type, base, dim = rp["rope_type"], float(rp["rope_theta"]), config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim  # (hd/2,)
     if rope_type == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
@@ -140,7 +140,7 @@ class AlignlineRotaryEmbedding(nn.Module):
     def __init__(self, config: AlignlineConfig):
         super().__init__()
         self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
+        self.rope_type = config.validated_rope_parameters()["rope_type"]
         self.attention_scaling = 1.0
         # Filled on first use, not here: from_pretrained builds modules under a meta-device context.
         self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
