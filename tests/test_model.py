@@ -332,3 +332,16 @@ def test_rope_parameters_assigned_after_construction_are_standardised():
     model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         type(model.model.rotary_emb)(model.config)
+
+
+def test_past_key_values_name_warns_where_transformers_renamed_it():
+    # transformers >= 5.24 deprecates `past_key_values` for `cache` (Llama's forwards warn); older ones pass it.
+    model = tiny_model().eval()
+    with torch.no_grad():
+        cache = getattr(model(_ids(1, 4), use_cache=True), CACHE_OUTPUT_FIELD)
+        if CACHE_OUTPUT_FIELD == "cache":
+            with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+                model(_ids(1, 1), past_key_values=cache)
+        else:
+            model(_ids(1, 1), past_key_values=cache)
+    assert cache.get_seq_length() == 5

@@ -24,6 +24,9 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # rope_type -> keys allowed in rope_parameters besides rope_type/rope_theta (None = required key)
 ROPE_KEYS: dict[str, dict[str, bool]] = {
@@ -118,10 +121,12 @@ class AlignlineConfig(PretrainedConfig):
 
         Construction does this already; calling it at use time covers a dict assigned afterwards
         (e.g. `config.rope_parameters = {"rope_type": "yarn", "factor": 4.0}`), which transformers'
-        RoPE functions also standardise before reading.
+        RoPE functions also standardise before reading. Keys the rope type does not use are refused at
+        construction but only logged here: transformers' tools update the dict in place and leave keys of
+        an earlier type behind, which Llama also reads past with a warning.
         """
         self.standardize_rope_params()  # transformers' own filling of missing keys, in place
-        self._check_rope()
+        self._check_rope(unused_keys="warn")
         return self.rope_parameters
 
     def _check(self) -> None:
@@ -155,7 +160,7 @@ class AlignlineConfig(PretrainedConfig):
                 raise bad("eos_token_id", self.eos_token_id, f"ids must be in [0, vocab_size={self.vocab_size}).")
         self._check_rope()
 
-    def _check_rope(self) -> None:
+    def _check_rope(self, unused_keys: str = "raise") -> None:
         rp = self.rope_parameters
         if not isinstance(rp, dict):
             raise ValueError(f"AlignlineConfig.rope_parameters must be a dict, got {type(rp).__name__}.")
@@ -176,10 +181,11 @@ class AlignlineConfig(PretrainedConfig):
             )
         for key in rp:
             if key not in allowed and key not in ("rope_type", "rope_theta", "partial_rotary_factor"):
-                raise ValueError(
-                    f"AlignlineConfig.rope_parameters[{key!r}] is not used by rope_type={rope_type!r}; "
-                    f"allowed keys: {sorted(['rope_type', 'rope_theta', *allowed])}."
-                )
+                message = (f"AlignlineConfig.rope_parameters[{key!r}] is not used by rope_type={rope_type!r}; "
+                           f"allowed keys: {sorted(['rope_type', 'rope_theta', *allowed])}.")
+                if unused_keys == "raise":
+                    raise ValueError(message)
+                logger.warning_once(message + " It is ignored.")
         for key, required in allowed.items():
             if required and rp.get(key) is None:
                 raise ValueError(
