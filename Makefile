@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-hf lint bench clean
 
 $(BIN)/alignline: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
+# transformers' own common model tests against our model (downloads the installed version's sdist once into
+# .cache/hf-battery/; needs the package registry). Not part of `make test`. About 2 minutes on 2 cores.
+test-hf: install
+	$(BIN)/python -m pytest tests -m hf_battery -p no:cacheprovider
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -37,4 +42,4 @@ bench: install
 	$(BIN)/python bench/model_throughput.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .cache/hf-battery
