@@ -287,3 +287,61 @@ def test_output_field_is_the_one_installed_transformers_reads():
         out = model(_ids(1, 4), use_cache=True)
     assert CACHE_OUTPUT_FIELD in CausalLMOutputWithPast.__dataclass_fields__
     assert getattr(out, CACHE_OUTPUT_FIELD).get_seq_length() == 4
+
+
+@pytest.mark.parametrize("via", ["argument", "config"])
+def test_hidden_states_match_llama(via):
+    # output_hidden_states is honoured both as a forward argument and as the config flag (transformers'
+    # common tests set the flag), with Llama's layout: embeddings, each layer's output, final norm last.
+    model = tiny_model().eval()
+    llama = to_llama(model).eval()
+    ids, mask = _left_padded(_ids(length=12), pads=(0, 2, 5))
+    kw = {"output_hidden_states": True} if via == "argument" else {}
+    if via == "config":
+        model.config.output_hidden_states = llama.config.output_hidden_states = True
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, **kw).hidden_states
+        ref = llama(ids, attention_mask=mask, **kw).hidden_states
+        backbone = model.model(ids, attention_mask=mask, **kw).hidden_states
+    assert ours is not None and len(ours) == len(ref) == model.config.num_hidden_layers + 1
+    real = mask.bool()
+    for i, (a, b, c) in enumerate(zip(ours, ref, backbone)):
+        assert torch.allclose(a[real], b[real], atol=1e-5, rtol=0), (i, (a[real] - b[real]).abs().max())
+        assert torch.equal(a, c), i
+    with torch.no_grad():
+        model.config.output_hidden_states = False
+        assert model(ids, attention_mask=mask).hidden_states is None
+
+
+def test_rope_parameters_assigned_after_construction_are_standardised():
+    # Llama fills yarn's original_max_position_embeddings from max_position_embeddings when it reads a dict
+    # that lacks it; ours used to raise KeyError('original_max_position_embeddings').
+    model = tiny_model(max_position_embeddings=32).eval()
+    model.config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0}
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # modules read the config when built
+    llama = to_llama(model).eval()
+    assert llama.config.rope_parameters["original_max_position_embeddings"] == 32
+    ids = _ids(2, 40)  # past max_position_embeddings: yarn's extrapolated range
+    with torch.no_grad():
+        ours, ref = model(ids).logits, llama(ids).logits
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 32
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0), (ours - ref).abs().max()
+    # the legacy `type` key and a missing rope_theta are filled the same way; bad values still name the field
+    model.config.rope_parameters = {"type": "linear", "factor": 2.0}
+    assert model.config.validated_rope_parameters() == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        type(model.model.rotary_emb)(model.config)
+
+
+def test_past_key_values_name_warns_where_transformers_renamed_it():
+    # transformers >= 5.24 deprecates `past_key_values` for `cache` (Llama's forwards warn); older ones pass it.
+    model = tiny_model().eval()
+    with torch.no_grad():
+        cache = getattr(model(_ids(1, 4), use_cache=True), CACHE_OUTPUT_FIELD)
+        if CACHE_OUTPUT_FIELD == "cache":
+            with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+                model(_ids(1, 1), past_key_values=cache)
+        else:
+            model(_ids(1, 1), past_key_values=cache)
+    assert cache.get_seq_length() == 5

@@ -11,7 +11,11 @@ RoPE follows transformers 5: the canonical field is `rope_parameters`, a dict su
 dict is exactly what `LlamaConfig.rope_parameters` holds and conversion is lossless.
 Supported rope types: default, linear, dynamic (NTK-aware), yarn.
 
-Invalid combinations raise `ValueError` at construction naming the field and the fix.
+Invalid combinations raise `ValueError` at construction naming the field and the fix. A
+`rope_parameters` dict assigned after construction is standardised and checked when the model
+reads it (`validated_rope_parameters()`), as transformers' own RoPE functions do: yarn's
+`original_max_position_embeddings` defaults to `max_position_embeddings`, a legacy `type` key
+becomes `rope_type`, a missing `rope_theta` gets the default.
 """
 
 
@@ -20,6 +24,9 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # rope_type -> keys allowed in rope_parameters besides rope_type/rope_theta (None = required key)
 ROPE_KEYS: dict[str, dict[str, bool]] = {
@@ -109,6 +116,19 @@ class AlignlineConfig(PretrainedConfig):
     def num_key_value_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    def validated_rope_parameters(self) -> dict:
+        """`rope_parameters` standardised like LlamaConfig's and checked, for the model to read.
+
+        Construction does this already; calling it at use time covers a dict assigned afterwards
+        (e.g. `config.rope_parameters = {"rope_type": "yarn", "factor": 4.0}`), which transformers'
+        RoPE functions also standardise before reading. Keys the rope type does not use are refused at
+        construction but only logged here: transformers' tools update the dict in place and leave keys of
+        an earlier type behind, which Llama also reads past with a warning.
+        """
+        self.standardize_rope_params()  # transformers' own filling of missing keys, in place
+        self._check_rope(unused_keys="warn")
+        return self.rope_parameters
+
     def _check(self) -> None:
         def bad(field: str, value: Any, why: str) -> ValueError:
             return ValueError(f"AlignlineConfig.{field}={value!r} is invalid: {why}")
@@ -140,7 +160,7 @@ class AlignlineConfig(PretrainedConfig):
                 raise bad("eos_token_id", self.eos_token_id, f"ids must be in [0, vocab_size={self.vocab_size}).")
         self._check_rope()
 
-    def _check_rope(self) -> None:
+    def _check_rope(self, unused_keys: str = "raise") -> None:
         rp = self.rope_parameters
         if not isinstance(rp, dict):
             raise ValueError(f"AlignlineConfig.rope_parameters must be a dict, got {type(rp).__name__}.")
@@ -152,12 +172,20 @@ class AlignlineConfig(PretrainedConfig):
                 f"use one of {sorted(ROPE_KEYS)}."
             )
         allowed = ROPE_KEYS[rope_type]
+        # transformers' tools may write the partial-rotary fraction explicitly; 1.0 (the whole head) is
+        # what this model does, anything else is refused rather than silently ignored.
+        if rp.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"AlignlineConfig.rope_parameters['partial_rotary_factor']={rp['partial_rotary_factor']!r} is "
+                "not supported: alignline rotates the whole head (1.0)."
+            )
         for key in rp:
-            if key not in allowed and key not in ("rope_type", "rope_theta"):
-                raise ValueError(
-                    f"AlignlineConfig.rope_parameters[{key!r}] is not used by rope_type={rope_type!r}; "
-                    f"allowed keys: {sorted(['rope_type', 'rope_theta', *allowed])}."
-                )
+            if key not in allowed and key not in ("rope_type", "rope_theta", "partial_rotary_factor"):
+                message = (f"AlignlineConfig.rope_parameters[{key!r}] is not used by rope_type={rope_type!r}; "
+                           f"allowed keys: {sorted(['rope_type', 'rope_theta', *allowed])}.")
+                if unused_keys == "raise":
+                    raise ValueError(message)
+                logger.warning_once(message + " It is ignored.")
         for key, required in allowed.items():
             if required and rp.get(key) is None:
                 raise ValueError(

@@ -21,6 +21,7 @@ restarting at 0, no attention_mask) get a block-diagonal mask so documents do no
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,11 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None, where: str) -
     """The KV cache passed under either name; both at once is a caller error."""
     if cache is not None and past_key_values is not None:
         raise ValueError(f"{where}.forward got both `cache` and `past_key_values`; pass the KV cache once.")
+    if past_key_values is not None and CACHE_OUTPUT_FIELD == "cache":
+        # Where the installed transformers has renamed it, the old name still works but says so, as Llama's
+        # forwards do; older transformers' generate() passes `past_key_values` and gets no warning.
+        warnings.warn(f"`past_key_values` is deprecated for {where}.forward; pass the KV cache as `cache`.",
+                      FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
 
@@ -86,7 +92,7 @@ def rope_inv_freq(
     dynamic: NTK-aware base growth once seq_len exceeds max_position_embeddings.
     yarn: per-frequency blend of interpolation and extrapolation plus an attention scale (Peng et al. 2023).
     """
-    rp = config.rope_parameters
+    rp = config.validated_rope_parameters()  # a dict assigned after construction may lack defaults
     rope_type, base, dim = rp["rope_type"], float(rp["rope_theta"]), config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim  # (hd/2,)
     if rope_type == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
@@ -140,11 +146,16 @@ class AlignlineRotaryEmbedding(nn.Module):
     def __init__(self, config: AlignlineConfig):
         super().__init__()
         self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
+        self.rope_type = config.validated_rope_parameters()["rope_type"]
         self.attention_scaling = 1.0
         # Filled on first use, not here: from_pretrained builds modules under a meta-device context.
         self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """(hd/2,) inverse frequencies at the trained length, as LlamaRotaryEmbedding.inv_freq (read-only)."""
+        return self._inv_freq_on(next(iter(self._inv_freq_by_device), torch.device("cpu")))
 
     def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq_by_device:
