@@ -148,3 +148,12 @@ def test_sampling_options_are_the_only_logits_processors(leaky_ckpt, monkeypatch
     ]
     assert model.generation_config.top_k == 5  # the checkpoint's own config is back after each call
 
+
+def test_gold_eval_greedy_ignores_the_checkpoint_generation_config(leaky_ckpt, monkeypatch):
+    from alignline.evaluation import greedy_generate
+    from tests.sampling_checks import spy_processors
+
+    model, tok = load_model(leaky_ckpt, device="cpu")
+    seen = spy_processors(monkeypatch, model)
+    out = greedy_generate(model, tok, [[{"role": "user", "content": "the cat"}]] * 2, max_new_tokens=4)
+    assert len(out) == 2 and seen == [[]]
