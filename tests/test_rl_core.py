@@ -264,7 +264,13 @@ def test_checkpoint_generation_config_cannot_change_rollout_sampling(tmp_path):
     """A checkpoint whose generation_config.json sets top-k 5, top-p 0.5, repetition penalty,
     suppressed tokens, min_p...: loaded as the PPO stage loads it, rollouts still sample exactly
     softmax(logits / T), and top_k=K asked by the PPO config keeps exactly the top K."""
-    from tests.sampling_checks import CHI2_9DF_1E4, leaky_checkpoint, load_like_the_stages, rank_chi_square, ranks_under
+    from tests.sampling_checks import (
+        CHI2_9DF_1E4,
+        leaky_checkpoint,
+        load_like_the_stages,
+        rank_chi_square,
+        ranks_under,
+    )
 
     model = load_like_the_stages(leaky_checkpoint(tmp_path / "ckpt", vocab_size=1000))
     tokens, logits = _first_tokens(model, temperature=T_ROLL, top_k=0, top_p=1.0)
@@ -280,3 +286,18 @@ def test_checkpoint_generation_config_cannot_change_rollout_sampling(tmp_path):
     assert int(ranks_under(probs, tokens).max()) < K
     assert len(set(tokens.tolist())) == K  # every one of the top K appears (the checkpoint's top-5 does not win)
     assert rank_chi_square(tokens, top) < CHI2_9DF_1E4
+
+
+def test_lora_wrapped_policy_hides_its_checkpoint_generation_config_too(tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from alignline.rl.rollout import generate
+    from tests.sampling_checks import leaky_checkpoint, load_like_the_stages, spy_processors
+
+    model = load_like_the_stages(leaky_checkpoint(tmp_path / "ckpt", vocab_size=64))
+    seen = spy_processors(monkeypatch, model)  # PEFT's generate ends in the base model's
+    policy = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.tensor([PROMPT] * 4)
+    generate(policy, ids, torch.ones_like(ids), max_new_tokens=3, temperature=1.0, eos_id=2, pad_id=0)
+    assert seen == [[]]
+    assert policy.get_base_model().generation_config.top_k == 5  # restored after the call
