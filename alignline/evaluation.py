@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from alignline.generation import decoding_config, generate_exactly
+
 
 @dataclass
 class GoldResult:
@@ -51,19 +53,16 @@ def greedy_generate(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush
     out: list[str] = []
+    # Plain greedy: a checkpoint's repetition penalty, n-gram ban, min length... must not change the scores.
+    gen_cfg = decoding_config(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
     try:
         for i in range(0, len(conversations), batch_size):
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in conversations[i:i + batch_size]]
             # The template already writes <|bos|>; don't let the tokenizer add another.
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            gen = generate_exactly(model, gen_cfg, **enc)
             new = gen[:, enc["input_ids"].shape[1]:]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:

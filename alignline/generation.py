@@ -9,13 +9,20 @@ CLI: `alignline generate CKPT --prompt "..."` and `alignline chat CKPT` (alignli
 The checkpoint's chat template is used when it has one (prompts become a user turn and the template's
 generation prompt is appended); otherwise the prompt is fed as raw text. Tokens are streamed with
 transformers' TextIteratorStreamer as they are produced; generation stops at the eos token.
+
+Every generate() in alignline (rollouts, evaluation, policy pairs, this module) goes through
+`decoding_config` + `generate_exactly`: the tokens come from exactly softmax(logits / T) with only the
+top-k / top-p / repetition penalty asked for. In transformers 5.x a GenerationConfig field left None is
+"unset" and is filled from the checkpoint's generation_config.json, then from library defaults (top_k=50),
+so every knob is given an explicit neutral value and the model's own generation_config is hidden for
+the call (fields whose only "off" value is None, e.g. suppress_tokens or min_p, can only be kept out so).
 """
 
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 
 @dataclass
@@ -41,13 +48,84 @@ class SamplingOptions:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off).")
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature == 0:
-            # Unset the sampling knobs explicitly so a checkpoint's generation_config cannot re-enable them.
-            return dict(max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                        top_k=None, repetition_penalty=self.repetition_penalty)
-        return dict(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
-                    top_p=self.top_p, top_k=self.top_k or None, repetition_penalty=self.repetition_penalty)
+    def generation_config(self, eos_token_id, pad_token_id, bos_token_id=None):
+        """The exact GenerationConfig these options mean (see `decoding_config`)."""
+        return decoding_config(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                               temperature=self.temperature or 1.0, top_k=self.top_k, top_p=self.top_p,
+                               repetition_penalty=self.repetition_penalty, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, bos_token_id=bos_token_id)
+
+
+# The value that switches each logits processor / decoding feature of transformers' generate() off.
+# Used for greedy and sampling alike. min_new_tokens stays None: generate() turns any value into
+# min_length = prompt length + value, a MinLengthLogitsProcessor (harmless at 0, but not "off").
+_NEUTRAL = dict(
+    min_length=0, num_beams=1, num_beam_groups=1, num_return_sequences=1,
+    diversity_penalty=0.0, length_penalty=1.0, early_stopping=False, encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, guidance_scale=1.0, renormalize_logits=False,
+    remove_invalid_values=False, token_healing=False, output_scores=False, output_logits=False,
+    output_attentions=False, output_hidden_states=False, return_dict_in_generate=False, use_cache=True,
+)
+# Sampling-only warpers; transformers refuses them (strict validation) when do_sample is False, and
+# greedy decoding never applies them, so they are set for sampling only.
+_NEUTRAL_SAMPLING = dict(typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+
+
+def decoding_config(
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    bos_token_id: int | None = None,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+):
+    """A GenerationConfig built from scratch (never the model's): greedy, or sampling from exactly
+    softmax(logits / temperature) restricted by top_k (0 = off) and top_p (1.0 = off); everything
+    else neutral. Only the special token ids are taken from the caller. Use with `generate_exactly`."""
+    from transformers import GenerationConfig
+
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]")
+    fields = dict(_NEUTRAL, max_new_tokens=max_new_tokens, do_sample=do_sample, repetition_penalty=repetition_penalty,
+                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id)
+    if do_sample:
+        # top_k=0, not None: None is "unset" and becomes transformers' default top_k=50.
+        fields.update(_NEUTRAL_SAMPLING, temperature=temperature, top_k=top_k, top_p=top_p)
+    return GenerationConfig(**fields)
+
+
+@contextmanager
+def _hidden_generation_config(model, generation_config):
+    """Swap every generation_config the model (or a wrapper such as PEFT's) owns for a blank one
+    holding only the special ids: generate() fills each unset field from it, and a checkpoint's value
+    for a field whose only "off" value is None (suppress_tokens, min_p, forced_bos_token_id, ...) would
+    otherwise come back."""
+    from transformers import GenerationConfig
+
+    ids = {k: getattr(generation_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    owners = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    saved = [m.generation_config for m in owners]
+    try:
+        for m in owners:
+            m.generation_config = GenerationConfig(**ids)
+        yield
+    finally:
+        for m, cfg in zip(owners, saved):
+            m.generation_config = cfg
+
+
+def generate_exactly(model, generation_config, **inputs):
+    """model.generate(**inputs, generation_config=generation_config) with nothing from the model's own
+    generation_config (generation_config.json) mixed in. The model's config is restored afterwards; do
+    not run other generate() calls on the same model concurrently."""
+    with _hidden_generation_config(model, generation_config):
+        return model.generate(**inputs, generation_config=generation_config)
 
 
 def load_model(checkpoint: str | Path, device: str | None = None, dtype: str = "auto"):
@@ -116,14 +194,14 @@ def stream_generate(
     if eos is None:
         eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                  eos_token_id=eos, pad_token_id=pad, **options.generate_kwargs())
+    gen_cfg = options.generation_config(eos, pad, model.generation_config.bos_token_id)
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
             with torch.no_grad():
-                model.generate(**kwargs)
+                generate_exactly(model, gen_cfg, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 streamer=streamer)
         except BaseException as err:  # re-raised in the caller's thread below
             errors.append(err)
             streamer.end()
@@ -178,4 +256,5 @@ def chat_loop(model, tokenizer, options: SamplingOptions | None = None, system: 
         history.append({"role": "assistant", "content": reply})
 
 
-__all__ = ["SamplingOptions", "chat_loop", "encode_prompt", "generate_text", "load_model", "stream_generate"]
+__all__ = ["SamplingOptions", "chat_loop", "decoding_config", "encode_prompt", "generate_exactly", "generate_text",
+           "load_model", "stream_generate"]

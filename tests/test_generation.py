@@ -112,3 +112,48 @@ def test_cli_convert_round_trip_and_refusal(ckpt, tmp_path):
     # converting an alignline checkpoint "to alignline" is a user error with a clear message
     res = runner.invoke(_app(), ["convert", str(ckpt), "--to", "alignline", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "model_type='alignline'" in res.output
+
+
+# --------------------------------------------------------------------------- the checkpoint's generation_config
+
+
+@pytest.fixture(scope="module")
+def leaky_ckpt(tmp_path_factory):
+    """A checkpoint whose generation_config.json turns on top-k 5, top-p 0.5, a repetition penalty, ..."""
+    from tests.sampling_checks import leaky_checkpoint
+
+    tok = toy_tokenizer(CORPUS)
+    return leaky_checkpoint(tmp_path_factory.mktemp("leaky"), vocab_size=len(tok), tokenizer=tok)
+
+
+def _kinds(processors):
+    return [(type(p).__name__, getattr(p, "temperature", None) or getattr(p, "top_k", None)
+             or getattr(p, "top_p", None) or getattr(p, "penalty", None)) for p in processors]
+
+
+def test_sampling_options_are_the_only_logits_processors(leaky_ckpt, monkeypatch):
+    from tests.sampling_checks import spy_processors
+
+    model, tok = load_model(leaky_ckpt, device="cpu")
+    seen = spy_processors(monkeypatch, model)
+    for opts in (SamplingOptions(temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=3),
+                 SamplingOptions(temperature=0, max_new_tokens=3),
+                 SamplingOptions(temperature=1.3, top_k=3, top_p=0.9, repetition_penalty=1.2, max_new_tokens=3)):
+        "".join(stream_generate(model, tok, "the cat", opts))
+    assert [_kinds(s) for s in seen] == [
+        [("TemperatureLogitsWarper", 0.7)],
+        [],  # greedy: no penalty, n-gram ban, suppressed tokens... from the checkpoint
+        [("RepetitionPenaltyLogitsProcessor", 1.2), ("TemperatureLogitsWarper", 1.3), ("TopKLogitsWarper", 3),
+         ("TopPLogitsWarper", 0.9)],
+    ]
+    assert model.generation_config.top_k == 5  # the checkpoint's own config is back after each call
+
+
+def test_gold_eval_greedy_ignores_the_checkpoint_generation_config(leaky_ckpt, monkeypatch):
+    from alignline.evaluation import greedy_generate
+    from tests.sampling_checks import spy_processors
+
+    model, tok = load_model(leaky_ckpt, device="cpu")
+    seen = spy_processors(monkeypatch, model)
+    out = greedy_generate(model, tok, [[{"role": "user", "content": "the cat"}]] * 2, max_new_tokens=4)
+    assert len(out) == 2 and seen == [[]]

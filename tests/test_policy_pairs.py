@@ -53,3 +53,20 @@ def test_sampling_goes_through_the_chat_template_and_needs_gold_answers():
 
     with pytest.raises(ValueError, match="lack them"):
         sample_policy_pairs(model, tok, [{"prompt": rows[0]["prompt"]}])
+
+
+def test_policy_samples_ignore_the_checkpoint_generation_config(tmp_path, monkeypatch):
+    """Pairs are labelled on what the policy really says: sampling is softmax(logits / T) only, not the
+    checkpoint's top-k 5 / top-p / repetition penalty / suppressed tokens."""
+    from alignline.model.tiny import toy_tokenizer
+    from alignline.rl.policy_pairs import sample_responses
+    from tests.sampling_checks import leaky_checkpoint, load_like_the_stages, spy_processors
+
+    tok = toy_tokenizer(["What is 1+2? 3", "Reverse a b. b a"])
+    model = load_like_the_stages(leaky_checkpoint(tmp_path / "ckpt", vocab_size=len(tok), tokenizer=tok))
+    seen = spy_processors(monkeypatch, model)
+    convs = [[{"role": "user", "content": "What is 1+2?"}]]
+    sample_responses(model, tok, convs, samples_per_prompt=2, temperature=1.0, max_new_tokens=3)
+    sample_responses(model, tok, convs, samples_per_prompt=2, temperature=0.5, max_new_tokens=3)
+    assert [[type(p).__name__ for p in s] for s in seen] == [[], ["TemperatureLogitsWarper"]]
+    assert seen[1][0].temperature == 0.5

@@ -180,3 +180,21 @@ def test_interrupted_dpo_resumes_from_its_trainer_checkpoint(tiny_chain, tmp_pat
     losses = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in losses if "loss" in r]
     assert steps == [1, 2, 3, 4], steps
+
+
+def test_eval_kl_and_greedy_ignore_the_checkpoint_generation_config(tmp_path, monkeypatch):
+    """The evaluation's KL samples come from softmax(logits / T), the distribution the KL is computed
+    under, and its greedy answers are plain greedy, whatever the checkpoint's generation_config.json says."""
+    from stages.ppo import EvalConfig, _greedy, _kl_to_ref, _ref_logits_fn
+    from tests.sampling_checks import leaky_checkpoint, load_like_the_stages, spy_processors
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 2
+
+    policy = load_like_the_stages(leaky_checkpoint(tmp_path / "ckpt", vocab_size=64))
+    seen = spy_processors(monkeypatch, policy)
+    prompts = [[1, 5, 9], [1, 7]]
+    kl = _kl_to_ref(policy, _ref_logits_fn(policy, policy), Tok, prompts, EvalConfig(max_new_tokens=3), 0.7, "cpu")
+    assert kl == pytest.approx(0.0, abs=1e-6)  # policy == ref
+    _greedy(policy, Tok, prompts, 3, 8, "cpu")
+    assert [[type(p).__name__ for p in s] for s in seen] == [["TemperatureLogitsWarper"], []]

@@ -225,3 +225,79 @@ def test_left_pad():
     ids, attn = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert attn.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+# --------------------------------------------------------------------------- rollout sampling distribution
+
+N_SAMPLES, T_ROLL, PROMPT = 3000, 0.7, [1, 5, 9, 13]
+
+
+def _first_tokens(model, **kw):
+    """N_SAMPLES first response tokens of rollout.generate on one prompt, and the model's logits there."""
+    from alignline.rl.rollout import generate
+
+    ids = torch.tensor([PROMPT] * N_SAMPLES)
+    torch.manual_seed(0)
+    resp = generate(model, ids, torch.ones_like(ids), max_new_tokens=1, eos_id=2, pad_id=0, **kw)
+    with torch.no_grad():
+        logits = model(input_ids=ids[:1]).logits[0, -1]
+    return resp[:, 0], logits
+
+
+def test_rollout_samples_the_full_tempered_softmax_with_a_large_vocab():
+    # transformers 5.x fills an unset top_k with 50; with 1,000 near-uniform tokens most of the mass is
+    # past rank 50, so a silent top-50 shows at once (a 16-token vocabulary hides it).
+    from tests.sampling_checks import CHI2_9DF_1E4, rank_chi_square, ranks_under, spread_model
+
+    model = spread_model(vocab_size=1000)
+    tokens, logits = _first_tokens(model, temperature=T_ROLL)
+    probs = torch.softmax(logits / T_ROLL, -1)
+    tail = float(probs[torch.argsort(probs, descending=True)[50:]].sum())
+    assert tail > 0.4  # the check below has teeth
+    assert float((ranks_under(probs, tokens) >= 50).float().mean()) == pytest.approx(tail, abs=0.05)
+    assert rank_chi_square(tokens, probs) < CHI2_9DF_1E4
+    # ... and the temperature is really applied (T=1 would give a clearly different rank profile).
+    assert rank_chi_square(tokens, torch.softmax(logits, -1)) > 3 * CHI2_9DF_1E4
+
+
+def test_checkpoint_generation_config_cannot_change_rollout_sampling(tmp_path):
+    """A checkpoint whose generation_config.json sets top-k 5, top-p 0.5, repetition penalty,
+    suppressed tokens, min_p...: loaded as the PPO stage loads it, rollouts still sample exactly
+    softmax(logits / T), and top_k=K asked by the PPO config keeps exactly the top K."""
+    from tests.sampling_checks import (
+        CHI2_9DF_1E4,
+        leaky_checkpoint,
+        load_like_the_stages,
+        rank_chi_square,
+        ranks_under,
+    )
+
+    model = load_like_the_stages(leaky_checkpoint(tmp_path / "ckpt", vocab_size=1000))
+    tokens, logits = _first_tokens(model, temperature=T_ROLL, top_k=0, top_p=1.0)
+    probs = torch.softmax(logits / T_ROLL, -1)
+    assert rank_chi_square(tokens, probs) < CHI2_9DF_1E4
+    assert int(ranks_under(probs, tokens).max()) >= 200
+
+    K = 20
+    tokens, _ = _first_tokens(model, temperature=T_ROLL, top_k=K)
+    top = torch.zeros_like(probs)
+    keep = torch.argsort(probs, descending=True)[:K]
+    top[keep] = probs[keep] / probs[keep].sum()
+    assert int(ranks_under(probs, tokens).max()) < K
+    assert len(set(tokens.tolist())) == K  # every one of the top K appears (the checkpoint's top-5 does not win)
+    assert rank_chi_square(tokens, top) < CHI2_9DF_1E4
+
+
+def test_lora_wrapped_policy_hides_its_checkpoint_generation_config_too(tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from alignline.rl.rollout import generate
+    from tests.sampling_checks import leaky_checkpoint, load_like_the_stages, spy_processors
+
+    model = load_like_the_stages(leaky_checkpoint(tmp_path / "ckpt", vocab_size=64))
+    seen = spy_processors(monkeypatch, model)  # PEFT's generate ends in the base model's
+    policy = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.tensor([PROMPT] * 4)
+    generate(policy, ids, torch.ones_like(ids), max_new_tokens=3, temperature=1.0, eos_id=2, pad_id=0)
+    assert seen == [[]]
+    assert policy.get_base_model().generation_config.top_k == 5  # restored after the call

@@ -21,8 +21,8 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
 
+from alignline.generation import decoding_config, generate_exactly
 from alignline.rl.core import entropy_from_logits, logprobs_from_logits
 
 
@@ -92,20 +92,14 @@ def generate(
     top_p: float = 1.0,
     do_sample: bool = True,
 ) -> torch.Tensor:
-    """Sample continuations with HF generate (KV cache on). Returns response tokens [B, <=max_new]."""
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_k=top_k if do_sample and top_k > 0 else None,
-        top_p=top_p if do_sample and top_p < 1.0 else None,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
-    # An explicit GenerationConfig so a checkpoint's generation_config.json (repetition penalty,
-    # min length, ...) cannot silently change the sampling distribution PPO assumes.
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+    """Sample continuations with HF generate (KV cache on). Returns response tokens [B, <=max_new].
+
+    Tokens come from exactly softmax(logits / temperature) cut by top_k / top_p when set (0 / 1.0 =
+    off), the distribution `response_logprobs` scores; the checkpoint's generation_config.json and
+    transformers' defaults (top_k=50) play no part (alignline.generation.decoding_config)."""
+    gen_cfg = decoding_config(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                              top_k=top_k, top_p=top_p, eos_token_id=eos_id, pad_token_id=pad_id)
+    out = generate_exactly(model, gen_cfg, input_ids=input_ids, attention_mask=attention_mask)
     return out[:, input_ids.shape[1] :]
 
 
