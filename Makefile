@@ -33,7 +33,7 @@ test: install
 
 # About a minute: the library and model tests, no stage trainings, Prefect or subprocesses.
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow" -x -q
+	$(BIN)/python -m pytest tests -m "not slow and not hf_battery" -q
 
 # transformers' own common model tests against our model (downloads the installed version's sdist once
 # into .cache/hf-battery/; needs the package registry). About 2 minutes on 2 cores.

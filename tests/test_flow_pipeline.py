@@ -17,7 +17,7 @@ import pytest
 from alignline.config import ConfigError
 from tests.prefect_fixtures import fake_pipeline_overrides, make_fake_stages, prefect_harness  # noqa: F401
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("prefect_harness")]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 ALL = ["data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate"]
 
@@ -135,7 +135,7 @@ def test_killed_subprocess_stage_resumes(fake, monkeypatch) -> None:
     run, run_dir = fake
     monkeypatch.setenv("FAKE_STEP_SLEEP", "0.3")
     with pytest.raises(Exception, match="timed out"):
-        run("pretrain.steps=400", "stages.pretrain.launcher=subprocess", "stages.pretrain.timeout_s=15",
+        run("pretrain.steps=400", "stages.pretrain.launcher=subprocess", "stages.pretrain.timeout_s=40",
             to_stage="pretrain")
     assert not (run_dir / "pretrain" / "manifest.json").exists()
     killed_at = json.loads((run_dir / "pretrain" / "state" / (run_dir / "pretrain" / "state" / "latest")

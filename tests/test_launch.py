@@ -15,7 +15,7 @@ import pytest
 
 from alignline.launch import LaunchError, launch, torchrun_command
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 RANK_SCRIPT = textwrap.dedent(
     """

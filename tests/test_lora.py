@@ -29,6 +29,8 @@ from tests.test_lora_fixtures import (
     write_jsonl,
 )
 
+pytestmark = pytest.mark.slow  # trains with TRL/PEFT: out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = REPO.parent / "shared" / "data" / "sft" / "alpaca_en_demo.json"
 PROBE_IDS = [[3, 17, 42, 5, 99, 7, 250, 11, 64, 2]]

@@ -12,7 +12,7 @@ import pytest
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (session fixture)
 from tests.test_lora_fixtures import build_base, conversations, lora_overrides, single_thread, write_jsonl
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("prefect_harness")]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 
 @pytest.fixture(scope="module", autouse=True)

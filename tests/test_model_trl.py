@@ -12,6 +12,8 @@ import torch
 from alignline.model import AlignlineForSequenceClassification
 from alignline.model.tiny import tiny_config, tiny_model, toy_tokenizer
 
+pytestmark = pytest.mark.slow  # trains with TRL/PEFT: out of `make test-fast`
+
 pytest.importorskip("trl")
 
 
