@@ -372,6 +372,7 @@ def test_adaptive_kl_clamps_the_error_from_below_and_checks_its_arguments():
     assert ctl.value == pytest.approx(0.2 * (1 - 0.2 * 10 / 100))
     ctl.update(3.0, 10)  # error -0.25 clipped to -0.2
     assert ctl.value == pytest.approx(0.2 * (1 - 0.02) ** 2)
+    assert AdaptiveKLController(0.1, target=1.0, horizon=1).horizon == 1  # the smallest valid horizon
     for bad in ((0.1, 0.0, 10), (0.1, 1.0, 0)):
         with pytest.raises(ValueError, match="target > 0"):
             AdaptiveKLController(*bad)
