@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast test-hf deps-latest lock lint bench clean
+.PHONY: install demo test test-fast test-hf mutation deps-latest lock lint bench clean
 
 $(BIN)/alignline: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,15 @@ test-fast: install
 test-hf: install
 	$(BIN)/python -m pytest tests -m hf_battery -p no:cacheprovider
 
+# Mutation testing of our PPO (alignline/rl/) against its fast tests; config in pyproject [tool.mutmut],
+# accepted survivors in tests/mutation_survivors.md. mutmut is a tool, not a dependency: installed into
+# .venv on first use, not in the lock. Writes mutants/ (results cached there; `rm -rf mutants` to redo).
+MUTMUT_VERSION := 3.8.1
+mutation: install
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -q mutmut==$(MUTMUT_VERSION)
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run
+	$(BIN)/mutmut results
+
 # The newest releases the registry serves, upper bounds ignored, in a throwaway venv.
 deps-latest: install
 	$(BIN)/python tools/deps_latest.py
@@ -57,4 +66,4 @@ bench: install
 	$(BIN)/python bench/model_throughput.py
 
 clean:
-	rm -rf runs .pytest_cache .venv-latest .cache/hf-battery
+	rm -rf runs .pytest_cache .venv-latest .cache/hf-battery mutants

@@ -20,6 +20,7 @@ from alignline.rl.core import (
     kl_estimate,
     logprobs_from_logits,
     masked_mean,
+    masked_sum,
     masked_var,
     masked_whiten,
     policy_loss,
@@ -301,3 +302,81 @@ def test_lora_wrapped_policy_hides_its_checkpoint_generation_config_too(tmp_path
     generate(policy, ids, torch.ones_like(ids), max_new_tokens=3, temperature=1.0, eos_id=2, pad_id=0)
     assert seen == [[]]
     assert policy.get_base_model().generation_config.top_k == 5  # restored after the call
+
+
+# --------------------------------------------------------------------------- cases mutation testing asked for
+
+
+def test_policy_loss_lower_clip():
+    # ratio 0.5: a negative advantage takes the clipped 0.8 (pessimistic), a positive one the unclipped 0.5.
+    mask = torch.ones(1, 2, dtype=torch.long)
+    old = torch.tensor([[-1.0, -2.0]])
+    new = (old + math.log(0.5)).requires_grad_()
+    adv = torch.tensor([[-2.0, 3.0]])
+    loss, stats = policy_loss(new, old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx((0.8 * 2.0 - 0.5 * 3.0) / 2, rel=1e-5)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    assert stats["ratio_mean"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] != 0
+
+
+def test_value_loss_clips_around_nonzero_old_values_from_below():
+    mask = torch.ones(1, 3, dtype=torch.long)
+    old = torch.tensor([[2.0, -1.0, 0.5]])
+    ret = torch.tensor([[1.0, -2.5, 0.0]])
+    new = torch.tensor([[1.5, -1.1, 1.5]], requires_grad=True)
+    loss, stats = value_loss(new, old, ret, mask, clip_range=0.2)
+    # token 0: V 1.5 -> clip 1.8: max(0.25, 0.64) = 0.64; token 1: -1.1 inside: 1.96;
+    # token 2: 1.5 -> clip 0.7: max(2.25, 0.49) = 2.25.
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.96 + 2.25) / 3, rel=1e-5)
+    assert stats["vf_clipfrac"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[0.0, (-1.1 + 2.5) / 3, (1.5 - 0.0) / 3]]))
+
+
+def test_rewards_with_the_k3_estimator():
+    mask = prefix_mask([2, 1], 3)
+    logp = torch.tensor([[-1.0, -2.0, 7.0], [-0.5, 7.0, 7.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0], [-0.5, 0.0, 0.0]])
+    rewards, kl = compute_rewards(torch.tensor([1.0, -1.0]), logp, ref, mask, beta=0.5, kl_estimator="k3")
+    k3 = lambda d: math.exp(-d) - 1 + d  # noqa: E731
+    expected_kl = torch.tensor([[k3(0.5), k3(-1.0), 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(kl, expected_kl)
+    expected = -0.5 * expected_kl
+    expected[0, 1] += 1.0
+    expected[1, 0] += -1.0
+    torch.testing.assert_close(rewards, expected)
+    with pytest.raises(ValueError, match="no real token"):
+        compute_rewards(torch.tensor([1.0]), logp[:1], ref[:1], torch.zeros(1, 3, dtype=torch.long), beta=0.5)
+
+
+def test_whiten_without_shifting_the_mean_and_unbiased_variance():
+    x = torch.tensor([[1.0, 2.0, 9.0], [3.0, 50.0, 50.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # real entries 1, 2, 3: mean 2, unbiased var 1 (biased 2/3).
+    torch.testing.assert_close(masked_var(x, mask), torch.tensor(1.0))
+    torch.testing.assert_close(masked_var(x, mask, unbiased=False), torch.tensor(2 / 3))
+    torch.testing.assert_close(masked_var(x[:1, :1], mask[:1, :1]), torch.tensor(0.0))  # one entry: no n-1
+    s = 1 / math.sqrt(1 + 1e-8)
+    torch.testing.assert_close(masked_whiten(x, mask), torch.tensor([[-s, 0.0, 0.0], [s, 0.0, 0.0]]))
+    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False),
+                               torch.tensor([[2 - s, 2.0, 0.0], [2 + s, 0.0, 0.0]]))
+    torch.testing.assert_close(masked_sum(x, mask, dim=1), torch.tensor([3.0, 3.0]))
+    assert math.isnan(explained_variance(x, torch.ones_like(x), mask))  # constant returns: undefined
+
+
+def test_adaptive_kl_clamps_the_error_from_below_and_checks_its_arguments():
+    ctl = AdaptiveKLController(0.2, target=4.0, horizon=100)
+    ctl.update(0.0, 10)  # error -1 clipped to -0.2
+    assert ctl.value == pytest.approx(0.2 * (1 - 0.2 * 10 / 100))
+    ctl.update(3.0, 10)  # error -0.25 clipped to -0.2
+    assert ctl.value == pytest.approx(0.2 * (1 - 0.02) ** 2)
+    assert AdaptiveKLController(0.1, target=1.0, horizon=1).horizon == 1  # the smallest valid horizon
+    for bad in ((0.1, 0.0, 10), (0.1, 1.0, 0)):
+        with pytest.raises(ValueError, match="target > 0"):
+            AdaptiveKLController(*bad)
+    fixed = FixedKLController(0.3)
+    other = FixedKLController(1.0)
+    other.load_state_dict(fixed.state_dict())
+    assert other.value == 0.3
