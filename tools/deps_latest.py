@@ -93,7 +93,7 @@ def main() -> int:
     installed = {canonicalize_name(n): v for n, v in (line.split("==") for line in freeze.splitlines() if "==" in line)}
     moved = [(n, pins[n], installed[n]) for n in sorted(pins) if n in installed and installed[n] != pins[n]
              and n != "torch"]
-    print("\nPackages newer than the lock:" if moved else "\nEvery package is at its locked version.")
+    print("\nPackages at another version than the lock:" if moved else "\nEvery package is at its locked version.")
     for name, old, new in moved:
         print(f"  {name:28s} {old:>12s} -> {new}")
 
