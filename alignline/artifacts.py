@@ -37,13 +37,20 @@ manifest.json holds: `stage`, `status`, `config_sha256`, `inputs` (each parent's
 manifest sha256), `files` (sha256 and size of every output file, the weights included;
 `state/` and `tb/` are excluded), `versions` (python/torch/transformers/...), `git_commit`,
 `wall_time_s`, `device`, `world_size`, `headline` metrics, `code_version` (hash of the stage
-module plus the alignline package sources, used by the flow's cache) and `created`.
+module plus the alignline package sources), `key` (the reuse key, see `stage_key`) and `created`.
+
+Reuse key (`stage_key`): config sha256 + code version + every input (stage dirs by manifest
+sha256, a plain HF dir by content) + a fingerprint of every data file the stage reads from outside
+the run dir (`data=`, from the stage module's `data_files(config)`): content sha256, or for files
+over LARGE_FILE_BYTES (256 MiB) size + mtime + a sampled hash. The flow reuses a finished stage and
+StageRun resumes `state/` only under the same key.
 
 Resume: `save_state` writes `state/step_<N>/` (model.safetensors, optimizer.pt,
 scheduler.pt, rng.pt, meta.json) through a temp dir, then points `state/latest` at it. All
 torch files hold plain tensors/containers and are read with `torch.load(weights_only=True)`;
-nothing is pickled. `state/state.json` records the config sha256: a state written under a
-different config is discarded (with a log line) when the StageRun opens.
+nothing is pickled. `state/state.json` records the reuse key: a state written under a different
+key (config, code, a parent, a data file) is deleted when the StageRun opens, with a log line
+naming the part that changed. Each resume logs one "<stage>: resumed from step N" line.
 """
 
 from __future__ import annotations

@@ -248,3 +248,22 @@ def test_rerun_downstream_of_a_changed_parent_equals_a_fresh_run(tiny_init, tmp_
     (fresh_dir / "sft").symlink_to(sft)
     fresh = run_stage("reward", fresh_dir, RM_FAST, {"init": fresh_dir / "sft", "data": data})
     _assert_same(rerun, fresh)
+
+
+def test_real_data_stage_reruns_when_its_file_gains_rows(tmp_path):
+    """The nightly job: same config and code, rows appended to the SFT file -> the data stage re-runs."""
+    from flows.tasks import cache_check
+    from stages import data
+
+    rows = tmp_path / "sft.jsonl"
+    src = json.loads(SHARED_SFT.read_text())[:40] if SHARED_SFT.is_file() else [
+        {"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(40)]
+    rows.write_text("".join(json.dumps(r) + "\n" for r in src[:30]))
+    cfg = data.Config(source="files", size="tiny", files={"sft": {"path": str(rows), "format": "alpaca"}})
+    out = data.run(cfg, {}, tmp_path / "run")
+    assert cache_check("stages.data", cfg, {}, out)[0]
+    assert load_stage(out).headline["files"]["sft"]["train"] == 29  # 5% of 30 rows held out as val
+    with open(rows, "a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in src[30:]))
+    hit, why = cache_check("stages.data", cfg, {}, out)
+    assert not hit and why == f"data 'sft' changed: {rows} (content differs)"
