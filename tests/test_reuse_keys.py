@@ -145,7 +145,8 @@ def test_data_stage_fingerprints_its_source_files(tmp_path):
 # --------------------------------------------------------------------------- real stages (slow)
 
 FAST = ["train.max_steps=6", "train.save_every=3", "train.eval_every=6", "train.batch_size=8",
-        "train.max_train_examples=48", "logging.progress=false", "logging.every_steps=1"]
+        "train.max_train_examples=64", "logging.progress=false", "logging.every_steps=1"]
+# 64 examples / batch 8 = 8 steps an epoch: max_steps 6 ends mid-epoch, where HF Trainer overshot on resume.
 SFT_FAST = [*FAST, "eval.gold_prompts=0"]
 RM_FAST = [*FAST, "onpolicy.enabled=false"]
 
@@ -230,25 +231,27 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_init, tmp_path, monk
 
 @pytest.mark.slow
 def test_rerun_downstream_of_a_changed_parent_equals_a_fresh_run(tiny_init, tmp_path):
-    """SFT changes (its init swapped); reward re-run in the same run dir must not resume the state it
-    trained on the old SFT: it equals a reward stage trained fresh on the new SFT."""
+    """SFT's base model is swapped: SFT must retrain (not resume the state it trained on the old base),
+    and reward, re-run in the same run dir, must not resume the state it trained on the old SFT. Both
+    equal stages trained fresh in another run dir."""
     from tests.conftest import run_stage
 
     data = tiny_init["data"]
     rd = tmp_path / "run"
     sft = run_stage("sft", rd, SFT_FAST, {"init": tiny_init["init0"], "data": data})
+    old_sft = _weights(sft)
     run_stage("reward", rd, RM_FAST, {"init": sft, "data": data})
     sft = run_stage("sft", rd, SFT_FAST, {"init": tiny_init["init1"], "data": data})  # new base model
     assert load_stage(sft).manifest["key"]["inputs"]["init"]["path"] == str(tiny_init["init1"])
+    assert not all(torch.equal(old_sft[k], v) for k, v in _weights(sft).items())
     rerun = run_stage("reward", rd, RM_FAST, {"init": sft, "data": data})
-    assert _steps(rerun) == 6
+    assert _steps(sft) == 6 and _steps(rerun) == 6
 
     fresh_dir = tmp_path / "fresh"
-    fresh_dir.mkdir()
-    (fresh_dir / "sft").symlink_to(sft)
-    fresh = run_stage("reward", fresh_dir, RM_FAST, {"init": fresh_dir / "sft", "data": data})
+    fresh_sft = run_stage("sft", fresh_dir, SFT_FAST, {"init": tiny_init["init1"], "data": data})
+    fresh = run_stage("reward", fresh_dir, RM_FAST, {"init": fresh_sft, "data": data})
+    _assert_same(sft, fresh_sft)
     _assert_same(rerun, fresh)
-
 
 def test_real_data_stage_reruns_when_its_file_gains_rows(tmp_path):
     """The nightly job: same config and code, rows appended to the SFT file -> the data stage re-runs."""
