@@ -37,13 +37,20 @@ manifest.json holds: `stage`, `status`, `config_sha256`, `inputs` (each parent's
 manifest sha256), `files` (sha256 and size of every output file, the weights included;
 `state/` and `tb/` are excluded), `versions` (python/torch/transformers/...), `git_commit`,
 `wall_time_s`, `device`, `world_size`, `headline` metrics, `code_version` (hash of the stage
-module plus the alignline package sources, used by the flow's cache) and `created`.
+module plus the alignline package sources), `key` (the reuse key, see `stage_key`) and `created`.
+
+Reuse key (`stage_key`): config sha256 + code version + every input (stage dirs by manifest
+sha256, a plain HF dir by content) + a fingerprint of every data file the stage reads from outside
+the run dir (`data=`, from the stage module's `data_files(config)`): content sha256, or for files
+over LARGE_FILE_BYTES (256 MiB) size + mtime + a sampled hash. The flow reuses a finished stage and
+StageRun resumes `state/` only under the same key.
 
 Resume: `save_state` writes `state/step_<N>/` (model.safetensors, optimizer.pt,
 scheduler.pt, rng.pt, meta.json) through a temp dir, then points `state/latest` at it. All
 torch files hold plain tensors/containers and are read with `torch.load(weights_only=True)`;
-nothing is pickled. `state/state.json` records the config sha256: a state written under a
-different config is discarded (with a log line) when the StageRun opens.
+nothing is pickled. `state/state.json` records the reuse key: a state written under a different
+key (config, code, a parent, a data file) is deleted when the StageRun opens, with a log line
+naming the part that changed. Each resume logs one "<stage>: resumed from step N" line.
 """
 
 from __future__ import annotations
@@ -206,6 +213,123 @@ def manifest_sha256(stage_path: str | Path) -> str:
     return sha256_file(Path(stage_path) / MANIFEST)
 
 
+# --------------------------------------------------------------------------- reuse keys
+
+# Files above this are fingerprinted by size + mtime + a sampled hash instead of a full sha256:
+# re-reading a 100 GB corpus on every cache check would cost more than the stage it guards.
+LARGE_FILE_BYTES = 256 * 1024 * 1024
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 20
+
+
+def fingerprint_file(path: str | Path) -> dict[str, Any]:
+    """{"bytes", "sha256"} of a file, or {"bytes", "mtime_ns", "sampled_sha256"} above LARGE_FILE_BYTES."""
+    path = Path(path)
+    st = path.stat()
+    if st.st_size <= LARGE_FILE_BYTES:
+        return {"bytes": st.st_size, "sha256": sha256_file(path)}
+    h = hashlib.sha256()
+    step = (st.st_size - _SAMPLE_BYTES) // (_SAMPLES - 1)
+    with open(path, "rb") as fh:
+        for i in range(_SAMPLES):  # first and last MiB included, evenly spaced in between
+            fh.seek(i * step)
+            h.update(fh.read(_SAMPLE_BYTES))
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sampled_sha256": h.hexdigest()}
+
+
+def fingerprint(path: str | Path) -> dict[str, Any]:
+    """What a stage's result depends on in `path`: a stage dir by its manifest hash (which covers every
+    output file), a file by `fingerprint_file`, a directory by every file in it (hidden files skipped)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return {"manifest_sha256": manifest_sha256(path)}
+    if path.is_file():
+        return fingerprint_file(path)
+    if path.is_dir():
+        files = {}
+        for f in sorted(path.rglob("*")):
+            rel = f.relative_to(path)
+            if f.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+                files[rel.as_posix()] = fingerprint_file(f)
+        return {"files": files}
+    return {"missing": True}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def stage_key(
+    config: Any,
+    inputs: dict[str, str | Path] | None = None,
+    source: str | Path | None = None,
+    data: dict[str, str | Path] | None = None,
+) -> dict[str, Any]:
+    """Everything a stage's result depends on, and its digest `sha256`.
+
+    `config_sha256`, `code_version` (the stage module `source` + alignline sources), every input
+    (`inputs`: stage dirs by manifest hash, anything else, e.g. an HF model dir, by content) and every
+    data file or dir the stage reads from outside the run directory (`data`, from the stage module's
+    `data_files(config)`). The flow's cache (flows.tasks.cache_check) and training-state resume
+    (StageRun) both compare this key, so a stage is reused or resumed only on exactly the same key.
+    Paths are recorded for the messages but are not part of the digest (a moved run dir stays valid).
+    """
+    def entries(paths: dict[str, str | Path] | None) -> dict[str, dict[str, Any]]:
+        return {n: {"path": str(Path(p).resolve()), **fingerprint(p)}
+                for n, p in sorted((paths or {}).items()) if p is not None}
+
+    key: dict[str, Any] = {
+        "config_sha256": config_sha256(config) if config is not None else None,
+        "code_version": code_version(*([source] if source else [])),
+        "inputs": entries(inputs),
+        "data": entries(data),
+    }
+    strip = {k: ({n: {f: v for f, v in e.items() if f != "path"} for n, e in key[k].items()}
+                 if k in ("inputs", "data") else key[k]) for k in key}
+    key["sha256"] = _digest(strip)
+    return key
+
+
+def key_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Why two stage keys differ, one human line per changed part (empty when they are equal)."""
+    if not old or "sha256" not in old:
+        return ["no reuse key recorded (written by an older alignline)"]
+    if old["sha256"] == new["sha256"]:
+        return []
+    out = []
+    if old.get("config_sha256") != new.get("config_sha256"):
+        out.append("config changed")
+    if old.get("code_version") != new.get("code_version"):
+        out.append("code changed (stage module or alignline sources)")
+    for part, what in (("inputs", "input"), ("data", "data")):
+        a, b = old.get(part) or {}, new.get(part) or {}
+        for name in sorted(set(a) | set(b)):
+            if name not in b:
+                out.append(f"{what} {name!r} is no longer given")
+            elif name not in a:
+                out.append(f"{what} {name!r} is new ({b[name].get('path')})")
+            else:
+                out.extend(_entry_changes(what, name, a[name], b[name]))
+    return out or ["reuse key changed"]
+
+
+def _entry_changes(what: str, name: str, a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    strip = ("path",)
+    if {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}:
+        return []
+    where = b.get("path") or a.get("path")
+    if "manifest_sha256" in a or "manifest_sha256" in b:
+        return [f"{what} {name!r} changed: {where} has a different manifest (it was re-run)"]
+    if "files" in a and "files" in b:
+        fa, fb = a["files"], b["files"]
+        lines = [f"{what} {name!r} changed: {where}/{rel} " + ("added" if rel not in fa else "removed"
+                                                                   if rel not in fb else "changed")
+                 for rel in sorted(set(fa) | set(fb)) if fa.get(rel) != fb.get(rel)]
+        return lines[:5] + ([f"... and {len(lines) - 5} more files"] if len(lines) > 5 else [])
+    if b.get("missing"):
+        return [f"{what} {name!r} changed: {where} no longer exists"]
+    return [f"{what} {name!r} changed: {where} (content differs)"]
+
+
 def _hash_tree(root: Path) -> dict[str, dict[str, Any]]:
     files: dict[str, dict[str, Any]] = {}
     for p in sorted(root.rglob("*")):
@@ -216,6 +340,14 @@ def _hash_tree(root: Path) -> dict[str, dict[str, Any]]:
             continue
         files[rel.as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return files
+
+
+def discard_state(state_dir: str | Path, why: str) -> None:
+    """Delete a stage's training state (never resumed again), with a log line saying why."""
+    state_dir = Path(state_dir)
+    if state_dir.exists():
+        log.warning("discarding training state %s, starting from scratch: %s", state_dir, why)
+        shutil.rmtree(state_dir)
 
 
 def _remove(path: Path) -> None:
@@ -358,6 +490,10 @@ class StageRun:
     inputs: dict[str, str | Path] = field(default_factory=dict)
     source: str | Path | None = None
     keep_states: int = 1
+    # Inputs that are not stage dirs (an HF model dir as SFT's init): fingerprinted, not verified.
+    external_inputs: dict[str, str | Path] = field(default_factory=dict)
+    # Data read from outside the run directory (the stage module's `data_files(config)`).
+    data: dict[str, str | Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.t0 = time.time()
@@ -372,6 +508,11 @@ class StageRun:
         self.inputs_loaded: dict[str, StageDir] = {
             name: load_stage(p, expect=None, verify=self.is_main) for name, p in (self.inputs or {}).items()
         }
+        # The reuse key (see stage_key) decides whether state/ may be resumed; rank 0 owns state/.
+        self.key: dict[str, Any] | None = None
+        if self.is_main:
+            self.key = stage_key(self.config, {**(self.inputs or {}), **self.external_inputs}, self.source,
+                                 self.data)
         self._metrics = None
         if self.is_main:
             self._open()
@@ -418,20 +559,24 @@ class StageRun:
     # ----------------------------------------------------------------- training state
 
     def _check_state(self) -> bool:
-        """Keep state only when it was written under the same config; True when kept."""
+        """Keep state only when it was written under the same reuse key; True when kept.
+
+        State trained on an old parent, old data or old code is never resumed: it is deleted, and the
+        log line says which part of the key changed.
+        """
         marker = self.state_dir / "state.json"
         if not self.state_dir.exists():
             return False
         try:
-            recorded = read_json(marker).get("config_sha256")
+            recorded = read_json(marker)
         except StageError:
-            recorded = None
-        if recorded != self.config_sha256:
-            log.warning("discarding training state in %s: it was written under a different config "
-                        "(or without state.json); starting %s from scratch", self.state_dir, self.stage)
-            shutil.rmtree(self.state_dir)
+            recorded = {}
+        assert self.key is not None
+        if recorded.get("key_sha256") != self.key["sha256"]:
+            why = key_changes(recorded.get("key"), self.key) if recorded else ["state/state.json is missing"]
+            discard_state(self.state_dir, f"{self.stage}: " + "; ".join(why))
             return False
-        log.info("found resumable state in %s", self.state_dir)
+        log.info("found resumable state in %s (same config, code, inputs and data)", self.state_dir)
         return True
 
     def latest_state(self) -> Path | None:
@@ -446,8 +591,9 @@ class StageRun:
         """Create `state/` stamped with this config (for trainers that write their own checkpoints)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         marker = self.state_dir / "state.json"
-        if not marker.exists():
-            write_json_atomic(marker, {"config_sha256": self.config_sha256, "stage": self.stage})
+        if not marker.exists() and self.key is not None:
+            write_json_atomic(marker, {"stage": self.stage, "key_sha256": self.key["sha256"],
+                                       "config_sha256": self.config_sha256, "key": self.key})
         return self.state_dir
 
     def save_state(
@@ -493,7 +639,8 @@ class StageRun:
         torch.save(_rng_state(), tmp / "rng.pt")
         write_json_atomic(tmp / "meta.json", {
             "step": step, "data_position": data_position or {}, "extra": extra or {},
-            "config_sha256": self.config_sha256, "time": time.time(),
+            "config_sha256": self.config_sha256, "key_sha256": self.key["sha256"] if self.key else None,
+            "time": time.time(),
         })
         _remove(final)
         os.replace(tmp, final)
@@ -518,8 +665,10 @@ class StageRun:
         if latest is None:
             return None
         meta = read_json(latest / "meta.json")
-        if meta.get("config_sha256") != self.config_sha256:
-            log.warning("ignoring %s: written under a different config", latest)
+        # Rank 0 checked state.json against the full key when the run opened; this catches a step dir
+        # copied in from elsewhere. Other ranks have no key of their own and follow rank 0.
+        if self.key is not None and meta.get("key_sha256") != self.key["sha256"]:
+            log.warning("ignoring %s: written under a different reuse key (config, code, inputs or data)", latest)
             return None
         if model is not None and (latest / "model.safetensors").is_file():
             sd = load_file(str(latest / "model.safetensors"), device=map_location)
@@ -536,7 +685,7 @@ class StageRun:
             scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
         if restore_rng and (latest / "rng.pt").is_file():
             _set_rng_state(torch.load(latest / "rng.pt", weights_only=True))
-        log.info("resumed %s from %s (step %s)", self.stage, latest, meta["step"])
+        log.info("%s: resumed from step %s (%s)", self.stage, meta["step"], latest)
         meta["path"] = str(latest)
         return meta
 
@@ -568,7 +717,9 @@ class StageRun:
             "stage": self.stage,
             "status": "complete",
             "config_sha256": self.config_sha256,
-            "code_version": code_version(*( [self.source] if self.source else [])),
+            "code_version": self.key["code_version"] if self.key else None,
+            # The full reuse key: the flow reuses this directory only when it recomputes the same sha256.
+            "key": self.key,
             "inputs": {
                 name: {"path": str(sd.path.resolve()), "stage": sd.stage,
                        "manifest_sha256": manifest_sha256(sd.path)}

@@ -246,10 +246,16 @@ def render_markdown(
             ck = Path(rec.path) / "checkpoint"
             ckpt = f"`{ck}`" if ck.is_dir() else f"`{rec.path}`"
         status = STATUS_ICON.get(rec.status, rec.status)
-        if rec.message:
+        if rec.message and rec.status != "ran":  # why a stage ran gets its own section below
             status += f" ({_cell(rec.message, 80)})"
         lines.append(f"| {rec.name} | {status} | {wall} | {_cell(head, 400)} | {ckpt} |")
     lines.append("")
+    # Why each stage ran in full (the table cell is cut): which input or data file changed.
+    why = [rec for rec in records if rec.status == "ran" and rec.message]
+    if why:
+        lines += ["## Why stages ran", ""]
+        lines += [f"- **{rec.name}**: {rec.message.replace(chr(10), ' ')}" for rec in why]
+        lines.append("")
     if plots:
         lines += ["## Curves", ""]
         for kind, path in plots.items():

@@ -5,7 +5,8 @@
     logger = MetricsLogger(stage_dir, report_to=["tensorboard"])
     logger.log(step, loss=..., lr=...)                       # metrics.jsonl + tb/ (+ W&B/MLflow)
     seed_everything(0)
-    resume, step = trainer_resume_point(out_dir, logger)   # HF Trainer: latest checkpoint, metrics trimmed
+    resume, step = trainer_resume_point(out_dir, logger, "sft")   # HF Trainer: latest checkpoint, metrics trimmed
+    train_or_restore(trainer, resume, step)                 # never a step past max_steps on resume
     maybe_interrupt(step)   # test hook: raises after ALIGNLINE_FAIL_AFTER_STEP steps
 
 No Prefect, no stages: this is library code.
@@ -14,6 +15,7 @@ No Prefect, no stages: this is library code.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -27,6 +29,7 @@ from torch import nn
 from alignline.config import OptimConfig, ScheduleConfig
 
 FAIL_AFTER_ENV = "ALIGNLINE_FAIL_AFTER_STEP"
+log = logging.getLogger("alignline.training")
 
 
 class SimulatedInterrupt(RuntimeError):
@@ -220,9 +223,11 @@ class MetricsLogger:
 # --------------------------------------------------------------------------- HF Trainer glue
 
 
-def trainer_resume_point(output_dir: str | Path, metrics: MetricsLogger) -> tuple[str | None, int]:
+def trainer_resume_point(output_dir: str | Path, metrics: MetricsLogger, stage: str = "stage"
+                         ) -> tuple[str | None, int]:
     """Where a HF Trainer run under `output_dir` continues: (the newest complete `checkpoint-<step>`
-    dir, for `trainer.train(resume_from_checkpoint=...)`, and its step), or (None, 0) on a fresh start.
+    dir, for `train_or_restore` / `trainer.train(resume_from_checkpoint=...)`, and its step), or
+    (None, 0) on a fresh start; logs the one "<stage>: resumed from step N" line.
 
     Metrics logged after that step are dropped from `metrics`: the resumed Trainer logs them again.
     Pass the step to `metrics_callback(..., skip_through=step)`.
@@ -238,7 +243,27 @@ def trainer_resume_point(output_dir: str | Path, metrics: MetricsLogger) -> tupl
         return None, 0
     step, ckpt = max(cands)
     metrics.truncate_after(step)
+    log.info("%s: resumed from step %d (%s)", stage, step, ckpt)
     return str(ckpt), step
+
+
+def train_or_restore(trainer, resume: str | None, resume_step: int):
+    """`trainer.train(resume_from_checkpoint=resume)`, except when `resume` already is the final step.
+
+    HF Trainer (5.x) enters its epoch loop before it checks `max_steps`, so resuming from the final
+    checkpoint trains one more step (7 for max_steps 6) and moves the weights. Then the checkpoint's
+    weights and TrainerState are loaded instead: a rerun ends where the uninterrupted run ended.
+    Returns `trainer.train`'s TrainOutput, or None when restored.
+    """
+    from transformers.trainer_callback import TrainerState
+
+    max_steps = trainer.args.max_steps
+    if resume is None or max_steps <= 0 or resume_step < max_steps:
+        return trainer.train(resume_from_checkpoint=resume)
+    # The Trainer's own loader (handles full models, sharded weights and PEFT adapters alike).
+    trainer._load_from_checkpoint(resume)
+    trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    return None
 
 
 def metrics_callback(logger: MetricsLogger, skip_through: int = 0):

@@ -6,8 +6,8 @@
 
 Each stage is a task calling the plain stage function (or torchrun when it asks for more
 than one rank). Tasks pass only paths and manifests. All stage configs are validated before
-any stage runs. A stage whose config, code and input manifests are unchanged is reused (see
-`flows.tasks.cache_check`), so re-running after a crash resumes at the failed stage, which
+any stage runs. A stage whose reuse key (config, code, inputs, external data files) is unchanged is reused
+(see `flows.tasks.cache_check`), so re-running after a crash resumes at the failed stage, which
 itself resumes from its latest training state. Gates stop before RLHF when the reward model
 is too weak, and mark the run when PPO drifts (KL) or loses gold accuracy against SFT.
 Every run writes `<run_dir>/report.md` (+ `report/*.png`) and publishes it as artifacts.
@@ -322,8 +322,8 @@ def pipeline_flow(
                 rec.message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 raise
             rec.status, rec.wall_s, rec.headline = out["status"], out["wall_s"], out["headline"]
-            if out["status"] == "cached":
-                rec.message = "config, code and inputs unchanged"
+            # Cached: the key matched. Ran: the reason names what changed (config, code, input, data file).
+            rec.message = "config, code, inputs and data unchanged" if out["status"] == "cached" else out["reason"]
             build_report(run_dir, list(records.values()), title=config.name, notes=notes,
                          sample_limit=config.report.sample_limit, plots=False)
             if stage == "rlhf" and config.gates.enabled:

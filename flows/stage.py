@@ -49,7 +49,8 @@ def stage_flow(
     out = runner(stage=stage, module=rs.module, config=rs.config_dict, inputs=inputs, run_dir=str(rd),
                  nproc=rs.nproc, launcher=entry.launcher, timeout_s=entry.timeout_s, force=force,
                  progress_key=f"{_slug(rd.name)}-{stage}-progress")
-    rec = StageRecord(stage, out["status"], wall_s=out["wall_s"], path=out["path"], headline=out["headline"])
+    rec = StageRecord(stage, out["status"], wall_s=out["wall_s"], path=out["path"], headline=out["headline"],
+                      message=out.get("reason", ""))
     publish_report(PipelineConfig(name=f"{rd.name}-{stage}", run_dir=str(rd)), rd, [rec], [])
     return out
 

@@ -2,9 +2,10 @@
 
 Not run directly; `flows/pipeline.py` (whole pipeline) and `flows/stage.py` (one stage) use it.
 
-A stage is reused, not run, when its directory has a verified complete manifest whose
-`config_sha256`, `code_version` (stage module + alignline sources) and input manifest sha256s
-equal what this run would produce (see `cache_check`). A stage runs in this process
+A stage is reused, not run, when its directory has a verified complete manifest whose reuse key
+(`alignline.artifacts.stage_key`: config, code version, every input's manifest hash or content,
+and the fingerprint of every data file the stage reads from outside the run dir) equals the key of
+this run (see `cache_check`); the same key decides whether the stage may resume its `state/`. A stage runs in this process
 (`launcher: inprocess`), as `python -m <module>` (`subprocess`), or under torchrun when
 `nproc_per_node > 1`; the last two are killed as a process group on timeout or cancellation
 (so a stage with `timeout_s` always runs as a subprocess: a Python thread cannot be killed).
@@ -29,13 +30,12 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from alignline.artifacts import StageError, code_version, load_stage, manifest_sha256
+from alignline.artifacts import StageError, discard_state, key_changes, load_stage, stage_key
 from alignline.config import (
     ConfigError,
     StrictModel,
     apply_overrides,
     config_from_dict,
-    config_sha256,
     config_to_dict,
     read_yaml,
     yaml_key_lines,
@@ -168,30 +168,31 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- cache
 
 
+def data_files(module: ModuleType, config: Any) -> dict[str, Path]:
+    """The data a stage reads from outside the run directory: its module's `data_files(config)`, if any."""
+    fn = getattr(module, "data_files", None)
+    return {k: Path(v) for k, v in (fn(config) if fn else {}).items()}
+
+
+def current_key(module_name: str, config: Any, inputs: dict[str, str | Path]) -> dict[str, Any]:
+    """The reuse key this run of the stage has (the same `stage_key` the stage's StageRun computes)."""
+    module = importlib.import_module(module_name)
+    return stage_key(config, dict(inputs), module.__file__, data_files(module, config))
+
+
 def cache_check(module_name: str, config: Any, inputs: dict[str, str | Path], stage_dir: Path) -> tuple[bool, str]:
-    """(True, why) when `stage_dir` holds a complete output of exactly this config, code and inputs."""
+    """(True, why) when `stage_dir` holds a complete output with exactly this run's reuse key;
+    (False, why) otherwise, `why` naming what changed (config, code, which input, which data file)."""
     try:
         sd = load_stage(stage_dir, verify=True)
     except StageError as exc:
         return False, f"no reusable output ({exc})"
-    m = sd.manifest
-    if m.get("config_sha256") != config_sha256(config):
-        return False, "config changed"
-    module = importlib.import_module(module_name)
-    cv = code_version(module.__file__)
-    if m.get("code_version") != cv:
-        return False, "code changed (stage module or alignline sources)"
-    for name, rec in (m.get("inputs") or {}).items():
-        if name not in inputs:
-            return False, f"input {name!r} is no longer given"
-        p = Path(inputs[name])
-        if not (p / "manifest.json").is_file():
-            return False, f"input {name!r} at {p} has no manifest"
-        if manifest_sha256(p) != rec.get("manifest_sha256"):
-            return False, f"input {name!r} changed (its manifest differs)"
-    return True, (f"config {m['config_sha256'][:10]}, code {cv[:10]}, inputs "
-                  + (", ".join(f"{n}={r.get('manifest_sha256', '')[:10]}" for n, r in m.get("inputs", {}).items())
-                     or "none"))
+    key = current_key(module_name, config, inputs)
+    changes = key_changes(sd.manifest.get("key"), key)
+    if changes:
+        return False, "; ".join(changes)
+    return True, (f"key {key['sha256'][:10]}: config {key['config_sha256'][:10]}, code {key['code_version'][:10]}, "
+                  f"{len(key['inputs'])} inputs and {len(key['data'])} data sources unchanged")
 
 
 # --------------------------------------------------------------------------- progress
@@ -322,6 +323,12 @@ def stage_task(
                     "headline": sd.headline, "reason": why}
         logger.info("%s: running (%s)", stage, why)
     else:
+        why = "forced"
+        # A forced stage retrains from scratch; only a retry of this same task (run_count > 1) resumes.
+        from prefect.runtime import task_run
+
+        if (task_run.run_count or 1) <= 1:
+            discard_state(stage_dir / "state", f"{stage} is forced to re-run (--from / force)")
         logger.info("%s: running (forced)", stage)
     t0 = time.monotonic()
     with ProgressReporter(stage, stage_dir, total_steps(config), every_s=progress_every_s, key=progress_key):
@@ -341,4 +348,4 @@ def stage_task(
     wall = time.monotonic() - t0
     logger.info("%s: done in %.1f s -> %s", stage, wall, stage_dir)
     return {"status": "ran", "path": str(stage_dir), "wall_s": round(wall, 3), "headline": sd.headline,
-            "reason": "ran"}
+            "reason": why}

@@ -107,10 +107,22 @@ def _prepare_files(cfg: Config, out: Path) -> dict[str, Any]:
     return info
 
 
+def data_files(config: Config) -> dict[str, Path]:
+    """The local files `source: files` reads; they are fingerprinted into the stage's reuse key, so
+    changed rows re-run this stage (and everything downstream) instead of reusing the old output."""
+    from alignline.data.loaders import local_source
+
+    if config.source != "files" or config.files is None:
+        return {}
+    srcs = [(f"pretrain[{i}]", s) for i, s in enumerate(config.files.pretrain)]
+    srcs += [(k, s) for k, s in (("sft", config.files.sft), ("preference", config.files.preference)) if s]
+    return {name: p for name, s in srcs if (p := local_source(s)) is not None}
+
+
 def run(config: Config, inputs: dict[str, Path] | None, run_dir: str | Path) -> Path:
     from alignline.data.tasks import write_suite
 
-    run = StageRun(run_dir, "data", config, inputs={}, source=__file__)
+    run = StageRun(run_dir, "data", config, inputs={}, source=__file__, data=data_files(config))
     suite_cfg = config.suite_config()
     # The built-in suite is always written: its held-out prompts + gold answers are the fixed eval set.
     meta = write_suite(run.staging, suite_cfg)

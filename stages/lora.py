@@ -668,16 +668,14 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from alignline.training import metrics_callback, trainer_resume_point
+    from alignline.training import metrics_callback, train_or_restore, trainer_resume_point
 
     t = prep.cfg.train
     ds = Dataset.from_list(prep.train_rows)
     # Trainer checkpoints (adapter, optimizer, scheduler, RNG) under the stage's state/: a killed run
     # continues from the latest one when the stage is started again.
     out_dir = run.mark_state() / "trainer"
-    resume, skip = trainer_resume_point(out_dir, run.metrics)
-    if resume:
-        print(f"[lora] resuming from {resume}")
+    resume, skip = trainer_resume_point(out_dir, run.metrics, "lora")
     args = SFTConfig(
         output_dir=str(out_dir),
         max_steps=t.max_steps,
@@ -710,7 +708,11 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
         model=peft_model, args=args, train_dataset=ds, processing_class=prep.tokenizer,
         callbacks=[metrics_callback(run.metrics, skip)],
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_or_restore(trainer, resume, skip)
+    if result is None:  # restored from the final checkpoint: the mean of the logged training losses
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return {"train_loss": sum(losses) / len(losses) if losses else float("nan"),
+                "steps": int(trainer.state.global_step)}
     return {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
 
 
@@ -741,7 +743,7 @@ def run(
     prep = prepare(cfg, Path(config_dir) if config_dir else None)
     # An alignline stage dir as base is recorded (and verified) as a stage input.
     stage_inputs = {"base": prep.base.stage_dir} if prep.base.stage_dir else {}
-    stage = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__)
+    stage = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__, data=data_files(cfg))
     seed_everything(cfg.train.seed)
     dtype = _dtype(cfg.train.precision)
     tok = prep.tokenizer
@@ -831,6 +833,22 @@ def run(
 Config = LoraStageConfig
 # base and data are config values (hub ids and plain files are allowed), so no stage-dir inputs.
 INPUTS: list = []
+
+
+def data_files(cfg: LoraStageConfig) -> dict[str, Path]:
+    """Local files/dirs read from outside the run dir (fingerprinted into the reuse key): a local base
+    model that is not a stage dir (a stage dir is an input), the train/val data, a template file."""
+    out: dict[str, Path] = {}
+    if cfg.base and Path(cfg.base).expanduser().is_dir() and not (Path(cfg.base).expanduser() / "manifest.json").is_file():
+        out["base"] = Path(cfg.base).expanduser()
+    for name in ("train", "val"):
+        spec = getattr(cfg.data, name)
+        if spec and Path(spec).exists():
+            out[f"data.{name}"] = Path(spec)
+    if cfg.chat.template and "\n" not in cfg.chat.template and len(cfg.chat.template) < 1000 \
+            and Path(cfg.chat.template).is_file():
+        out["chat.template"] = Path(cfg.chat.template)
+    return out
 
 
 def build_config(config: str | Path | None, base: str | None, data: str | None, overrides: list[str]):

@@ -454,8 +454,7 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         start = trainer.step_count = int(meta["step"])
         if ptx is not None:
             ptx.gen.set_state(torch.tensor(meta["extra"]["ptx_rng"], dtype=torch.uint8))
-        run.metrics.truncate_after(start)
-        log.info("resuming PPO at iteration %d", start)
+        run.metrics.truncate_after(start)  # StageRun.load_state logged "rlhf: resumed from step N"
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ppo",
                disable=not cfg.logging.progress)
@@ -522,16 +521,14 @@ def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
 def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict], dict]:
     from datasets import Dataset
 
-    from alignline.training import metrics_callback, seed_everything, trainer_resume_point
+    from alignline.training import metrics_callback, seed_everything, train_or_restore, trainer_resume_point
 
     seed_everything(cfg.seed)
     mean, std = reward_normalisation(reward)
     algo = cfg.algorithm
     tok, policy, ref, _, rm = load_models(cfg, sft.checkpoint, reward.checkpoint, device, need_value=False)
     state_dir = run.mark_state()
-    resume, start = trainer_resume_point(state_dir, run.metrics)
-    if resume:
-        log.info("resuming %s from %s", algo, resume)
+    resume, start = trainer_resume_point(state_dir, run.metrics, f"rlhf ({algo})")
     callbacks = [metrics_callback(run.metrics, skip_through=start)]
     common = dict(
         output_dir=str(state_dir), max_steps=cfg.steps, logging_steps=1, save_steps=cfg.save_every,
@@ -573,7 +570,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
             trainer = RLOOTrainer(model=policy, reward_funcs=funcs, args=RLOOConfig(**kw), train_dataset=ds,
                                   processing_class=tok, callbacks=callbacks)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume)
+    train_or_restore(trainer, resume, start)
     train_time = time.time() - t0
     policy = trainer.model
     from alignline.rl.rollout import disable_dropout

@@ -160,13 +160,15 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         common_trainer_args,
         metrics_callback,
         seed_everything,
+        train_or_restore,
         trainer_resume_point,
     )
 
     init_path, data_dir = Path(inputs["init"]), Path(inputs["data"])
     external = not (init_path / "manifest.json").exists()
     stage_inputs = {"data": data_dir} | ({} if external else {"init": init_path})
-    run = StageRun(run_dir, "reward", config, inputs=stage_inputs, source=__file__)
+    run = StageRun(run_dir, "reward", config, inputs=stage_inputs, source=__file__,
+                   external_inputs={"init": init_path} if external else {})
     src = model_dir(init_path)
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     if tokenizer.pad_token_id is None:
@@ -199,13 +201,13 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
 
     args = RewardConfig(**common_trainer_args(config, run, t.device, t.precision), max_length=t.max_length,
                         center_rewards_coefficient=t.center_rewards_coefficient)
-    resume, skip = trainer_resume_point(args.output_dir, run.metrics)
+    resume, skip = trainer_resume_point(args.output_dir, run.metrics, "reward")
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=ds(train_rows), eval_dataset=ds(val_rows),
         processing_class=tokenizer, optimizers=(build_optimizer(model, config.optim), None),
         callbacks=[metrics_callback(run.metrics, skip)],
     )
-    trainer.train(resume_from_checkpoint=resume)
+    train_or_restore(trainer, resume, skip)
 
     trained = trainer.model
     if config.lora.enabled:

@@ -94,6 +94,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         common_trainer_args,
         metrics_callback,
         seed_everything,
+        train_or_restore,
         trainer_resume_point,
     )
 
@@ -102,7 +103,9 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     external = not (init_path / "manifest.json").exists()
     if not external:
         stage_inputs["init"] = init_path
-    run = StageRun(run_dir, "sft", config, inputs=stage_inputs, source=__file__)
+    # An HF model dir as init is not a stage: its content (not a manifest) goes into the reuse key.
+    run = StageRun(run_dir, "sft", config, inputs=stage_inputs, source=__file__,
+                   external_inputs={"init": init_path} if external else {})
     src = model_dir(init_path)
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     if tokenizer.chat_template is None:
@@ -127,15 +130,13 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         max_length=t.max_length, packing=t.packing, assistant_only_loss=t.assistant_only_loss,
         dataset_num_proc=None,
     )
-    resume, skip = trainer_resume_point(args.output_dir, run.metrics)
-    if resume:
-        log.info("resuming sft from %s", resume)
+    resume, skip = trainer_resume_point(args.output_dir, run.metrics, "sft")
     optimizer = build_optimizer(model, config.optim)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
         optimizers=(optimizer, None), callbacks=[metrics_callback(run.metrics, skip)],
     )
-    trainer.train(resume_from_checkpoint=resume)
+    train_or_restore(trainer, resume, skip)
     val_loss = float(trainer.evaluate()["eval_loss"])
 
     trained = trainer.model

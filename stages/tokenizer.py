@@ -69,11 +69,21 @@ def _texts(paths: list[Path], max_docs: int | None) -> Iterator[str]:
                 return
 
 
+def data_files(config: Config) -> dict[str, Path]:
+    """Files read from outside the run dir: absolute corpus paths and the `reuse_from` tokenizer."""
+    out = {f"corpus[{i}]": Path(c) for i, c in enumerate(config.corpus)
+           if config.source == "train" and Path(c).is_absolute()}
+    if config.source == "reuse" and config.reuse_from:
+        out["reuse_from"] = Path(config.reuse_from)
+    return out
+
+
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 
-    stage_inputs = {"data": inputs["data"]} if config.source == "train" else {}
-    run = StageRun(run_dir, "tokenizer", config, inputs=stage_inputs, source=__file__)
+    # Every given input is part of the reuse key (as the flow computes it), used or not.
+    stage_inputs = {"data": inputs["data"]} if inputs.get("data") is not None else {}
+    run = StageRun(run_dir, "tokenizer", config, inputs=stage_inputs, source=__file__, data=data_files(config))
     out = run.staging / "checkpoint"
     if config.source == "train":
         data_dir = Path(inputs["data"])

@@ -68,6 +68,11 @@ FAKE_STAGE = textwrap.dedent(
         accuracy: float = 0.9
         kl: float = 0.05
         gold_accuracy: float = 0.5
+        data_file: str | None = None  # a file read from outside the run dir (fingerprinted into the key)
+
+
+    def data_files(config):
+        return {{"data_file": Path(config.data_file)}} if config.data_file else {{}}
 
 
     def _should_fail(step):
@@ -82,7 +87,7 @@ FAKE_STAGE = textwrap.dedent(
 
 
     def run(config, inputs, run_dir):
-        run = StageRun(run_dir, STAGE, config, inputs=inputs, source=__file__)
+        run = StageRun(run_dir, STAGE, config, inputs=inputs, source=__file__, data=data_files(config))
         meta = run.load_state()
         start = meta["step"] + 1 if meta else 0
         with open(Path(run_dir) / f"{{STAGE}}.calls", "a") as fh:

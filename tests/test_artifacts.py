@@ -152,7 +152,7 @@ def test_state_from_another_config_is_discarded(tmp_path, caplog):
     assert run.latest_state() is not None
     with caplog.at_level("WARNING"):
         run2 = StageRun(tmp_path, "pretrain", Cfg(lr=5e-4))
-    assert "different config" in caplog.text
+    assert "config changed" in caplog.text
     assert run2.latest_state() is None and run2.load_state(model=tiny_llama()) is None
 
 

@@ -188,3 +188,46 @@ def test_from_forces_a_stage_and_downstream(fake) -> None:
     result = run(from_stage="reward")
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
                                 "reward": "ran", "rlhf": "ran", "evaluate": "ran"}
+    # --from retrains: the forced stage's finished state is not resumed (that would train nothing), and
+    # downstream stages see a new parent, so their state is not resumed either.
+    assert calls(run_dir, "reward") == [0, 0] and calls(run_dir, "rlhf") == [0, 0]
+
+
+def test_downstream_state_of_an_old_parent_is_never_resumed(fake, monkeypatch) -> None:
+    """A changed parent re-runs its children from scratch: their state/ was trained on the old parent."""
+    run, run_dir = fake
+    monkeypatch.setenv("FAKE_FAIL_STAGE", "rlhf")
+    monkeypatch.setenv("FAKE_FAIL_AT", "2")
+    with pytest.raises(RuntimeError, match="fake rlhf crashed"):
+        run()
+    monkeypatch.delenv("FAKE_FAIL_STAGE")
+    # reward has finished state (step 3), rlhf crashed with state at step 2; now SFT changes.
+    result = run("sft.lr=0.2")
+    assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached",
+                                "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran"}
+    assert calls(run_dir, "reward") == [0, 0]  # not [0, 4]: nothing trained on the new SFT
+    assert calls(run_dir, "rlhf") == [0, 0]  # not [0, 3]
+    # (the "discarding training state ... input 'sft' changed" log line: tests/test_reuse_keys.py)
+    assert "input 'sft' changed" in result["stages"]["reward"]["message"]
+    # The state now belongs to the new key: an unchanged rerun is cached, a crash-resume still works.
+    assert statuses(run("sft.lr=0.2")) == {s: "cached" for s in ALL}
+
+
+def test_changed_data_file_reruns_the_stage_and_downstream(fake, tmp_path: Path) -> None:
+    """Data read from outside the run dir is fingerprinted: new rows re-run the stage, never reuse it."""
+    run, run_dir = fake
+    rows = tmp_path / "sft_rows.jsonl"
+    rows.write_text('{"text": "a"}\n')
+    assert statuses(run(f"data.data_file={rows}")) == {s: "ran" for s in ALL}
+    assert statuses(run(f"data.data_file={rows}")) == {s: "cached" for s in ALL}
+    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    assert manifest["key"]["data"]["data_file"]["path"] == str(rows.resolve())
+
+    with open(rows, "a") as fh:  # the nightly job: same config, same code, fresh rows
+        fh.write('{"text": "b"}\n')
+    result = run(f"data.data_file={rows}")
+    assert statuses(result) == {s: "ran" for s in ALL}
+    assert calls(run_dir, "data") == [0, 0] and calls(run_dir, "sft") == [0, 0]
+    assert f"data 'data_file' changed: {rows.resolve()}" in result["stages"]["data"]["message"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Why stages ran" in report and f"{rows.resolve()} (content differs)" in report

@@ -248,6 +248,13 @@ def _local_files(path: Path) -> list[Path]:
     return [path]
 
 
+def local_source(cfg: LoaderConfig) -> Path | None:
+    """The local file/dir `cfg` reads, or None for a hub dataset (its id and split are in the config)."""
+    path = Path(cfg.path)
+    use_hub = cfg.hub if cfg.hub is not None else not path.exists()
+    return None if use_hub else path
+
+
 def read_raw(cfg: LoaderConfig, problems: list[Problem]) -> Iterator[Raw]:
     path = Path(cfg.path)
     use_hub = cfg.hub if cfg.hub is not None else not path.exists()
