@@ -5,7 +5,7 @@ error rather than a silently ignored setting. `load_config` reads a YAML file, a
 overrides last, validates, and on failure raises `ConfigError` naming the file, the line
 (when the key is in the file) and the dotted key:
 
-    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["train.lr=3e-4"])
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["optim.lr=3e-4"])
     save_config(cfg, run_dir / "config.yaml")
 
 Shared sub-configs (optimizer, schedule, LoRA, logging) live here; each stage's own

@@ -212,3 +212,33 @@ def test_pipeline_bad_from_is_rejected_before_prefect(tmp_path: Path) -> None:
     assert "prefect" not in (proc.stdout + proc.stderr).lower().replace("prefect_", "")
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "run").exists()
+
+
+PIPELINE_CASES = {
+    "to-before-from": (["--from", "sft", "--to", "pretrain"], ["--from sft comes after --to pretrain"]),
+    "bad-to": (["--to", "evaluat"], ["'evaluat'", "did you mean 'evaluate'"]),
+    "missing-config": (["--config", "nope/pipeline.yaml"], ["nope/pipeline.yaml", "does not exist"]),
+    "unknown-set-key": (["--set", "gates.enabeld=false"], ["gates.enabeld", "unknown key"]),
+    "unknown-stage-set-key": (["--set", "sft.train.lr=1e-4"], ["train", "unknown key"]),
+    "from-without-earlier-stages": (["--from", "sft"], ["earlier stage 'data'", "manifest.json"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_CASES))
+def test_pipeline_arguments_checked_before_prefect(case: str, tmp_path: Path, monkeypatch) -> None:
+    """In-process through typer (exit codes as the shell sees them): each fails before Prefect starts."""
+    from typer.testing import CliRunner
+
+    from alignline_cli.main import app
+
+    monkeypatch.chdir(REPO)
+    args, expected = PIPELINE_CASES[case]
+    if "--config" not in args:
+        args = ["--config", str(REPO / "configs/pipeline/tiny.yaml"), *args]
+    result = CliRunner().invoke(app, ["pipeline", *args, "--run-dir", str(tmp_path / "run")])
+    out = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 2, out
+    assert "Traceback" not in out
+    for piece in expected:
+        assert piece in out, f"{piece!r} not in:\n{out}"
+    assert not (tmp_path / "run").exists()
