@@ -74,7 +74,7 @@ from typing import Any
 
 import yaml
 
-from alignline.config import config_sha256, config_to_dict, save_config
+from alignline.config import UserError, config_sha256, config_to_dict, save_config
 
 log = logging.getLogger("alignline.artifacts")
 
@@ -89,7 +89,7 @@ _PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "tokenizers",
              "datasets", "pydantic", "prefect")
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage directory is missing, incomplete, corrupted or of the wrong kind."""
 
 

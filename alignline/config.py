@@ -5,7 +5,7 @@ error rather than a silently ignored setting. `load_config` reads a YAML file, a
 overrides last, validates, and on failure raises `ConfigError` naming the file, the line
 (when the key is in the file) and the dotted key:
 
-    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["train.lr=3e-4"])
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["optim.lr=3e-4"])
     save_config(cfg, run_dir / "config.yaml")
 
 Shared sub-configs (optimizer, schedule, LoRA, logging) live here; each stage's own
@@ -26,7 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 T = TypeVar("T", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem the user can fix (config, input path, data), as opposed to a bug.
+
+    The CLIs (alignline/stage_cli.py, alignline_cli/main.py) print its message alone and exit 2;
+    any other exception is a bug and keeps its traceback (exit 1). The message names the file,
+    key or line and says how to fix it.
+    """
+
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, with where it is and how to fix it in the message."""
 
 
@@ -82,7 +91,7 @@ class LoggingConfig(StrictModel):
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.lr=3e-4)")
+        raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. optim.lr=3e-4)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
@@ -149,6 +158,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -203,8 +214,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     source = "<defaults>"
     if path is not None:
         source = str(path)
+        data = read_yaml(path)  # first: it names the file when it is missing or not UTF-8
         text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else ""
-        data = read_yaml(path)
         key_lines = yaml_key_lines(text)
     data = apply_overrides(data, overrides)
     if overrides:

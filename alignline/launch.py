@@ -126,6 +126,81 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, state) of every process, from /proc (Linux)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue  # exited while we looked
+        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may contain spaces
+        table[int(name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """pid -> pgid of every live (non-zombie) descendant of `pid`."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _pgid, _state) in table.items():
+        children.setdefault(ppid, []).append(child)
+    out, stack = {}, [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if table[child][2] != "Z":
+                out[child] = table[child][1]
+            stack.append(child)
+    return out
+
+
+def kill_tree(pid: int | None = None, grace_s: float = 3.0) -> None:
+    """SIGTERM every descendant of `pid` (default: this process) and the process groups they lead
+    or share (torchrun ranks, stage subprocesses in their own session), SIGKILL what is left after
+    `grace_s`. Needed because a child whose parent dies is re-parented to PID 1 and keeps running
+    (Prefect's temporary API server is such a child)."""
+    pid = os.getpid() if pid is None else pid
+    own_pgid = os.getpgid(pid)
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        procs = descendants(pid)
+        if not procs:
+            return
+        for child in procs:
+            try:
+                os.kill(child, sig)
+            except ProcessLookupError:
+                continue
+        for pgid in set(procs.values()) - {own_pgid}:
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                continue
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and descendants(pid):
+            time.sleep(0.05)
+
+
+def exit_with_tree_on_signal(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """On SIGTERM/SIGINT end the whole process tree, then exit 128+signal at once.
+
+    Prefect's flow engine swaps in its own SIGTERM handler while a flow runs, and when it is done
+    unwinding re-sends the signal to the handler it found, i.e. this one. Without it the default
+    handler kills only this process, and atexit hooks (Prefect's server shutdown) never run.
+    """
+
+    def handler(signum: int, _frame) -> None:
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+        kill_tree()
+        os._exit(128 + signum)  # threads (progress reporters, Prefect's loops) end with the process
+
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
 def launch(
     cmd: Sequence[str],
     *,

@@ -10,20 +10,29 @@ That gives, uniformly:
 
     --config PATH        stage YAML (default configs/<stage>/tiny.yaml)
     --run-dir DIR        where <stage>/ is written (default runs/<config file stem>)
-    --set KEY=VALUE      dotted override, repeatable, applied last (e.g. --set train.lr=3e-4)
+    --set KEY=VALUE      dotted override, repeatable, applied last (e.g. --set optim.lr=3e-4)
     --<input> DIR        one flag per input (--data, --tokenizer, --init ...), default <run-dir>/<stage>
     --print-config       print the resolved config and exit
+    --debug              show the traceback of a user error too
 
 Order of work: parse flags, load + validate the config (unknown keys / wrong types exit with a
 message naming file, line and key, before any model is built), check every input dir (a missing
 one names the dir and the command that creates it), then call `run(config, inputs, run_dir)`.
+
+Errors: a `UserError` (bad config, input dir, data file) prints one `error: ...` message and
+exits 2 with no traceback (`--debug` or ALIGNLINE_DEBUG=1 shows it); anything else is a bug and
+keeps its traceback (exit 1). A failed stage leaves no `<stage>/.staging/` behind unless it holds
+resumable training state (then a re-run continues from it).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +40,8 @@ from typing import Any
 
 import yaml
 
-from alignline.artifacts import MANIFEST, StageError, load_stage
-from alignline.config import ConfigError, config_to_dict, load_config
+from alignline.artifacts import MANIFEST, STAGING, STATE, StageError, load_stage
+from alignline.config import UserError, config_to_dict, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +56,12 @@ class InputSpec:
     help: str = ""
     # True: a plain HF model dir (config.json, no manifest) is accepted too (e.g. SFT's --init).
     allow_hf_dir: bool = False
+    # Stage names whose output this input may be (checked against the manifest); None: any stage.
+    kinds: tuple[str, ...] | None = None
+
+
+# Stages whose output is a causal-LM checkpoint (what --init of a training stage may be).
+MODEL_STAGES = ("pretrain", "sft", "rlhf", "lora")
 
 
 def default_config_path(stage: str) -> Path:
@@ -78,9 +93,15 @@ def config_keys(cls: type, prefix: str = "", defaults: dict | None = None) -> li
 def build_parser(stage: str, inputs: Sequence[InputSpec], description: str | None,
                  config_cls: type | None = None) -> argparse.ArgumentParser:
     epilog = None
+    example = "key=value"
     if config_cls is not None:
+        keys = config_keys(config_cls)
         epilog = ("config keys (set in the YAML or with --set KEY=VALUE; defaults shown):\n"
-                  + "\n".join(config_keys(config_cls)))
+                  + "\n".join(keys))
+        # The example must be a key this stage accepts (a generic `train.lr` was rejected by all).
+        names = [line.split(" = ", 1)[0].strip() for line in keys]
+        lr = [n for n in names if n.split(".")[-1] == "lr"]
+        example = f"{lr[0]}=3e-4" if lr else (f"{names[0]}=..." if names else example)
     p = argparse.ArgumentParser(
         prog=f"alignline stage {stage}",
         description=description,
@@ -92,27 +113,72 @@ def build_parser(stage: str, inputs: Sequence[InputSpec], description: str | Non
     p.add_argument("--run-dir", type=Path, default=None,
                    help="run directory; the stage writes <run-dir>/" + stage + "/ (default: runs/<config stem>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted key, e.g. --set train.lr=3e-4 (repeatable)")
+                   help=f"override a config value by dotted key, e.g. --set {example} (repeatable)")
     for spec in inputs:
         default = f"<run-dir>/{spec.default}" if spec.default else "none"
         p.add_argument(f"--{spec.name}", type=Path, default=None,
                        help=f"{spec.help or spec.name + ' stage directory'} (default: {default})")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     return p
 
 
+def check_hf_dir(path: Path, what: str) -> None:
+    """Cheap checks of a plain HF model dir before anything is built: config.json parses, its
+    model_type is one transformers knows, and every *.safetensors header is readable."""
+    import json
+    import struct
+
+    cfg_file = path / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StageError(f"{what}: {cfg_file} is not valid JSON ({exc}); fix or re-create the model dir") from None
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise StageError(f"{what}: {cfg_file} has no `model_type`; {path} is not a model directory")
+    from transformers import CONFIG_MAPPING
+
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
+
+    if model_type not in CONFIG_MAPPING:
+        raise StageError(f"{what}: {cfg_file}: unknown model_type {model_type!r}; use a model type this "
+                         "transformers version supports (e.g. llama, alignline)")
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            ok = 0 < n <= size - 8
+            if ok:
+                try:
+                    json.loads(fh.read(n))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    ok = False
+        if not ok:
+            raise StageError(f"{what}: {f} is truncated or not a safetensors file (unreadable header); "
+                             "re-download or re-save the model")
+
+
 def check_input(spec: InputSpec, path: Path, run_dir: Path) -> Path:
-    """Refuse a missing or incomplete input dir with a message naming it and how to create it."""
+    """Refuse a missing, incomplete or wrong-kind input dir with a message naming it and the fix."""
+    what = f"input --{spec.name}"
     if not path.exists():
         producer = spec.default or spec.name
         raise StageError(
-            f"input --{spec.name}: {path} does not exist; create it with "
+            f"{what}: {path} does not exist; create it with "
             f"`alignline stage {producer} --run-dir {run_dir}` or pass --{spec.name} DIR"
         )
+    if not path.is_dir():
+        raise StageError(f"{what}: {path} is a file; pass a stage directory")
     if spec.allow_hf_dir and not (path / MANIFEST).exists() and (path / "config.json").is_file():
+        check_hf_dir(path, what)
         return path  # a plain HF model directory (not produced by a stage)
-    load_stage(path)  # raises naming the file when incomplete or corrupted
+    sd = load_stage(path)  # raises naming the file when incomplete or corrupted
+    if spec.kinds is not None and sd.stage not in spec.kinds:
+        raise StageError(f"{what}: {path} is the output of stage {sd.stage!r}, but --{spec.name} takes "
+                         f"{' or '.join(repr(k) for k in spec.kinds)} output; check the path")
     return path
 
 
@@ -132,6 +198,20 @@ def resolve_inputs(specs: Sequence[InputSpec], given: dict[str, Path | None], ru
     return out
 
 
+def _debug(args: argparse.Namespace | None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("ALIGNLINE_DEBUG", "") not in ("", "0")
+
+
+def cleanup_failed(stage_dir: Path) -> None:
+    """Remove what a failed stage left half-written: `.staging/`, unless resumable state exists
+    (a re-run then continues from it and appends to the staged metrics log)."""
+    if (stage_dir / STATE).exists() or os.environ.get("RANK", "0") != "0":
+        return  # resumable, or not rank 0 (which owns the stage dir under torchrun)
+    shutil.rmtree(stage_dir / STAGING, ignore_errors=True)
+    if stage_dir.is_dir() and not any(stage_dir.iterdir()):
+        stage_dir.rmdir()
+
+
 def stage_main(
     stage: str,
     config_cls: type,
@@ -140,25 +220,31 @@ def stage_main(
     description: str | None = None,
     argv: Sequence[str] | None = None,
 ) -> Path | None:
-    """Parse `argv`, validate config and inputs, run the stage; exit code 2 on config/input errors."""
+    """Parse `argv`, validate config and inputs, run the stage; exit code 2 on user errors."""
     args = build_parser(stage, inputs, description, config_cls).parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg_path = args.config or default_config_path(stage)
+    run_dir: Path | None = None
     try:
         cfg = load_config(config_cls, cfg_path, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if args.print_config:
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-        return None
-    run_dir = args.run_dir or Path("runs") / Path(cfg_path).stem
-    try:
+        if args.print_config:
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+            return None
+        run_dir = args.run_dir or Path("runs") / Path(cfg_path).stem
         paths = resolve_inputs(inputs, {s.name: getattr(args, s.name) for s in inputs}, run_dir)
-    except StageError as exc:
+        out = run(cfg, paths, run_dir)
+    except UserError as exc:
+        if run_dir is not None:
+            cleanup_failed(run_dir / stage)
+        if _debug(args):
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    out = run(cfg, paths, run_dir)
+    except BaseException:
+        # A bug (or Ctrl-C): keep the traceback, but do not leave a half-built .staging/ behind.
+        if run_dir is not None:
+            cleanup_failed(run_dir / stage)
+        raise
     print(f"{stage}: wrote {out}")
     return out

@@ -10,6 +10,10 @@ imports (torch, transformers, prefect) happen inside the commands so `--help` is
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
+
 import typer
 
 from alignline_cli import data_cmds, lora_cmds, model_cmds, pipeline_cmds, stage_cmds
@@ -22,12 +26,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks of user errors too (also ALIGNLINE_DEBUG=1)"),
+) -> None:
+    if debug:
+        os.environ["ALIGNLINE_DEBUG"] = "1"  # read by stage_cli in this process and in stage subprocesses
+
+
 for module in (pipeline_cmds, stage_cmds, data_cmds, model_cmds, lora_cmds):
     module.register(app)
 
 
 def main() -> None:
-    app()
+    """Run the app; a UserError anywhere below is one `error:` message and exit 2, no traceback."""
+    from alignline.config import UserError
+
+    try:
+        app()
+    except UserError as exc:
+        if os.environ.get("ALIGNLINE_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

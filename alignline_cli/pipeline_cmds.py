@@ -37,6 +37,33 @@ def _fail(msg: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def check_stage_range(from_stage: str | None, to_stage: str | None, run_dir: Path,
+                      enabled: set[str] | None = None) -> None:
+    """--from/--to name stages in order, and the stages before --from exist: checked before the
+    Prefect API starts (that takes 10-20 s), so a typo costs nothing."""
+    from alignline.config import ConfigError
+    from flows.pipeline import STAGE_SEQUENCE
+
+    for flag, value in (("--from", from_stage), ("--to", to_stage)):
+        if value is not None and value not in STAGE_SEQUENCE:
+            import difflib
+
+            close = difflib.get_close_matches(value, STAGE_SEQUENCE, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{flag} {value!r} is not a stage{hint}; choose one of {', '.join(STAGE_SEQUENCE)}")
+    if from_stage and to_stage and STAGE_SEQUENCE.index(from_stage) > STAGE_SEQUENCE.index(to_stage):
+        raise ConfigError(f"--from {from_stage} comes after --to {to_stage}; stages run in the order "
+                          f"{', '.join(STAGE_SEQUENCE)}")
+    if from_stage:
+        for stage in STAGE_SEQUENCE[:STAGE_SEQUENCE.index(from_stage)]:
+            if enabled is not None and stage not in enabled:
+                continue
+            manifest = run_dir / stage / "manifest.json"
+            if not manifest.is_file():
+                raise ConfigError(f"--from {from_stage}: earlier stage {stage!r} has not finished in {run_dir} "
+                                  f"({manifest} is missing); run without --from, or --from {stage}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("pipeline")
     def pipeline(
@@ -55,26 +82,30 @@ def register(app: typer.Typer) -> None:
         set_prefect_env()
         import yaml
 
-        from alignline.config import ConfigError, config_to_dict
+        from alignline.config import UserError, config_to_dict
+        from alignline.launch import exit_with_tree_on_signal
         from flows.pipeline import GateFailed, load_pipeline_config, pipeline_flow, resolve_pipeline
 
         all_over = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
         try:
             cfg = load_pipeline_config(config, all_over)
             resolved = resolve_pipeline(cfg)  # fail fast, before the Prefect API starts
-        except ConfigError as exc:
+            check_stage_range(from_stage, to_stage, Path(cfg.run_dir), set(resolved))
+        except UserError as exc:
             _fail(str(exc), 2)
         if print_config:
             out = config_to_dict(cfg)
             out["resolved_stage_configs"] = {s: r.config_dict for s, r in resolved.items()}
             typer.echo(yaml.safe_dump(out, sort_keys=False))
             return
+        # SIGTERM/SIGINT end the stage subprocesses and Prefect's temporary server too (no leak).
+        exit_with_tree_on_signal()
         try:
             result = pipeline_flow(config=cfg, from_stage=from_stage, to_stage=to_stage, force=force)
         except GateFailed as exc:
             _fail(f"{exc}\nreport: {Path(cfg.run_dir) / 'report.md'}", 3)
-        except ConfigError as exc:
-            _fail(str(exc), 2)
+        except UserError as exc:
+            _fail(f"{exc}\nreport: {Path(cfg.run_dir) / 'report.md'}", 2)
         except Exception as exc:
             _fail(f"pipeline failed: {type(exc).__name__}: {exc}\nreport: {Path(cfg.run_dir) / 'report.md'}\n"
                   "re-run the same command to resume at the failed stage", 1)
@@ -128,7 +159,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run one stage as a Prefect flow (what the single-stage deployment runs)."""
         set_prefect_env()
-        from alignline.config import ConfigError
+        from alignline.config import UserError
+        from alignline.launch import exit_with_tree_on_signal
         from flows.stage import stage_flow
         from flows.tasks import StageEntry
 
@@ -137,8 +169,9 @@ def register(app: typer.Typer) -> None:
             cfg_path = str(config.resolve()) if config else f"configs/{stage}/tiny.yaml"
             entry = StageEntry(config=cfg_path, set=list(overrides),
                                inputs=dict(i.split("=", 1) for i in inputs), nproc_per_node=nproc)
+            exit_with_tree_on_signal()
             out = stage_flow(stage=stage, run_dir=str(run_dir), entry=entry, force=force)
-        except ConfigError as exc:
+        except UserError as exc:
             _fail(str(exc), 2)
         typer.echo(f"{stage}: {out['status']} -> {out['path']}")
 

@@ -1,7 +1,7 @@
 """`alignline stage <name> ...`: run one pipeline stage by hand (every stage in stages.STAGES).
 
     alignline stage --help
-    alignline stage pretrain --config configs/pretrain/tiny.yaml --run-dir runs/tiny --set train.lr=3e-4
+    alignline stage pretrain --config configs/pretrain/tiny.yaml --run-dir runs/tiny --set optim.lr=3e-4
     alignline stage sft --config configs/sft/tiny.yaml --init runs/tiny/pretrain
 
 Each sub-command forwards its arguments to the stage module's `main(argv)` (the same parser as

@@ -81,29 +81,35 @@ def _split(rows: list[dict], frac: float) -> tuple[list[dict], list[dict]]:
     return rows[n_val:], rows[:n_val]
 
 
-def _prepare_files(cfg: Config, out: Path) -> dict[str, Any]:
+def _load_files(cfg: Config) -> dict[str, list[dict]]:
+    """Read and validate every source (raises DataValidationError naming file:line)."""
     from alignline.data.loaders import load_records
 
     files = cfg.files
     assert files is not None
-    info: dict[str, Any] = {}
+    loaded: dict[str, list[dict]] = {}
     if files.pretrain:
-        texts = [r for src in files.pretrain for r in load_records(src, progress=True)]
-        train, val = _split(texts, files.val_fraction)
-        (out / "pretrain").mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / "pretrain/train.jsonl", train)
-        write_jsonl(out / "pretrain/val.jsonl", val)
-        info["pretrain"] = {"train": len(train), "val": len(val)}
+        loaded["pretrain"] = [r for src in files.pretrain for r in load_records(src, progress=True)]
     for kind, src in (("sft", files.sft), ("preference", files.preference)):
-        if src is None:
-            continue
-        rows = load_records(src, progress=True)
+        if src is not None:
+            loaded[kind] = load_records(src, progress=True)
+    return loaded
+
+
+def _write_files(cfg: Config, loaded: dict[str, list[dict]], out: Path) -> dict[str, Any]:
+    files = cfg.files
+    assert files is not None
+    info: dict[str, Any] = {}
+    for kind, rows in loaded.items():
         train, val = _split(rows, files.val_fraction)
         (out / kind).mkdir(parents=True, exist_ok=True)
         write_jsonl(out / kind / "train.jsonl", train)
         write_jsonl(out / kind / "val.jsonl", val)
-        write_jsonl(out / kind / "test.jsonl", val)
-        info[kind] = {"train": len(train), "val": len(val), "source": src.path}
+        if kind == "pretrain":
+            info[kind] = {"train": len(train), "val": len(val)}
+        else:
+            write_jsonl(out / kind / "test.jsonl", val)
+            info[kind] = {"train": len(train), "val": len(val), "source": getattr(files, kind).path}
     return info
 
 
@@ -122,6 +128,8 @@ def data_files(config: Config) -> dict[str, Path]:
 def run(config: Config, inputs: dict[str, Path] | None, run_dir: str | Path) -> Path:
     from alignline.data.tasks import write_suite
 
+    # Real data is read and validated before the stage dir is touched: a bad file leaves nothing behind.
+    loaded = _load_files(config) if config.source == "files" else {}
     run = StageRun(run_dir, "data", config, inputs={}, source=__file__, data=data_files(config))
     suite_cfg = config.suite_config()
     # The built-in suite is always written: its held-out prompts + gold answers are the fixed eval set.
@@ -132,7 +140,7 @@ def run(config: Config, inputs: dict[str, Path] | None, run_dir: str | Path) -> 
         for sub in ("pretrain", "sft", "preference"):
             if getattr(config.files, sub):
                 shutil.rmtree(run.staging / sub)
-        headline["files"] = _prepare_files(config, run.staging)
+        headline["files"] = _write_files(config, loaded, run.staging)
     return run.finalize(eval={}, headline=headline)
 
 

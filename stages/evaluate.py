@@ -29,8 +29,8 @@ log = logging.getLogger("stages.evaluate")
 
 MODEL_STAGES = ("pretrain", "sft", "rlhf")
 INPUTS = [
-    InputSpec("data", default="data", help="data stage directory (prompts/<split>.jsonl)"),
-    InputSpec("reward", default="reward", required=False, help="reward stage (RM scores); optional"),
+    InputSpec("data", default="data", kinds=("data",), help="data stage directory (prompts/<split>.jsonl)"),
+    InputSpec("reward", default="reward", kinds=("reward",), required=False, help="reward stage (RM scores); optional"),
     *[InputSpec(s, default=s, required=False, help=f"{s} stage to evaluate; optional") for s in MODEL_STAGES],
 ]
 

@@ -33,7 +33,7 @@ from pydantic import Field
 from alignline.artifacts import read_jsonl
 from alignline.config import LoggingConfig, LoraArgs, StrictModel
 from alignline.rl.ppo import PPOArgs, PPOTrainer
-from alignline.stage_cli import InputSpec, stage_main
+from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
 log = logging.getLogger("alignline.stages.ppo")
 
@@ -107,9 +107,9 @@ class RLHFConfig(StrictModel):
 Config = RLHFConfig
 
 INPUTS = [
-    InputSpec("init", default="sft", help="SFT stage dir (policy and reference)"),
-    InputSpec("reward", default="reward", help="reward stage dir (reward model, value init, normalisation)"),
-    InputSpec("data", default="data", required=False,
+    InputSpec("init", default="sft", kinds=MODEL_STAGES, help="SFT stage dir (policy and reference)"),
+    InputSpec("reward", default="reward", kinds=("reward",), help="reward stage dir (reward model, value init, normalisation)"),
+    InputSpec("data", default="data", kinds=("data",), required=False,
               help="data stage dir (prompts, preference, pretrain); default: the SFT stage's data input"),
 ]
 

@@ -42,7 +42,7 @@ from alignline.stage_cli import InputSpec, stage_main
 log = logging.getLogger("stages.pretrain")
 
 INPUTS = [
-    InputSpec("data", default="data", help="data stage directory"),
+    InputSpec("data", default="data", kinds=("data",), help="data stage directory"),
     InputSpec("tokenizer", default="tokenizer", help="tokenizer stage directory (or any dir with tokenizer files)"),
 ]
 

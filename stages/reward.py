@@ -31,13 +31,13 @@ from pydantic import Field
 
 from alignline.artifacts import StageRun, model_dir, read_jsonl
 from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
-from alignline.stage_cli import InputSpec, stage_main
+from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
 log = logging.getLogger("stages.reward")
 
 INPUTS = [
-    InputSpec("init", default="sft", allow_hf_dir=True, help="model to start from: sft stage dir or HF model dir"),
-    InputSpec("data", default="data", help="data stage directory (preference/{train,val}.jsonl)"),
+    InputSpec("init", default="sft", allow_hf_dir=True, kinds=MODEL_STAGES, help="model to start from: sft stage dir or HF model dir"),
+    InputSpec("data", default="data", kinds=("data",), help="data stage directory (preference/{train,val}.jsonl)"),
 ]
 
 

@@ -25,14 +25,14 @@ from pydantic import Field
 
 from alignline.artifacts import StageRun, model_dir, read_jsonl
 from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
-from alignline.stage_cli import InputSpec, stage_main
+from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
 log = logging.getLogger("stages.sft")
 
 INPUTS = [
-    InputSpec("init", default="pretrain", allow_hf_dir=True,
+    InputSpec("init", default="pretrain", allow_hf_dir=True, kinds=MODEL_STAGES,
               help="model to fine-tune: a stage dir or any HF causal LM dir"),
-    InputSpec("data", default="data", help="data stage directory (sft/{train,val}.jsonl, prompts/test.jsonl)"),
+    InputSpec("data", default="data", kinds=("data",), help="data stage directory (sft/{train,val}.jsonl, prompts/test.jsonl)"),
 ]
 
 

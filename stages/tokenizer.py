@@ -22,7 +22,7 @@ from alignline.artifacts import StageRun
 from alignline.config import StrictModel
 from alignline.stage_cli import InputSpec, stage_main
 
-INPUTS = [InputSpec("data", default="data", help="data stage directory (its pretrain/train.jsonl is the corpus)")]
+INPUTS = [InputSpec("data", default="data", kinds=("data",), help="data stage directory (its pretrain/train.jsonl is the corpus)")]
 
 
 class Config(StrictModel):

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from alignline.config import StrictModel
+from alignline.config import StrictModel, UserError
 
 Kind = Literal["pretrain", "sft", "preference", "prompts"]
 Format = Literal["auto", "alpaca", "sharegpt", "hh", "messages", "text"]
@@ -56,7 +56,7 @@ class Problem:
         return f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """Every problem found in a dataset, one `file:line: message` per line."""
 
     def __init__(self, problems: list[Problem], what: str = "dataset"):
@@ -255,8 +255,23 @@ def local_source(cfg: LoaderConfig) -> Path | None:
     return None if use_hub else path
 
 
+def looks_local(path: str) -> bool:
+    """A path meant as a local file: ./ ../ / ~ prefix, a data file extension, or a first component
+    that exists here. Hub ids (`owner/name`) have none of these; a typo in a local path must not be
+    sent to the hub (that costs a minute of offline retries before the error)."""
+    if path.startswith(("./", "../", "/", "~", ".\\")) or path in (".", ".."):
+        return True
+    if Path(path).suffix.lower() in FILE_SUFFIXES + (".csv", ".gz", ".zst", ".arrow"):
+        return True
+    first = Path(path).parts[0] if Path(path).parts else ""
+    return bool(first) and Path(first).exists()
+
+
 def read_raw(cfg: LoaderConfig, problems: list[Problem]) -> Iterator[Raw]:
-    path = Path(cfg.path)
+    path = Path(cfg.path).expanduser()
+    if cfg.hub is None and not path.exists() and looks_local(cfg.path):
+        raise DataValidationError([Problem(cfg.path, None, "file does not exist (a local path; for a hub "
+                                           "dataset id set `hub: true`); check the path")])
     use_hub = cfg.hub if cfg.hub is not None else not path.exists()
     if not use_hub:
         if not path.exists():
