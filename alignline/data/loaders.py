@@ -250,7 +250,7 @@ def _local_files(path: Path) -> list[Path]:
 
 def local_source(cfg: LoaderConfig) -> Path | None:
     """The local file/dir `cfg` reads, or None for a hub dataset (its id and split are in the config)."""
-    path = Path(cfg.path)
+    path = Path(cfg.path).expanduser()  # as read_raw reads it
     use_hub = cfg.hub if cfg.hub is not None else not path.exists()
     return None if use_hub else path
 
