@@ -42,8 +42,12 @@ module plus the alignline package sources, used by the flow's cache) and `create
 Resume: `save_state` writes `state/step_<N>/` (model.safetensors, optimizer.pt,
 scheduler.pt, rng.pt, meta.json) through a temp dir, then points `state/latest` at it. All
 torch files hold plain tensors/containers and are read with `torch.load(weights_only=True)`;
-nothing is pickled. `state/state.json` records the config sha256: a state written under a
-different config is discarded (with a log line) when the StageRun opens.
+nothing is pickled. `state/state.json` records the config (and its sha256 without the stage's
+`resume_keys`): a state written under a config that differs in any other key is discarded when the
+StageRun opens, with a log line naming the keys that changed. Keys in `resume_keys` (e.g. the
+step count, save/log/eval cadence) may change: raising the step count of a finished or
+interrupted run continues it from its state, and a finished run's metrics.jsonl and tb/ go back
+to staging so the logs continue too.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -358,6 +362,8 @@ class StageRun:
     inputs: dict[str, str | Path] = field(default_factory=dict)
     source: str | Path | None = None
     keep_states: int = 1
+    # Top-level or dotted config keys that may change on resume (see the module docstring).
+    resume_keys: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.t0 = time.time()
@@ -367,6 +373,9 @@ class StageRun:
         self.state_dir = self.path / STATE
         self.is_main = _rank() == 0
         self.config_sha256 = config_sha256(self.config) if self.config is not None else None
+        self.config_dict = config_to_dict(self.config) if self.config is not None else None
+        self.state_sha256 = (config_sha256(_without_keys(self.config_dict, self.resume_keys))
+                             if self.config_dict is not None and self.resume_keys else self.config_sha256)
         # Inputs are verified before anything is touched, so a bad parent fails fast (hashes on rank 0
         # only: N ranks re-hashing the same multi-GB checkpoint would just cost time).
         self.inputs_loaded: dict[str, StageDir] = {
@@ -390,6 +399,12 @@ class StageRun:
         compatible = self._check_state()
         if not compatible and self.staging.exists():
             shutil.rmtree(self.staging)
+        if compatible and not self.staging.exists():
+            # A finished run being extended: its logs go back to staging and continue there.
+            self.staging.mkdir(parents=True)
+            for name in ("metrics.jsonl", "tb"):
+                if (self.path / name).exists():
+                    os.replace(self.path / name, self.staging / name)
         self.staging.mkdir(parents=True, exist_ok=True)
         if self.config is not None:
             save_config(self.config, self.staging / "config.yaml")
@@ -417,22 +432,45 @@ class StageRun:
 
     # ----------------------------------------------------------------- training state
 
+    def _state_matches(self, recorded: dict) -> bool:
+        """Whether a state.json / meta.json record was written under a config this run may resume."""
+        if "state_sha256" in recorded:
+            return recorded["state_sha256"] == self.state_sha256
+        return recorded.get("config_sha256") == self.config_sha256  # older records: exact config only
+
     def _check_state(self) -> bool:
-        """Keep state only when it was written under the same config; True when kept."""
+        """Keep state only when it was written under a compatible config; True when kept."""
         marker = self.state_dir / "state.json"
         if not self.state_dir.exists():
             return False
         try:
-            recorded = read_json(marker).get("config_sha256")
+            recorded = read_json(marker)
         except StageError:
-            recorded = None
-        if recorded != self.config_sha256:
-            log.warning("discarding training state in %s: it was written under a different config "
-                        "(or without state.json); starting %s from scratch", self.state_dir, self.stage)
+            recorded = {}
+        old_cfg = recorded.get("config")
+        changed = _changed_keys(old_cfg, self.config_dict) if old_cfg is not None and self.config_dict else None
+        if not self._state_matches(recorded):
+            if changed is None:
+                why = "it was written under a different config (or without state.json)"
+            else:
+                blocking = [k for k in changed if not _covered(k, self.resume_keys)]
+                why = (f"it was written under a different config (changed: {', '.join(blocking) or '?'}; "
+                       f"may change on resume: {', '.join(self.resume_keys) or 'nothing'})")
+            log.warning("discarding training state in %s: %s; starting %s from scratch",
+                        self.state_dir, why, self.stage)
             shutil.rmtree(self.state_dir)
             return False
+        if changed:
+            log.info("resuming %s with changed %s (allowed on resume)", self.stage, ", ".join(changed))
+            self._write_marker()
         log.info("found resumable state in %s", self.state_dir)
         return True
+
+    def _write_marker(self) -> None:
+        write_json_atomic(self.state_dir / "state.json", {
+            "config_sha256": self.config_sha256, "state_sha256": self.state_sha256, "stage": self.stage,
+            "config": self.config_dict,
+        })
 
     def latest_state(self) -> Path | None:
         """The newest complete `state/step_<N>` directory, or None."""
@@ -445,9 +483,8 @@ class StageRun:
     def mark_state(self) -> Path:
         """Create `state/` stamped with this config (for trainers that write their own checkpoints)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        marker = self.state_dir / "state.json"
-        if not marker.exists():
-            write_json_atomic(marker, {"config_sha256": self.config_sha256, "stage": self.stage})
+        if not (self.state_dir / "state.json").exists():
+            self._write_marker()
         return self.state_dir
 
     def save_state(
@@ -493,7 +530,7 @@ class StageRun:
         torch.save(_rng_state(), tmp / "rng.pt")
         write_json_atomic(tmp / "meta.json", {
             "step": step, "data_position": data_position or {}, "extra": extra or {},
-            "config_sha256": self.config_sha256, "time": time.time(),
+            "config_sha256": self.config_sha256, "state_sha256": self.state_sha256, "time": time.time(),
         })
         _remove(final)
         os.replace(tmp, final)
@@ -518,7 +555,7 @@ class StageRun:
         if latest is None:
             return None
         meta = read_json(latest / "meta.json")
-        if meta.get("config_sha256") != self.config_sha256:
+        if not self._state_matches(meta):
             log.warning("ignoring %s: written under a different config", latest)
             return None
         if model is not None and (latest / "model.safetensors").is_file():
@@ -590,6 +627,33 @@ class StageRun:
 
 
 # --------------------------------------------------------------------------- internals
+
+
+def _covered(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _without_keys(cfg: dict, keys: Sequence[str]) -> dict:
+    """A copy of a config dict without the (dotted) `keys`."""
+    out = json.loads(json.dumps(cfg))
+    for key in keys:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves that differ between two config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _report_to(config: Any) -> list[str]:
