@@ -50,7 +50,11 @@ scheduler.pt, rng.pt, meta.json) through a temp dir, then points `state/latest` 
 torch files hold plain tensors/containers and are read with `torch.load(weights_only=True)`;
 nothing is pickled. `state/state.json` records the reuse key: a state written under a different
 key (config, code, a parent, a data file) is deleted when the StageRun opens, with a log line
-naming the part that changed. Each resume logs one "<stage>: resumed from step N" line.
+naming the part that changed. Each resume logs one "<stage>: resumed from step N" line. The
+config part of the state's key leaves out the stage's `resume_keys` (e.g. the step count,
+save/log/eval cadence): raising the step count of a finished or interrupted run continues it
+from its state, and a finished run's metrics.jsonl and tb/ go back to staging so the logs
+continue too.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -283,10 +287,22 @@ def stage_key(
         "inputs": entries(inputs),
         "data": entries(data),
     }
-    strip = {k: ({n: {f: v for f, v in e.items() if f != "path"} for n, e in key[k].items()}
-                 if k in ("inputs", "data") else key[k]) for k in key}
-    key["sha256"] = _digest(strip)
+    key["sha256"] = _key_digest(key)
     return key
+
+
+def _key_digest(key: dict[str, Any]) -> str:
+    """Digest of a stage key without its paths (a moved run dir stays valid)."""
+    strip = {k: ({n: {f: v for f, v in e.items() if f != "path"} for n, e in key[k].items()}
+                 if k in ("inputs", "data") else key[k]) for k, v in key.items() if k != "sha256"}
+    return _digest(strip)
+
+
+def with_config(key: dict[str, Any], config: Any) -> dict[str, Any]:
+    """`key` with its config part replaced by `config`'s hash (and the digest redone)."""
+    out = {**key, "config_sha256": config_sha256(config)}
+    out["sha256"] = _key_digest(out)
+    return out
 
 
 def key_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
@@ -494,6 +510,8 @@ class StageRun:
     external_inputs: dict[str, str | Path] = field(default_factory=dict)
     # Data read from outside the run directory (the stage module's `data_files(config)`).
     data: dict[str, str | Path] = field(default_factory=dict)
+    # Top-level or dotted config keys that may change on resume (see the module docstring).
+    resume_keys: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.t0 = time.time()
@@ -503,6 +521,7 @@ class StageRun:
         self.state_dir = self.path / STATE
         self.is_main = _rank() == 0
         self.config_sha256 = config_sha256(self.config) if self.config is not None else None
+        self.config_dict = config_to_dict(self.config) if self.config is not None else None
         # Inputs are verified before anything is touched, so a bad parent fails fast (hashes on rank 0
         # only: N ranks re-hashing the same multi-GB checkpoint would just cost time).
         self.inputs_loaded: dict[str, StageDir] = {
@@ -510,9 +529,14 @@ class StageRun:
         }
         # The reuse key (see stage_key) decides whether state/ may be resumed; rank 0 owns state/.
         self.key: dict[str, Any] | None = None
+        self.state_key: dict[str, Any] | None = None  # the key state/ is resumed under
         if self.is_main:
             self.key = stage_key(self.config, {**(self.inputs or {}), **self.external_inputs}, self.source,
                                  self.data)
+            self.state_key = self.key
+            if self.resume_keys and self.config_dict is not None:
+                # Keys that may change on resume (steps, cadence) are left out of the state's config part.
+                self.state_key = with_config(self.key, _without_keys(self.config_dict, self.resume_keys))
         self._metrics = None
         if self.is_main:
             self._open()
@@ -531,6 +555,12 @@ class StageRun:
         compatible = self._check_state()
         if not compatible and self.staging.exists():
             shutil.rmtree(self.staging)
+        if compatible and not self.staging.exists():
+            # A finished run being extended: its logs go back to staging and continue there.
+            self.staging.mkdir(parents=True)
+            for name in ("metrics.jsonl", "tb"):
+                if (self.path / name).exists():
+                    os.replace(self.path / name, self.staging / name)
         self.staging.mkdir(parents=True, exist_ok=True)
         if self.config is not None:
             save_config(self.config, self.staging / "config.yaml")
@@ -571,13 +601,29 @@ class StageRun:
             recorded = read_json(marker)
         except StageError:
             recorded = {}
-        assert self.key is not None
-        if recorded.get("key_sha256") != self.key["sha256"]:
-            why = key_changes(recorded.get("key"), self.key) if recorded else ["state/state.json is missing"]
+        assert self.state_key is not None
+        if recorded.get("key_sha256") != self.state_key["sha256"]:
+            why = key_changes(recorded.get("key"), self.state_key) if recorded else ["state/state.json is missing"]
+            old_cfg = recorded.get("config")
+            if old_cfg is not None and self.config_dict is not None:
+                blocking = [k for k in _changed_keys(old_cfg, self.config_dict) if not _covered(k, self.resume_keys)]
+                why = [f"config changed ({', '.join(blocking) or '?'}; may change on resume: "
+                       f"{', '.join(self.resume_keys) or 'nothing'})" if w == "config changed" else w for w in why]
             discard_state(self.state_dir, f"{self.stage}: " + "; ".join(why))
             return False
+        changed = _changed_keys(recorded.get("config"), self.config_dict) if recorded.get("config") else []
+        if changed:
+            log.info("resuming %s with changed %s (allowed on resume)", self.stage, ", ".join(changed))
+            self._write_marker()
         log.info("found resumable state in %s (same config, code, inputs and data)", self.state_dir)
         return True
+
+    def _write_marker(self) -> None:
+        assert self.state_key is not None
+        write_json_atomic(self.state_dir / "state.json", {
+            "stage": self.stage, "key_sha256": self.state_key["sha256"], "config_sha256": self.config_sha256,
+            "key": self.state_key, "config": self.config_dict,
+        })
 
     def latest_state(self) -> Path | None:
         """The newest complete `state/step_<N>` directory, or None."""
@@ -590,10 +636,8 @@ class StageRun:
     def mark_state(self) -> Path:
         """Create `state/` stamped with this config (for trainers that write their own checkpoints)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        marker = self.state_dir / "state.json"
-        if not marker.exists() and self.key is not None:
-            write_json_atomic(marker, {"stage": self.stage, "key_sha256": self.key["sha256"],
-                                       "config_sha256": self.config_sha256, "key": self.key})
+        if not (self.state_dir / "state.json").exists() and self.state_key is not None:
+            self._write_marker()
         return self.state_dir
 
     def save_state(
@@ -639,8 +683,8 @@ class StageRun:
         torch.save(_rng_state(), tmp / "rng.pt")
         write_json_atomic(tmp / "meta.json", {
             "step": step, "data_position": data_position or {}, "extra": extra or {},
-            "config_sha256": self.config_sha256, "key_sha256": self.key["sha256"] if self.key else None,
-            "time": time.time(),
+            "config_sha256": self.config_sha256,
+            "key_sha256": self.state_key["sha256"] if self.state_key else None, "time": time.time(),
         })
         _remove(final)
         os.replace(tmp, final)
@@ -667,7 +711,7 @@ class StageRun:
         meta = read_json(latest / "meta.json")
         # Rank 0 checked state.json against the full key when the run opened; this catches a step dir
         # copied in from elsewhere. Other ranks have no key of their own and follow rank 0.
-        if self.key is not None and meta.get("key_sha256") != self.key["sha256"]:
+        if self.state_key is not None and meta.get("key_sha256") != self.state_key["sha256"]:
             log.warning("ignoring %s: written under a different reuse key (config, code, inputs or data)", latest)
             return None
         if model is not None and (latest / "model.safetensors").is_file():
@@ -741,6 +785,33 @@ class StageRun:
 
 
 # --------------------------------------------------------------------------- internals
+
+
+def _covered(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _without_keys(cfg: dict, keys: Sequence[str]) -> dict:
+    """A copy of a config dict without the (dotted) `keys`."""
+    out = json.loads(json.dumps(cfg))
+    for key in keys:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves that differ between two config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _report_to(config: Any) -> list[str]:

@@ -182,8 +182,17 @@ class MetricsLogger:
                 mlflow.log_dict(config, "config.json")
 
     def truncate_after(self, step: int) -> None:
-        """Drop records with step > `step` (a resumed run rewrites them)."""
-        if self.out_dir is None or not self.path.exists():
+        """Drop records with step > `step` (a resumed run rewrites them), in metrics.jsonl and tb/."""
+        if self.out_dir is None:
+            return
+        if self._tb is not None:
+            # A new event file starting with a purge marker: TensorBoard drops the earlier files'
+            # events at steps >= step + 1, so a resumed run's steps are shown once, not twice.
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=step + 1)
+        if not self.path.exists():
             return
         keep = []
         for line in self.path.read_text(encoding="utf-8").splitlines():

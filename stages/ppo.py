@@ -82,7 +82,10 @@ class GroupSection(StrictModel):
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.05, ge=0, description="KL coefficient against the SFT reference")
     gold_reward: bool = Field(False, description="add the gold scorer as a verifiable reward")
-    gold_weight: float = Field(1.0, ge=0)
+    gold_weight: float = Field(1.0, ge=0, description="weight of the gold reward")
+    missing_eos_penalty: float = Field(
+        1.0, ge=0, description="subtracted from the normalised RM score of completions cut without EOS"
+    )
 
 
 class RLHFConfig(StrictModel):
@@ -105,6 +108,11 @@ class RLHFConfig(StrictModel):
 
 
 Config = RLHFConfig
+
+# Keys that may change between a run and its resumption without discarding state/: how long to
+# train, how often to save, log and evaluate. Anything else (lr, batch sizes, seed, ...) would make
+# the resumed run a different experiment, so its state is discarded (the log names the keys).
+RESUME_KEYS = ("steps", "save_every", "logging", "eval")
 
 INPUTS = [
     InputSpec("init", default="sft", kinds=MODEL_STAGES, help="SFT stage dir (policy and reference)"),
@@ -444,17 +452,33 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     if cfg.ppo.ptx_coef > 0:
         ptx = PtxSampler(tok, data_dir / "pretrain" / "train.jsonl", cfg.ptx.batch_size, cfg.ptx.seq_len, cfg.seed)
     trainer = PPOTrainer(cfg.ppo, policy, value, rm, ref_policy=ref, eos_id=tok.eos_token_id,
-                         pad_id=tok.pad_token_id, reward_mean=mean, reward_std=std, ptx_sampler=ptx, device=device)
+                         pad_id=tok.pad_token_id, reward_mean=mean, reward_std=std, ptx_sampler=ptx, device=device,
+                         total_iterations=cfg.steps)
 
     start = 0
-    meta = run.load_state(optimizer=trainer.optimizer)  # also restores the RNG streams
+    meta = run.load_state()  # restores the RNG streams; the rest is loaded below
     if meta is not None:
-        _load_flat_trainable(trainer, load_file(str(Path(meta["path"]) / "model.safetensors")))
+        start = int(meta["step"])
+        if start > cfg.steps:
+            raise ValueError(
+                f"{run.state_dir} holds iteration {start} but steps={cfg.steps}; a run can be extended, not "
+                f"shortened. Set steps >= {start}, or delete {run.state_dir} to start over"
+            )
+        state_path = Path(meta["path"])
+        _load_flat_trainable(trainer, load_file(str(state_path / "model.safetensors")))
+        trainer.load_optim_state_dict(torch.load(state_path / "optimizer.pt", map_location=device, weights_only=True))
         trainer.kl_ctl.load_state_dict(meta["extra"]["kl_ctl"])
-        start = trainer.step_count = int(meta["step"])
+        trainer.load_reward_norm_state(meta["extra"]["reward_norm"])
+        trainer.step_count = start
         if ptx is not None:
             ptx.gen.set_state(torch.tensor(meta["extra"]["ptx_rng"], dtype=torch.uint8))
         run.metrics.truncate_after(start)  # StageRun.load_state logged "rlhf: resumed from step N"
+    elif cfg.ppo.reward_norm == "policy_samples":
+        n = min(cfg.ppo.reward_norm_prompts, len(prompts))
+        idx = prompt_batch(len(prompts), n, 0, cfg.seed + 1)  # not the first iteration's batch
+        r_mean, r_std = trainer.calibrate_reward_norm([prompts[i] for i in idx])
+        log.info("reward normalisation from %d SFT samples: mean %.4f std %.4f (reward stage: %.4f, %.4f)",
+                 n, r_mean, r_std, mean, std)
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ppo",
                disable=not cfg.logging.progress)
@@ -471,10 +495,11 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
             post["gold"] = f"{last['rollout_gold_accuracy']:.2f}"
         bar.set_postfix(**post)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            extra = {"kl_ctl": trainer.kl_ctl.state_dict()}
+            extra = {"kl_ctl": trainer.kl_ctl.state_dict(), "reward_norm": trainer.reward_norm_state()}
             if ptx is not None:
                 extra["ptx_rng"] = ptx.gen.get_state().tolist()
-            run.save_state(step + 1, model_state=_flat_trainable(trainer), optimizer=trainer.optimizer, extra=extra)
+            run.save_state(step + 1, model_state=_flat_trainable(trainer), optimizer_state=trainer.optim_state_dict(),
+                           extra=extra)
         maybe_interrupt(step + 1)
     train_time = time.time() - t0
 
@@ -491,25 +516,35 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
 
 class RMReward:
     """A GRPO/RLOO reward function: the reward model's score of prompt+completion, normalised with
-    the reward stage's mean/std (the same scale PPO uses)."""
+    the reward stage's mean/std (the same scale PPO uses), minus `missing_eos_penalty` for completions
+    cut at max_completion_length without EOS.
 
-    def __init__(self, rm, tok, mean: float, std: float, device):
+    The RM reads the templated prompt followed by the completion's generated token ids, exactly as
+    PPO scores its rollouts. Re-templating prompt + completion text would close every completion with
+    EOS, so a truncated one would be scored as a finished answer and escape the penalty."""
+
+    def __init__(self, rm, tok, mean: float, std: float, device, missing_eos_penalty: float = 0.0):
         self.rm, self.tok, self.mean, self.std, self.device = rm, tok, mean, std, device
+        self.missing_eos_penalty = float(missing_eos_penalty)
         self.__name__ = "reward_model"
 
     @torch.inference_mode()
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
         from alignline.rl.rollout import left_pad, sequence_scores
 
-        seqs = []
-        for p, c in zip(prompts, completions):
-            text = self.tok.apply_chat_template(p + c, tokenize=False)
-            seqs.append(self.tok(text, add_special_tokens=False)["input_ids"])
+        seqs, has_eos = [], []
+        for p, c in zip(prompts, completion_ids, strict=True):
+            text = self.tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            c = list(c)
+            has_eos.append(bool(c) and c[-1] == self.tok.eos_token_id)
+            seqs.append(ids + c)
         # Score at the last real token: right-align by left padding, then the last column is real.
         ids, attn = left_pad(seqs, self.tok.pad_token_id, self.device)
         ctx = ids.shape[1] - 1
         s = sequence_scores(self.rm, ids, attn, ctx, torch.ones((len(seqs), 1), dtype=torch.long, device=self.device))
-        return ((s.cpu() - self.mean) / self.std).tolist()
+        penalty = self.missing_eos_penalty * (~torch.tensor(has_eos)).double()
+        return ((s.cpu().double() - self.mean) / self.std - penalty).tolist()
 
 
 def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
@@ -551,7 +586,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         rows = read_jsonl(data_dir / "prompts" / "train.jsonl", cfg.prompts.max_train)
         ds = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "match": r.get("match", "exact")}
                                 for r in rows])
-        funcs: list = [RMReward(rm, tok, mean, std, device)]
+        funcs: list = [RMReward(rm, tok, mean, std, device, g.missing_eos_penalty)]
         weights = [1.0]
         if g.gold_reward:
             funcs.append(gold_reward)
@@ -607,7 +642,7 @@ def run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path) -> Path:
     else:
         data_dir = find_data_stage(Path(inputs["init"]))
     stage_inputs["data"] = data_dir
-    run_ = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__)
+    run_ = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__, resume_keys=RESUME_KEYS)
     sft, reward = run_.input("init"), run_.input("reward")
     device = resolve_device(cfg.device)
     t0 = time.time()

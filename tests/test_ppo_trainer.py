@@ -173,6 +173,7 @@ def test_tokens_after_eos_change_no_loss_or_gradient():
 
     def loss_and_grads(r):
         t.optimizer.zero_grad()
+        t.critic_optimizer.zero_grad()
         loss, _, _ = t._micro_loss(r, idx)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in t.params if p.grad is not None]

@@ -199,6 +199,40 @@ def value_loss(
     return loss, stats
 
 
+# --------------------------------------------------------------------------- running statistics
+
+
+class RunningMoments:
+    """Mean and (unbiased) std of every value seen so far, merged batch by batch (Chan et al. 1979),
+    as OpenRLHF normalises rewards. Python floats in double precision: state is JSON-serialisable."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten().cpu()
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean = float(x.mean())
+        b_m2 = float(((x - b_mean) ** 2).sum())
+        total = self.count + n
+        delta = b_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += b_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
 # --------------------------------------------------------------------------- KL control
 
 
@@ -220,17 +254,29 @@ class FixedKLController:
 
 class AdaptiveKLController:
     """Ziegler et al. (2019): beta <- beta * (1 + K_beta * e), e = clip(KL/target - 1, -0.2, 0.2),
-    K_beta = n_steps / horizon. Pushes the observed KL towards `target`."""
+    K_beta = n_steps / horizon. Pushes the observed KL towards `target`.
 
-    def __init__(self, beta: float, target: float, horizon: int):
+    The update is multiplicative, so a beta of 0 would stay 0 forever (TRL's and OpenRLHF's
+    controllers have this trap). When the KL is above target, beta is first raised to `min_beta`
+    and then scaled: a run may start free (`beta=0`) and the controller takes over once the
+    policy drifts past the target. Below target beta shrinks as usual, under `min_beta` too."""
+
+    def __init__(self, beta: float, target: float, horizon: int, min_beta: float = 0.0):
         if target <= 0 or horizon <= 0:
             raise ValueError(f"adaptive KL needs target > 0 and horizon > 0 (got {target}, {horizon})")
+        if beta < 0 or min_beta < 0:
+            raise ValueError(f"adaptive KL needs beta >= 0 and min_beta >= 0 (got {beta}, {min_beta})")
+        if beta == 0 and min_beta == 0:
+            raise ValueError("adaptive KL from beta 0 needs min_beta > 0, or beta could never rise")
         self.value, self.target, self.horizon = float(beta), float(target), int(horizon)
+        self.min_beta = float(min_beta)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         if not math.isfinite(current_kl):
             raise ValueError(f"KL is {current_kl}; the policy has diverged (lower the lr or raise beta)")
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        if error > 0:
+            self.value = max(self.value, self.min_beta)
         self.value *= 1.0 + error * n_steps / self.horizon
 
     def state_dict(self) -> dict[str, float]:

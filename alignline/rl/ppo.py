@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from alignline.config import OptimConfig, StrictModel
+from alignline.config import OptimConfig, ScheduleConfig, StrictModel
 from alignline.rl.core import (
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     compute_gae,
     compute_rewards,
     explained_variance,
@@ -49,7 +50,7 @@ from alignline.rl.rollout import (
     token_values,
     truncate_after_eos,
 )
-from alignline.training import build_optimizer
+from alignline.training import build_optimizer, build_scheduler
 
 
 class KLArgs(StrictModel):
@@ -60,6 +61,12 @@ class KLArgs(StrictModel):
     adaptive: bool = Field(False, description="Ziegler et al. controller towards `target`")
     target: float = Field(6.0, gt=0, description="target KL per sequence (nats) for the adaptive controller")
     horizon: int = Field(10000, gt=0, description="adaptive controller horizon, in rollouts")
+    min_beta: float = Field(
+        0.01, ge=0,
+        description="adaptive only: while the KL is above target, beta is raised to at least this before "
+        "the multiplicative update, so a run can start from beta 0 (a plain multiplicative update keeps 0 "
+        "at 0). No effect while beta >= min_beta",
+    )
 
 
 class PPOArgs(StrictModel):
@@ -70,18 +77,18 @@ class PPOArgs(StrictModel):
     mini_batch_size: int = Field(8, gt=0, description="rollouts per optimizer step")
     grad_accum_steps: int = Field(1, gt=0, description="micro-batches per minibatch")
     ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
-    max_new_tokens: int = Field(16, gt=0)
+    max_new_tokens: int = Field(16, gt=0, description="response length cap; longer answers are cut (no EOS)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; also applied to log-probs")
     top_k: int = Field(0, ge=0, description="0 = off; anything else makes log-probs only approximate")
-    top_p: float = Field(1.0, gt=0, le=1)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1.0 = off")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_range: float = Field(0.2, gt=0, description="policy ratio clip epsilon")
     clip_range_value: float = Field(0.2, gt=0, description="value clip around the rollout values")
-    vf_coef: float = Field(0.1, ge=0)
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    kl: KLArgs = KLArgs()
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss in the summed loss")
+    whiten_advantages: bool = Field(True, description="normalise advantages to mean 0, std 1 per rollout batch")
+    whiten_rewards: bool = Field(False, description="scale per-token rewards to std 1 per rollout batch")
+    kl: KLArgs = Field(KLArgs(), description="KL penalty against the reference policy")
     reward_clip: float | None = Field(None, gt=0, description="clip normalised scores to +-this; null = off")
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of responses without EOS")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the pretraining LM loss; 0 = off")
@@ -90,7 +97,42 @@ class PPOArgs(StrictModel):
         description="weight of a verifiable reward (the task's gold scorer, 0/1) added to the normalised RM "
         "score; 0 = RM only. With a verifier the rollout's gold accuracy is logged either way",
     )
-    optim: OptimConfig = OptimConfig(lr=3e-4, weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0)
+    optim: OptimConfig = Field(
+        OptimConfig(lr=3e-4, weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0),
+        description="policy optimizer (AdamW); the critic uses the same betas/eps/weight decay",
+    )
+    critic_lr: float | None = Field(
+        None, gt=0,
+        description="the critic's own learning rate (separate AdamW); null = optim.lr. A LoRA policy's lr "
+        "is usually far too large for a fully trained critic",
+    )
+    critic_grad_clip: float | None = Field(
+        None, ge=0,
+        description="max grad norm of the critic, clipped separately from the policy's (optim.grad_clip); "
+        "null = optim.grad_clip, 0 = off",
+    )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="lr schedule of policy and critic per PPO iteration, after warmup_iterations: constant, "
+        "linear decay (TRL's default) or cosine decay, towards min_lr_ratio * lr at decay_iterations",
+    )
+    warmup_iterations: int = Field(0, ge=0, description="linear lr warmup over the first N iterations")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the decayed lr as a fraction of the peak")
+    decay_iterations: int | None = Field(
+        None, gt=0,
+        description="iteration at which the decay ends; null = the stage's `steps` (then raising `steps` "
+        "on resume stretches the rest of the decay)",
+    )
+    reward_norm: Literal["reward_stage", "policy_samples", "running"] = Field(
+        "reward_stage",
+        description="where the RM score's mean/std come from: reward_stage = the reward stage's eval.json "
+        "(chosen answers of the validation pairs); policy_samples = the SFT policy's own samples on "
+        "reward_norm_prompts training prompts, once before training (critic read on the same scale); "
+        "running = running mean/std of every rollout so far, updated each iteration (OpenRLHF)",
+    )
+    reward_norm_prompts: int = Field(
+        256, gt=0, description="policy_samples: how many training prompts are sampled for the statistics"
+    )
 
     def check(self) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
@@ -156,7 +198,10 @@ class PPOTrainer:
         reward_std: float = 1.0,
         ptx_sampler: Callable[[], torch.Tensor] | None = None,
         device: torch.device | str = "cpu",
+        total_iterations: int | None = None,
     ):
+        """`total_iterations`: the run's PPO iterations, the decay horizon of a linear/cosine lr
+        schedule when `args.decay_iterations` is null."""
         args.check()
         if ref_policy is None and not hasattr(policy, "disable_adapter"):
             raise ValueError(
@@ -181,16 +226,54 @@ class PPOTrainer:
             if m is not None:
                 m.requires_grad_(False)
         self.eos_id, self.pad_id = int(eos_id), int(pad_id)
+        # Scores are normalised with reward_mean/std, and the critic's raw (RM-unit) outputs with the
+        # same statistics (`calibrate_reward_norm` moves both), except under reward_norm=running: the
+        # critic then stays on the initial ones, or its outputs would shift under it every iteration.
         self.reward_mean, self.reward_std = float(reward_mean), float(reward_std)
+        self.value_norm: tuple[float, float] | None = (
+            (self.reward_mean, self.reward_std) if args.reward_norm == "running" else None
+        )
+        self.reward_moments = RunningMoments()
         self.ptx_sampler = ptx_sampler
-        self.params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
-        # One AdamW over policy and critic, with the library's decay groups (none on norms/embeddings).
-        self.optimizer = build_optimizer(torch.nn.ModuleList([policy, value_model]), args.optim)
+        self.policy_params = [p for p in policy.parameters() if p.requires_grad]
+        self.critic_params = [p for p in value_model.parameters() if p.requires_grad]
+        self.params = self.policy_params + self.critic_params
+        # Separate AdamWs (library decay groups: none on norms/embeddings): the critic is usually a full
+        # model while the policy may be LoRA, so each gets its own lr, clipping and schedule.
+        self.optimizer = build_optimizer(policy, args.optim)
+        critic_optim = args.optim.model_copy(update={"lr": self.critic_lr})
+        self.critic_optimizer = build_optimizer(value_model, critic_optim)
+        if args.lr_schedule != "constant" and args.decay_iterations is None and total_iterations is None:
+            raise ValueError(f"ppo.lr_schedule={args.lr_schedule} decays over ppo.decay_iterations or the run's "
+                             "total iterations; pass total_iterations or set ppo.decay_iterations")
+        sched = ScheduleConfig(kind=args.lr_schedule, warmup_steps=args.warmup_iterations,
+                               min_lr_ratio=args.min_lr_ratio)
+        horizon = args.decay_iterations or total_iterations or 1
+        self.scheduler = build_scheduler(self.optimizer, sched, horizon)
+        self.critic_scheduler = build_scheduler(self.critic_optimizer, sched, horizon)
         k = args.kl
         self.kl_ctl = (
-            AdaptiveKLController(k.beta, k.target, k.horizon) if k.adaptive else FixedKLController(k.beta)
+            AdaptiveKLController(k.beta, k.target, k.horizon, k.min_beta) if k.adaptive
+            else FixedKLController(k.beta)
         )
         self.step_count = 0
+
+    @property
+    def value_mean(self) -> float:
+        return self.value_norm[0] if self.value_norm is not None else self.reward_mean
+
+    @property
+    def value_std(self) -> float:
+        return self.value_norm[1] if self.value_norm is not None else self.reward_std
+
+    @property
+    def critic_lr(self) -> float:
+        return self.args.critic_lr if self.args.critic_lr is not None else self.args.optim.lr
+
+    @property
+    def critic_grad_clip(self) -> float:
+        a = self.args
+        return a.critic_grad_clip if a.critic_grad_clip is not None else a.optim.grad_clip
 
     # ------------------------------------------------------------------ rollout
 
@@ -205,10 +288,11 @@ class PPOTrainer:
         model, so its raw outputs are in RM units (tiny default: mean ~4.5, std ~1.9); read through the
         same (x - mean) / std as the scores, it starts near the right scale instead of several nats
         off, which would swamp the advantages (and, with value clipping, take ~15 iterations to fix)."""
-        return (token_values(self.value_model, qr, attn, ctx) - self.reward_mean) / self.reward_std
+        return (token_values(self.value_model, qr, attn, ctx) - self.value_mean) / self.value_std
 
     def normalise_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
-        """RM score -> (score - mean) / std with the reward stage's statistics, clip, EOS penalty."""
+        """RM score -> (score - mean) / std with the current statistics (`reward_norm`), clip, EOS
+        penalty."""
         s = (raw - self.reward_mean) / self.reward_std
         if self.args.reward_clip is not None:
             s = s.clamp(-self.args.reward_clip, self.args.reward_clip)
@@ -237,7 +321,8 @@ class PPOTrainer:
                 setattr(ro, f, getattr(ro, f).clone())
         return ro
 
-    def _rollout(self, prompts: list[list[int]]) -> Rollout:
+    def _sample(self, prompts: list[list[int]]):
+        """Generate and cut at EOS: (query_response, attention_mask, context_len, mask, has_eos)."""
         a = self.args
         ids, attn = left_pad(prompts, self.pad_id, self.device)
         P = ids.shape[1]
@@ -263,9 +348,11 @@ class PPOTrainer:
         resp, mask, has_eos = truncate_after_eos(resp, self.eos_id, self.pad_id)
         R = int(mask.sum(1).max())  # drop columns that are padding in every row
         resp, mask = resp[:, :R], mask[:, :R]
-        qr = torch.cat([ids, resp], 1)
-        full_attn = torch.cat([attn, mask], 1)
+        return torch.cat([ids, resp], 1), torch.cat([attn, mask], 1), P, mask, has_eos
 
+    def _rollout(self, prompts: list[list[int]]) -> Rollout:
+        a = self.args
+        qr, full_attn, P, mask, has_eos = self._sample(prompts)
         out = {k: [] for k in ("logp", "ent", "ref", "val", "raw")}
         for sl in _chunks(len(prompts), a.forward_batch_size):
             q, m = qr[sl], full_attn[sl]
@@ -277,6 +364,12 @@ class PPOTrainer:
             out["raw"].append(sequence_scores(self.reward_model, q, m, P, mask[sl]))
         cat = {k: torch.cat(v) for k, v in out.items()}
         raw = cat["raw"]
+        if a.reward_norm == "running":
+            # This batch is included before normalising it, as OpenRLHF does; the first batch then
+            # normalises itself instead of using arbitrary initial statistics.
+            self.reward_moments.update(raw)
+            if self.reward_moments.count > 1 and self.reward_moments.std > 0:
+                self.reward_mean, self.reward_std = self.reward_moments.mean, self.reward_moments.std
         return Rollout(
             query_response=qr,
             attention_mask=full_attn,
@@ -290,6 +383,37 @@ class PPOTrainer:
             raw_scores=raw,
             scores=self.normalise_scores(raw, has_eos),
         )
+
+    @torch.inference_mode()
+    def calibrate_reward_norm(self, prompts: list[list[int]]) -> tuple[float, float]:
+        """reward_norm=policy_samples: sample one response per prompt from the current (SFT) policy,
+        score it with the RM, and use the mean/std (unbiased) of those scores for the scores and the
+        critic from now on. Returns (mean, std). Call once, before the first `step`."""
+        raws = []
+        for sl in _chunks(len(prompts), self.args.forward_batch_size):
+            qr, attn, P, mask, _ = self._sample(prompts[sl])
+            raws.append(sequence_scores(self.reward_model, qr, attn, P, mask).double().cpu())
+        raw = torch.cat(raws)
+        if raw.numel() < 2:
+            raise ValueError("ppo.reward_norm=policy_samples needs at least 2 prompts (ppo.reward_norm_prompts)")
+        mean, std = float(raw.mean()), float(raw.std())
+        if not (math.isfinite(std) and std > 0):
+            raise ValueError(f"the RM gave the same score ({mean}) to all {raw.numel()} policy samples; "
+                             "cannot normalise with std 0 (use ppo.reward_norm=reward_stage)")
+        self.reward_mean, self.reward_std = mean, std
+        return mean, std
+
+    def reward_norm_state(self) -> dict:
+        """The normalisation statistics (JSON-serialisable), restored by `load_reward_norm_state`."""
+        return {"mean": self.reward_mean, "std": self.reward_std,
+                "value_norm": list(self.value_norm) if self.value_norm is not None else None,
+                "running": self.reward_moments.state_dict()}
+
+    def load_reward_norm_state(self, state: dict) -> None:
+        self.reward_mean, self.reward_std = float(state["mean"]), float(state["std"])
+        vn = state["value_norm"]
+        self.value_norm = (float(vn[0]), float(vn[1])) if vn is not None else None
+        self.reward_moments.load_state_dict(state["running"])
 
     def compute_advantages(self, ro: Rollout) -> Rollout:
         a = self.args
@@ -343,6 +467,7 @@ class PPOTrainer:
             for mb_start in range(0, B, a.mini_batch_size):
                 mb = perm[mb_start : mb_start + a.mini_batch_size]
                 self.optimizer.zero_grad(set_to_none=True)
+                self.critic_optimizer.zero_grad(set_to_none=True)
                 mb_stats: dict[str, float] = {}
                 for j in range(a.grad_accum_steps):
                     idx = mb[j * micro : (j + 1) * micro]
@@ -351,15 +476,21 @@ class PPOTrainer:
                     tokens += ntok
                     for k, v in stats.items():
                         mb_stats[k] = mb_stats.get(k, 0.0) + float(v) / a.grad_accum_steps
-                if a.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, a.optim.grad_clip)
+                # Each model is clipped on its own norm: a large critic gradient (typical early on, when
+                # the value head is off) must not shrink the policy's step, nor the reverse.
+                for name, params, clip in (("policy_grad_norm", self.policy_params, a.optim.grad_clip),
+                                           ("critic_grad_norm", self.critic_params, self.critic_grad_clip)):
+                    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+                    mb_stats[name] = float(norm)
                 self.optimizer.step()
+                self.critic_optimizer.step()
                 if self.first_minibatch_stats is None:
                     self.first_minibatch_stats = dict(mb_stats)
                 for k, v in mb_stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_micro += 1
         self.optimizer.zero_grad(set_to_none=True)
+        self.critic_optimizer.zero_grad(set_to_none=True)
         out = {k: v / n_micro for k, v in sums.items()}
         out["_train_tokens"] = tokens
         return out
@@ -382,6 +513,9 @@ class PPOTrainer:
         kl_seq = ro.kl.sum(1)
         beta = self.kl_ctl.value
         self.kl_ctl.update(float(kl_seq.mean()), len(prompts))
+        lr, critic_lr = self.optimizer.param_groups[0]["lr"], self.critic_optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.critic_scheduler.step()
         self.step_count += 1
         train_tokens = opt.pop("_train_tokens")
         metrics = {
@@ -400,7 +534,10 @@ class PPOTrainer:
             "train_tokens_per_s": train_tokens / max(t2 - t1, 1e-9),
             "rollout_s": t1 - t0,
             "train_s": t2 - t1,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
+            "critic_lr": critic_lr,
+            "reward_mean": self.reward_mean,
+            "reward_std": self.reward_std,
             **opt,
         }
         if ro.verified is not None:
@@ -413,7 +550,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
-        """Everything needed to continue bit-for-bit: trainable weights, optimizer, KL, step."""
+        """Everything needed to continue bit-for-bit: trainable weights, optimizers, lr schedules, KL,
+        reward normalisation, step."""
         trainable = {
             "policy": {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad},
             "value_model": {
@@ -422,10 +560,31 @@ class PPOTrainer:
         }
         return {
             "weights": trainable,
-            "optimizer": self.optimizer.state_dict(),
+            **self.optim_state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
+            "reward_norm": self.reward_norm_state(),
             "step": self.step_count,
         }
+
+    def optim_state_dict(self) -> dict:
+        """Both optimizers and both lr schedules (torch.load(weights_only=True) can read it back)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "critic_scheduler": self.critic_scheduler.state_dict(),
+        }
+
+    def load_optim_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        # The optimizers restored the lr of the saved schedule; recompute it from this run's schedule,
+        # which differs when a run is extended (a decay over `steps` stretched to the new count).
+        for opt, sched in ((self.optimizer, self.scheduler), (self.critic_optimizer, self.critic_scheduler)):
+            for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                group["lr"] = base * fn(sched.last_epoch)
 
     def load_state_dict(self, state: dict) -> None:
         for key, model in (("policy", self.policy), ("value_model", self.value_model)):
@@ -440,6 +599,7 @@ class PPOTrainer:
             with torch.no_grad():
                 for n, t in saved.items():
                     params[n].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_optim_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.load_reward_norm_state(state["reward_norm"])
         self.step_count = int(state["step"])

@@ -110,7 +110,7 @@ def _accepts(model, name: str) -> bool:
 def response_logits(
     model, query_response: torch.Tensor, attention_mask: torch.Tensor, context_len: int, temperature: float
 ) -> torch.Tensor:
-    """Logits (divided by temperature) that predict each response token: [B, R, V]."""
+    """Logits (fp32, divided by temperature) that predict each response token: [B, R, V]."""
     R = query_response.shape[1] - context_len
     kwargs = {}
     # Only compute the LM head on the R+1 last positions when the model supports it.
@@ -123,7 +123,9 @@ def response_logits(
         use_cache=False,
         **kwargs,
     )
-    logits = out.logits[:, -(R + 1) : -1]
+    # Upcast before dividing: in bf16 the division itself rounds (8-bit mantissa), which shifts every
+    # log-prob, the PPO ratio and the KL by up to ~0.4% of the logit.
+    logits = out.logits[:, -(R + 1) : -1].float()
     return logits / temperature
 
 
