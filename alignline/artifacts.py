@@ -607,8 +607,8 @@ class StageRun:
             old_cfg = recorded.get("config")
             if old_cfg is not None and self.config_dict is not None:
                 blocking = [k for k in _changed_keys(old_cfg, self.config_dict) if not _covered(k, self.resume_keys)]
-                why = [f"config changed ({', '.join(blocking) or '?'}; may change on resume: "
-                       f"{', '.join(self.resume_keys) or 'nothing'})" if w == "config changed" else w for w in why]
+                why = [f"config changed: {', '.join(blocking) or '?'}; may change on resume: "
+                       f"{', '.join(self.resume_keys) or 'nothing'}" if w == "config changed" else w for w in why]
             discard_state(self.state_dir, f"{self.stage}: " + "; ".join(why))
             return False
         changed = _changed_keys(recorded.get("config"), self.config_dict) if recorded.get("config") else []

@@ -234,8 +234,10 @@ def fixed_length_rollout(t):
 
 
 def sgd(t, lr):
-    t.optimizer = torch.optim.SGD(t.params, lr=lr)
-    return t.optimizer
+    """Plain SGD for the policy and for the critic (each has its own optimizer)."""
+    t.optimizer = torch.optim.SGD(t.policy_params, lr=lr)
+    t.critic_optimizer = torch.optim.SGD(t.critic_params, lr=lr)
+    return t.optimizer, t.critic_optimizer
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05])
@@ -251,18 +253,21 @@ def test_optimize_equals_a_plain_minibatch_loop(grad_clip):
     sgd(t, 0.1)
     t.optimize(copy.deepcopy(ro), torch.Generator().manual_seed(11))
 
-    opt = sgd(ref, 0.1)
+    opts = sgd(ref, 0.1)
     gen = torch.Generator().manual_seed(11)
     norms = []
     for _ in range(a.ppo_epochs):
         perm = torch.randperm(a.rollout_batch_size, generator=gen)
         for s in range(0, a.rollout_batch_size, a.mini_batch_size):
-            opt.zero_grad()
+            for opt in opts:
+                opt.zero_grad()
             loss, _, _ = ref._micro_loss(ro, perm[s : s + a.mini_batch_size])
             loss.backward()
-            if grad_clip:
-                norms.append(float(torch.nn.utils.clip_grad_norm_(ref.params, grad_clip)))
-            opt.step()
+            if grad_clip:  # policy and critic are clipped each on its own norm
+                norms += [float(torch.nn.utils.clip_grad_norm_(ps, grad_clip))
+                          for ps in (ref.policy_params, ref.critic_params)]
+            for opt in opts:
+                opt.step()
     assert all(n > 2 * grad_clip for n in norms)
     with torch.no_grad():
         moved = max(float((p - q).abs().max()) for p, q in zip(ref.params, make_models()[0].parameters()))
