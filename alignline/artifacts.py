@@ -170,7 +170,9 @@ def code_version(*sources: str | Path) -> str:
     h = hashlib.sha256()
     files = [Path(s).resolve() for s in sources if s is not None] + _py_sources(pkg_root)
     for f in files:
-        rel = f.relative_to(pkg_root.parent) if f.is_relative_to(pkg_root.parent) else f
+        # Content, not location: a stage module outside the repo is named by its file name only, so the
+        # same code imported from another folder (a moved checkout, a copy) keeps its version.
+        rel = f.relative_to(pkg_root.parent) if f.is_relative_to(pkg_root.parent) else Path(f.name)
         h.update(str(rel).encode())
         h.update(b"\0")
         h.update(f.read_bytes())

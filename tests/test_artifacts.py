@@ -181,3 +181,7 @@ def test_code_version_changes_with_source(tmp_path):
     v1 = code_version(f)
     f.write_text("A = 2\n")
     assert code_version(f) != v1 and code_version(f) == code_version(f)
+    # The same module imported from another folder (a copy, a moved checkout) is the same code.
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "stage.py").write_text("A = 2\n")
+    assert code_version(tmp_path / "copy" / "stage.py") == code_version(f)

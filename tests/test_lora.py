@@ -12,6 +12,7 @@ stage contract (manifest with base identity, eval.json, samples) and a run on th
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -187,7 +188,7 @@ def test_alpaca_demo_through_the_loaders(tmp_path):
     assert ev["train_examples"] + ev["heldout_examples"] + sum(ev["dropped_examples"].values()) == 48
 
 
-def test_killed_run_resumes_from_its_trainer_checkpoint(tmp_path, monkeypatch, capsys):
+def test_killed_run_resumes_from_its_trainer_checkpoint(tmp_path, monkeypatch, caplog):
     """A crash after a checkpoint, then the same command again: the adapter equals an uninterrupted run's."""
     from alignline.artifacts import load_stage
     from alignline.training import FAIL_AFTER_ENV, SimulatedInterrupt
@@ -203,10 +204,10 @@ def test_killed_run_resumes_from_its_trainer_checkpoint(tmp_path, monkeypatch, c
         run(cfg, None, tmp_path / "b")
     assert (tmp_path / "b" / "lora" / "state" / "trainer" / "checkpoint-4").is_dir()
     monkeypatch.delenv(FAIL_AFTER_ENV)
-    capsys.readouterr()
-    resumed = run(cfg, None, tmp_path / "b")
-    out = capsys.readouterr().out
-    assert "resuming from" in out and "checkpoint-4" in out, out
+    with caplog.at_level(logging.INFO, logger="alignline"):
+        resumed = run(cfg, None, tmp_path / "b")
+    lines = [r.getMessage() for r in caplog.records if "resumed from" in r.getMessage()]
+    assert len(lines) == 1 and "lora: resumed from step 4" in lines[0] and "checkpoint-4" in lines[0], lines
 
     wa = load_file(str(load_stage(full).adapter / "adapter_model.safetensors"))
     wb = load_file(str(load_stage(resumed).adapter / "adapter_model.safetensors"))
