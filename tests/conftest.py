@@ -77,6 +77,16 @@ def tiny_chain(tmp_path_factory) -> TinyChain:
     return TinyChain(run_dir=run_dir, **out)
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread while a test runs: tiny matmuls on a shared 2-core box only contend with more
+    (OpenMP spin-waiting between processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=["cache", "past_key_values"])
 def cache_convention(request, monkeypatch):
     """Make generate() hand the KV cache to our forward as `cache` (transformers >= 5.24) or as

@@ -26,11 +26,8 @@ PAD, EOS, BOS, V = 0, 1, 2, 16
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (conftest's `one_thread`)."""
 
 
 def tiny_cfg(**kw):

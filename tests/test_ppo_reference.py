@@ -30,12 +30,8 @@ T_ROLL, MEAN, STD = 0.7, 1.3, 0.4
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: one thread avoids OpenMP spin-waiting between processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (conftest's `one_thread`)."""
 
 
 def tiny_cfg(**kw):

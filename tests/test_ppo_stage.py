@@ -29,12 +29,8 @@ EVAL_KEYS = {"algorithm", "sft", "policy", "kl_to_ref", "win_rate", "overoptimis
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: one thread avoids OpenMP spin-waiting between processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (conftest's `one_thread`)."""
 
 
 def _run(run_dir: Path, chain, overrides: list[str], config: Path = TINY) -> Path:
