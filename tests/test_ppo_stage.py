@@ -130,9 +130,14 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         for k in wa:
             assert torch.equal(wa[k], wb[k]), f"{rel}: {k} differs"
     oa, ob = (torch.load(p / "state/step_00000004/optimizer.pt", weights_only=True) for p in (a, b))
-    for i, st in oa["state"].items():
-        for k, t in st.items():
-            assert torch.equal(t, ob["state"][i][k]), f"optimizer state {i}.{k} differs"
+    assert oa.keys() == ob.keys() and {"optimizer", "critic_optimizer"} <= oa.keys()
+    for which in ("optimizer", "critic_optimizer"):  # policy and critic AdamW moments
+        assert oa[which]["state"], which
+        for i, st in oa[which]["state"].items():
+            for k, t in st.items():
+                assert torch.equal(t, ob[which]["state"][i][k]), f"{which} state {i}.{k} differs"
+    for which in ("scheduler", "critic_scheduler"):
+        assert oa[which] == ob[which], which
 
 
 def _fake_stage(run_dir: Path, stage: str, fill) -> Path:
