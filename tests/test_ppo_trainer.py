@@ -81,21 +81,6 @@ def trainer(a, seed=0, **kw):
     return PPOTrainer(a, policy, value, rm, ref_policy=ref, eos_id=EOS, pad_id=PAD, **kw)
 
 
-def test_first_minibatch_ratio_is_one_and_approx_kl_zero():
-    t = trainer(args())
-    torch.manual_seed(1)
-    m = t.step(prompts())
-    first = t.first_minibatch_stats
-    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
-    assert first["ratio_var"] == pytest.approx(0.0, abs=1e-10)
-    assert first["approx_kl"] == pytest.approx(0.0, abs=1e-10)
-    assert first["clipfrac"] == 0.0
-    # The policy equals the reference before any update, so the per-sequence KL is 0.
-    assert m["kl"] == pytest.approx(0.0, abs=1e-6)
-    # Later minibatches did move the policy.
-    assert m["approx_kl"] > 0
-
-
 def test_one_forward_per_model_per_rollout(monkeypatch):
     import alignline.rl.ppo as ppo_mod
 
