@@ -4,7 +4,8 @@
 
 Both run on the same tiny SFT policy, reward model (value model initialised from it), prompts
 (prompts/train.jsonl of the run's data stage) and hyperparameters, each in its own process.
-Measured: seconds per PPO iteration (median after a warm-up iteration), rollout tokens/s,
+Measured: seconds per PPO iteration (median after a warm-up iteration) split into generation,
+scoring and training (as NeMo-RL and verl report it), generation tokens/s,
 peak memory (max RSS on CPU, max allocated on CUDA) and the reward gain after N iterations,
 where the gain is measured identically for both: the mean RM score of sampled answers to a fixed
 set of held-out prompts (prompts/test.jsonl), final policy minus initial policy.
@@ -148,17 +149,20 @@ def run_ours(run_dir: Path, iters: int, out: Path, seed: int) -> dict:
                          pad_id=tok.pad_token_id, reward_mean=mean, reward_std=std)
     prompts = load_prompts(tok, run_dir / "data" / "prompts" / "train.jsonl")
     g = torch.Generator().manual_seed(seed)
-    times, rollout_tps, scores = [], [], []
+    times, gen_tps, scores = [], [], []
+    split = {"generation_s": [], "scoring_s": [], "train_s": []}
     for _ in range(iters):
         idx = torch.randint(len(prompts), (HP["rollout_batch_size"],), generator=g).tolist()
         t0 = time.perf_counter()
         m = trainer.step([prompts[i] for i in idx])
         times.append(time.perf_counter() - t0)
-        rollout_tps.append(m["rollout_tokens_per_s"])
+        gen_tps.append(m["generation_tokens_per_s"])
         scores.append(m["score"])
+        for k in split:
+            split[k].append(m[k])
     policy.save_pretrained(str(out / "policy"))
-    return {"times": times, "rollout_tokens_per_s": rollout_tps, "train_scores": scores,
-            "peak_memory_mb": peak_memory_mb()}
+    return {"times": times, "generation_tokens_per_s": gen_tps, "train_scores": scores,
+            "peak_memory_mb": peak_memory_mb(), "vocab_size": len(tok), **split}
 
 
 # --------------------------------------------------------------------------- TRL 1.12
@@ -194,27 +198,42 @@ def run_trl(run_dir: Path, iters: int, out: Path, seed: int) -> dict:
     idx = torch.randint(len(prompts), (HP["rollout_batch_size"] * iters,), generator=g).tolist()
     ds = Dataset.from_dict({"input_ids": [prompts[i] for i in idx]})
 
-    gen_time, gen_tokens = [0.0], [0]
+    # Split each iteration the way ours reports it: generation (batch_generation), scoring (from the end
+    # of generation to the first forward with autograd on) and training (from there to the step's end).
+    cur = {"gen_s": 0.0, "tokens": 0, "gen_end": None, "train_start": None}
     real_batch_generation = ppo_mod.batch_generation
+    real_forward = ppo_mod.forward
 
     def timed_batch_generation(model, queries, *a, **k):
         t0 = time.perf_counter()
         qr, logits = real_batch_generation(model, queries, *a, **k)
         resp = ppo_mod.truncate_response(tok.eos_token_id, tok.pad_token_id, qr[:, queries.shape[1]:])
-        gen_tokens[0] += int((resp != tok.pad_token_id).sum())
-        gen_time[0] += time.perf_counter() - t0
+        cur["tokens"] += int((resp != tok.pad_token_id).sum())
+        cur["gen_end"] = time.perf_counter()
+        cur["gen_s"] += cur["gen_end"] - t0
         return qr, logits
 
+    def timed_forward(*a, **k):
+        if torch.is_grad_enabled() and cur["train_start"] is None:
+            cur["train_start"] = time.perf_counter()
+        return real_forward(*a, **k)
+
     ppo_mod.batch_generation = timed_batch_generation
+    ppo_mod.forward = timed_forward
     stamps: list[float] = []
     tps: list[float] = []
     scores: list[float] = []
+    split = {"generation_s": [], "scoring_s": [], "train_s": []}
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
-            tps.append(gen_tokens[0] / max(gen_time[0], 1e-9))
-            gen_tokens[0], gen_time[0] = 0, 0.0
+            now = time.perf_counter()
+            stamps.append(now)
+            tps.append(cur["tokens"] / max(cur["gen_s"], 1e-9))
+            split["generation_s"].append(cur["gen_s"])
+            split["scoring_s"].append(cur["train_start"] - cur["gen_end"])
+            split["train_s"].append(now - cur["train_start"])
+            cur.update(gen_s=0.0, tokens=0, gen_end=None, train_start=None)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "objective/scores" in logs:
@@ -239,7 +258,8 @@ def run_trl(run_dir: Path, iters: int, out: Path, seed: int) -> dict:
     trainer.train()
     times = [b - a for a, b in zip([t_start, *stamps[:-1]], stamps)]
     trainer.model.policy.save_pretrained(str(out / "policy"))
-    return {"times": times, "rollout_tokens_per_s": tps, "train_scores": scores, "peak_memory_mb": peak_memory_mb()}
+    return {"times": times, "generation_tokens_per_s": tps, "train_scores": scores, "peak_memory_mb": peak_memory_mb(),
+            "vocab_size": len(tok), **split}
 
 
 # --------------------------------------------------------------------------- driver
@@ -277,11 +297,19 @@ def child(impl: str, run_dir: Path, iters: int, out: Path, seed: int, threads: i
 
 
 def summarise(name: str, res: dict, score_before: float) -> dict:
-    warm = res["times"][1:] or res["times"]
+    def med(key):  # median after the warm-up iteration
+        return statistics.median(res[key][1:] or res[key])
+
+    gen, score, train = med("generation_s"), med("scoring_s"), med("train_s")
     return {
         "impl": name,
-        "s_per_iter": statistics.median(warm),
-        "rollout_tokens_per_s": statistics.median(res["rollout_tokens_per_s"][1:] or res["rollout_tokens_per_s"]),
+        "s_per_iter": med("times"),
+        "generation_s": gen,
+        "scoring_s": score,
+        "train_s": train,
+        "non_generation_share": (score + train) / (gen + score + train),
+        "generation_tokens_per_s": med("generation_tokens_per_s"),
+        "vocab_size": res["vocab_size"],
         "peak_memory_mb": res["peak_memory_mb"],
         "reward_before": score_before,
         "reward_after": res["score_after"],
@@ -300,16 +328,21 @@ def write_section(rows: list[dict], argv: list[str], env: str) -> None:
         f"Command: `{' '.join(argv)}`  ",
         f"Machine: {env}",
         "",
-        "| impl | s / PPO iteration | rollout tokens/s | peak memory (MB) | RM score before | after | gain |",
-        "|---|---|---|---|---|---|---|",
+        f"Vocabulary: {ours['vocab_size']} tokens. Times are medians over iterations 2..N; generation = sampling, "
+        "scoring = policy/reference log-probs, values, rewards and advantages, training = the PPO epochs.",
+        "",
+        "| impl | s / PPO iteration | generation s | scoring s | training s | not generation | "
+        "generation tokens/s | peak memory (MB) | RM score before | after | gain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['impl']} | {r['s_per_iter']:.3f} | {r['rollout_tokens_per_s']:.0f} | "
+        lines.append(f"| {r['impl']} | {r['s_per_iter']:.3f} | {r['generation_s']:.3f} | {r['scoring_s']:.3f} | "
+                     f"{r['train_s']:.3f} | {r['non_generation_share']:.0%} | {r['generation_tokens_per_s']:.0f} | "
                      f"{r['peak_memory_mb']:.0f} | {r['reward_before']:.3f} | {r['reward_after']:.3f} | "
                      f"{r['reward_gain']:+.3f} |")
     lines += [
         "",
-        f"Ours is **{speed:.2f}x** faster per iteration (target >= 1.3x); reward gain ours "
+        f"Ours is **{speed:.2f}x** faster per iteration (target >= 3x); reward gain ours "
         f"{ours['reward_gain']:+.3f} vs TRL {trl['reward_gain']:+.3f}.",
         f"Versions: ours {ours['versions']}, TRL side {trl['versions']}. Hyperparameters: `{json.dumps(HP)}`.",
         "",

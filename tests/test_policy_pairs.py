@@ -70,3 +70,27 @@ def test_policy_samples_ignore_the_checkpoint_generation_config(tmp_path, monkey
     sample_responses(model, tok, convs, samples_per_prompt=2, temperature=0.5, max_new_tokens=3)
     assert [[type(p).__name__ for p in s] for s in seen] == [[], ["TemperatureLogitsWarper"]]
     assert seen[1][0].temperature == 0.5
+
+
+def test_policy_pairs_sample_at_most_max_new_tokens(monkeypatch):
+    """The length cap reaches the sampler: every response has <= max_new_tokens tokens (an unset cap
+    would fall back to transformers' max_length=20)."""
+    import alignline.rl.policy_pairs as pp
+    from alignline.model import AlignlineForCausalLM
+    from alignline.model.tiny import tiny_config, toy_tokenizer
+
+    tok = toy_tokenizer(["What is 1+2? 3", "Reverse a b. b a"])
+    torch.manual_seed(0)
+    model = AlignlineForCausalLM(tiny_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                             eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id))
+    widths = []
+    real = pp.generate
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        widths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(pp, "generate", spy)
+    sample_policy_pairs(model, tok, [_row("What is 1+2?", "3", "numeric")], samples_per_prompt=4, max_new_tokens=2)
+    assert widths and max(widths) == 2

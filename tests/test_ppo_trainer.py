@@ -191,6 +191,10 @@ def test_verifier_adds_its_weighted_score_and_logs_rollout_gold():
     torch.testing.assert_close(ro.scores, rm_only + 2.0 * v)
     assert m["rollout_gold_accuracy"] == pytest.approx(float(v.mean()))
     assert m["score_rm"] == pytest.approx(float(rm_only.mean()), abs=1e-6)
+    # The iteration's time split: sampling + scoring = the rollout phase; tokens/s counts kept tokens.
+    assert m["generation_s"] > 0 and m["scoring_s"] > 0 and m["train_s"] > 0
+    assert m["generation_s"] + m["scoring_s"] == pytest.approx(m["rollout_s"])
+    assert m["generation_tokens_per_s"] == pytest.approx(float(ro.mask.sum()) / m["generation_s"])
 
     with pytest.raises(ValueError, match="one score per response"):
         t.rollout(prompts(), verifier=lambda r, mk: torch.zeros(3))

@@ -167,6 +167,7 @@ class Rollout:
     kl: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    generation_s: float = 0.0  # wall time of sampling alone (the rest of the rollout phase is scoring)
 
     @property
     def responses(self) -> torch.Tensor:
@@ -352,7 +353,9 @@ class PPOTrainer:
 
     def _rollout(self, prompts: list[list[int]]) -> Rollout:
         a = self.args
+        t0 = time.perf_counter()
         qr, full_attn, P, mask, has_eos = self._sample(prompts)
+        generation_s = time.perf_counter() - t0
         out = {k: [] for k in ("logp", "ent", "ref", "val", "raw")}
         for sl in _chunks(len(prompts), a.forward_batch_size):
             q, m = qr[sl], full_attn[sl]
@@ -382,6 +385,7 @@ class PPOTrainer:
             values=cat["val"],
             raw_scores=raw,
             scores=self.normalise_scores(raw, has_eos),
+            generation_s=generation_s,
         )
 
     @torch.inference_mode()
@@ -530,9 +534,14 @@ class PPOTrainer:
             "beta": beta,
             "advantage_mean": float(masked_mean(ro.advantages, m)),
             "return_mean": float(masked_mean(ro.returns, m)),
+            # Time split as NeMo-RL and verl report it: sampling, scoring (policy/reference log-probs,
+            # values, rewards, advantages) and training; rollout = sampling + scoring.
             "rollout_tokens_per_s": float(lengths.sum()) / max(t1 - t0, 1e-9),
+            "generation_tokens_per_s": float(lengths.sum()) / max(ro.generation_s, 1e-9),
             "train_tokens_per_s": train_tokens / max(t2 - t1, 1e-9),
             "rollout_s": t1 - t0,
+            "generation_s": ro.generation_s,
+            "scoring_s": t1 - t0 - ro.generation_s,
             "train_s": t2 - t1,
             "lr": lr,
             "critic_lr": critic_lr,
