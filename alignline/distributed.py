@@ -3,6 +3,7 @@
     dist_info = init_distributed()          # reads RANK/WORLD_SIZE/LOCAL_RANK set by torchrun
     model = wrap_model(model, dist_info, mode="ddp")   # or "fsdp" (FSDP2 fully_shard), "none"
     loss = all_reduce_mean(loss, dist_info)
+    rows = all_gather_cat(local_rows, dist_info)   # every rank's rows, in rank order
     cleanup(dist_info)
 
 Backend: NCCL on CUDA, gloo on CPU (the CPU tests run two gloo processes).
@@ -75,6 +76,49 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / info.world_size
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The elementwise sum over ranks (a detached copy; the input is left alone)."""
+    if not info.enabled:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_gather_cat(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's `value` concatenated along dim 0 in rank order (the same result on every rank).
+
+    Ranks may hold different numbers of rows; all other dims must match. bool tensors are carried as
+    uint8 (gloo cannot reduce or gather bool). With one process `value` comes back unchanged.
+    """
+    if not info.enabled:
+        return value
+    flag = value.dtype == torch.bool
+    t = value.detach().to(torch.uint8) if flag else value.detach()
+    t = t.contiguous()
+    n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(info.world_size)]
+    dist.all_gather(sizes, n)
+    counts = [int(s) for s in sizes]
+    most = max(counts)
+    if t.shape[0] < most:
+        t = torch.cat([t, t.new_zeros((most - t.shape[0], *t.shape[1:]))])
+    parts = [torch.empty_like(t) for _ in range(info.world_size)]
+    dist.all_gather(parts, t)
+    out = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+    return out.bool() if flag else out
+
+
+def all_reduce_max(value: int | float, info: DistInfo) -> int | float:
+    """The largest of a Python number over ranks (e.g. a padded width every rank must agree on)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device=info.device if info.device.startswith("cuda") else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return type(value)(t.item())
 
 
 def broadcast_object(obj, info: DistInfo, src: int = 0):

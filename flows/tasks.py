@@ -147,6 +147,13 @@ def resolve_stage(stage: str, entry: StageEntry, where: str = "pipeline") -> Res
         data = apply_overrides(data, entry.set)
         source += f" (with set {' '.join(entry.set)})"
     cfg = config_from_dict(module.Config, data, source, key_lines)
+    nproc = max(entry.nproc_per_node, _config_nproc(config_to_dict(cfg)))
+    check = getattr(module, "check_world_size", None)  # optional: a stage's own rank-count rules
+    if nproc > 1 and check is not None:
+        try:
+            check(cfg, nproc)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: stages.{stage} on nproc_per_node={nproc} ranks: {exc}") from None
     return ResolvedStage(
         name=stage,
         module=module_name,

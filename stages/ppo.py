@@ -3,6 +3,7 @@ TRL's DPO / GRPO / RLOO in the same slot (`algorithm: ppo|dpo|grpo|rloo`).
 
     alignline stage ppo --config configs/rlhf/tiny.yaml --init RUN/sft --reward RUN/reward
     python -m stages.ppo --config configs/rlhf/tiny.yaml --run-dir RUN [--set algorithm=dpo]
+    torchrun --nproc_per_node=4 -m stages.ppo --config configs/rlhf/1b.yaml --run-dir RUN
 
 Inputs: `--init` (SFT stage: policy, reference, tokenizer), `--reward` (reward stage: reward
 model, the value model's initialisation, and `reward_mean`/`reward_std` from its eval.json),
@@ -16,22 +17,35 @@ RM score of greedy answers (normalised), gold accuracy (greedy, `gold_score`), K
 reference (exact over the vocabulary along sampled answers), win rate of the trained policy
 over SFT under the RM, and `overoptimisation: true` when the RM score rose while gold
 accuracy fell.
+
+Under torchrun (PPO only; `nproc_per_node: N` in the pipeline): every rank generates and scores
+rollouts for its 1/N of each iteration's prompts (`ppo.rollout_batch_size` must split evenly, and
+so must every micro-batch, `mini_batch_size / grad_accum_steps`), with its own sampling seed; the
+scored rollouts are gathered, so reward normalisation, GAE, whitening, the adaptive KL controller
+and every logged metric are those of the global batch. Policy and critic train through DDP
+(`parallel: ddp`; fsdp is refused), each rank on its share of every micro-batch, so one optimizer
+step equals one single-process step on the same global batch (alignline/rl/ppo.py). Rank 0 alone
+writes state/, metrics.jsonl, tb/, and after training evaluates and saves the policy while the other
+ranks wait at a barrier. A run resumes under torchrun like a single-process one: the sampling seeds
+are a function of (seed, iteration, rank), so resuming with the same N continues the same run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from alignline.artifacts import read_jsonl
-from alignline.config import LoggingConfig, LoraArgs, StrictModel
+from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel
 from alignline.rl.ppo import PPOArgs, PPOTrainer
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
@@ -96,6 +110,11 @@ class RLHFConfig(StrictModel):
     steps: int = Field(30, gt=0, description="PPO iterations, or optimizer steps for dpo/grpo/rloo")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_every: int = Field(10, gt=0, description="write resumable state every N steps")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="under torchrun (nproc_per_node > 1): ddp wraps the PPO policy and critic in "
+        "DistributedDataParallel. fsdp is not supported by this stage and is refused",
+    )
     ppo: PPOArgs = PPOArgs()
     lora: LoraArgs = LoraArgs()
     prompts: PromptsConfig = PromptsConfig()
@@ -106,8 +125,40 @@ class RLHFConfig(StrictModel):
     rloo: GroupSection = GroupSection()
     logging: LoggingConfig = LoggingConfig()
 
+    @field_validator("parallel")
+    @classmethod
+    def _no_fsdp(cls, v: str) -> str:
+        if v == "fsdp":
+            raise ValueError(
+                "parallel: fsdp is not supported by the rlhf stage: PPO shards nothing; under torchrun its "
+                "policy and critic are replicated and wrapped in DDP (FSDP2 would need lock-step generation "
+                "across ranks and sharded checkpoints). Use parallel: ddp"
+            )
+        return v
+
 
 Config = RLHFConfig
+
+
+def check_world_size(cfg: RLHFConfig, world_size: int) -> None:
+    """ConfigError unless `cfg` can run on `world_size` torchrun ranks (called by `run` before any work,
+    and by the pipeline before it launches torchrun)."""
+    if world_size <= 1:
+        return
+    if cfg.algorithm != "ppo":
+        raise ConfigError(
+            f"algorithm={cfg.algorithm} does not run under torchrun (WORLD_SIZE={world_size}) in the rlhf "
+            "stage; only ppo does. Run it with nproc_per_node 1"
+        )
+    cfg.ppo.check(world_size)
+
+
+def rank_seed(seed: int, step: int, rank: int, tag: str = "rollout") -> int:
+    """A 63-bit seed for (run seed, PPO iteration, rank, purpose): torchrun ranks sample different
+    rollouts, and a resumed run draws what an uninterrupted one would have."""
+    digest = hashlib.sha256(f"{seed}/{step}/{rank}/{tag}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
 
 # Keys that may change between a run and its resumption without discarding state/: how long to
 # train, how often to save, log and evaluate. Anything else (lr, batch sizes, seed, ...) would make
@@ -430,11 +481,16 @@ def _load_flat_trainable(trainer: PPOTrainer, flat: dict[str, torch.Tensor]) -> 
                 params[head][n].copy_(t)
 
 
-def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict], dict]:
+def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None) -> tuple[dict | None, list[dict], dict]:
+    """Train and (rank 0) evaluate; other torchrun ranks return (None, [], {})."""
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
+    from alignline.distributed import DistInfo, broadcast_object
     from alignline.training import maybe_interrupt, seed_everything
+
+    dist = dist if dist is not None else DistInfo()
+    world, rank = dist.world_size, dist.rank
 
     seed_everything(cfg.seed)
     mean, std = reward_normalisation(reward)
@@ -453,10 +509,14 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         ptx = PtxSampler(tok, data_dir / "pretrain" / "train.jsonl", cfg.ptx.batch_size, cfg.ptx.seq_len, cfg.seed)
     trainer = PPOTrainer(cfg.ppo, policy, value, rm, ref_policy=ref, eos_id=tok.eos_token_id,
                          pad_id=tok.pad_token_id, reward_mean=mean, reward_std=std, ptx_sampler=ptx, device=device,
-                         total_iterations=cfg.steps)
+                         total_iterations=cfg.steps, dist=dist)
 
     start = 0
     meta = run.load_state()  # restores the RNG streams; the rest is loaded below
+    if dist.enabled:  # every rank must resume from the state rank 0 chose (it owns state/)
+        chosen = broadcast_object(meta["path"] if meta else None, dist)
+        if (meta["path"] if meta else None) != chosen:
+            raise RuntimeError(f"rank {rank} found resume state {meta and meta['path']} but rank 0 chose {chosen}")
     if meta is not None:
         start = int(meta["step"])
         if start > cfg.steps:
@@ -470,25 +530,39 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         trainer.kl_ctl.load_state_dict(meta["extra"]["kl_ctl"])
         trainer.load_reward_norm_state(meta["extra"]["reward_norm"])
         trainer.step_count = start
-        if ptx is not None:
+        # Under torchrun ptx draws are reseeded every iteration (and a torchrun state has no ptx_rng).
+        if ptx is not None and not dist.enabled and "ptx_rng" in meta["extra"]:
             ptx.gen.set_state(torch.tensor(meta["extra"]["ptx_rng"], dtype=torch.uint8))
         run.metrics.truncate_after(start)  # StageRun.load_state logged "rlhf: resumed from step N"
     elif cfg.ppo.reward_norm == "policy_samples":
         n = min(cfg.ppo.reward_norm_prompts, len(prompts))
         idx = prompt_batch(len(prompts), n, 0, cfg.seed + 1)  # not the first iteration's batch
+        if dist.enabled:  # each rank samples its share, with its own seed; the statistics are gathered
+            torch.manual_seed(rank_seed(cfg.seed, -1, rank))
+            idx = idx[rank::world]
         r_mean, r_std = trainer.calibrate_reward_norm([prompts[i] for i in idx])
         log.info("reward normalisation from %d SFT samples: mean %.4f std %.4f (reward stage: %.4f, %.4f)",
                  n, r_mean, r_std, mean, std)
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ppo",
-               disable=not cfg.logging.progress)
+               disable=not (cfg.logging.progress and dist.is_main))
     t0 = time.time()
     last: dict[str, float] = {}
+    share = cfg.ppo.rollout_batch_size // world
     for step in bar:
         idx = prompt_batch(len(prompts), cfg.ppo.rollout_batch_size, step, cfg.seed)
+        generator = None
+        if dist.enabled:
+            # This rank's slice of the global batch, its own sampling (and ptx) seed, and one minibatch
+            # shuffle shared by all ranks; all pure functions of the iteration, so resume needs no RNG.
+            idx = idx[rank * share : (rank + 1) * share]
+            torch.manual_seed(rank_seed(cfg.seed, step, rank))
+            generator = torch.Generator().manual_seed(rank_seed(cfg.seed, step, -1, "shuffle"))
+            if ptx is not None:
+                ptx.gen.manual_seed(rank_seed(cfg.seed, step, rank, "ptx"))
         verifier = gold_verifier(tok, [rows[i] for i in idx]) if has_gold else None
-        last = trainer.step([prompts[i] for i in idx], verifier=verifier)
-        if (step + 1) % cfg.logging.every_steps == 0:
+        last = trainer.step([prompts[i] for i in idx], generator=generator, verifier=verifier)
+        if dist.is_main and (step + 1) % cfg.logging.every_steps == 0:
             run.metrics.log(step + 1, **last)
         post = dict(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}", eos=f"{last['eos_rate']:.2f}")
         if "rollout_gold_accuracy" in last:
@@ -496,17 +570,21 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         bar.set_postfix(**post)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             extra = {"kl_ctl": trainer.kl_ctl.state_dict(), "reward_norm": trainer.reward_norm_state()}
-            if ptx is not None:
+            if ptx is not None and not dist.enabled:
                 extra["ptx_rng"] = ptx.gen.get_state().tolist()
             run.save_state(step + 1, model_state=_flat_trainable(trainer), optimizer_state=trainer.optim_state_dict(),
                            extra=extra)
         maybe_interrupt(step + 1)
     train_time = time.time() - t0
+    if not dist.is_main:  # rank 0 evaluates and writes the policy; the others wait in `run`
+        return None, [], {}
 
     rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, device, cfg.ppo.temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2),
                    "final": {k: last.get(k) for k in ("score", "kl", "eos_rate", "response_length", "beta")}}
+    if dist.enabled:
+        ev["train"]["world_size"] = world
     save_policy(policy, tok, run.staging, cfg.lora.enabled)
     return ev, samples, {}
 
@@ -626,10 +704,25 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
 
 def run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path) -> Path:
     """Run the rlhf stage; returns `<run_dir>/rlhf`."""
-    from alignline.artifacts import StageRun
+    from alignline.distributed import cleanup, init_distributed
 
+    # Batch sizes against the number of ranks before anything is opened, loaded or joined.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.algorithm == "ppo":
         cfg.ppo.check()
+    check_world_size(cfg, world)
+    dist = init_distributed(cfg.device) if world > 1 else None
+    try:
+        return _run(cfg, inputs, run_dir, dist)
+    finally:
+        if dist is not None:
+            cleanup(dist)
+
+
+def _run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path, dist) -> Path:
+    from alignline.artifacts import StageRun
+    from alignline.distributed import barrier
+
     stage_inputs = {"init": inputs["init"], "reward": inputs["reward"]}
     if inputs.get("data"):
         data_dir = Path(inputs["data"])
@@ -644,10 +737,17 @@ def run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path) -> Path:
     stage_inputs["data"] = data_dir
     run_ = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__, resume_keys=RESUME_KEYS)
     sft, reward = run_.input("init"), run_.input("reward")
-    device = resolve_device(cfg.device)
     t0 = time.time()
-    fn = run_ppo if cfg.algorithm == "ppo" else run_trl
-    ev, samples, _ = fn(cfg, run_, sft, reward, data_dir, device)
+    if dist is not None:
+        device = torch.device(dist.device)
+        ev, samples, _ = run_ppo(cfg, run_, sft, reward, data_dir, device, dist)
+        if ev is None:  # not rank 0: wait until rank 0 has evaluated and finalized the stage
+            barrier(dist)
+            return run_.path
+    else:
+        device = resolve_device(cfg.device)
+        fn = run_ppo if cfg.algorithm == "ppo" else run_trl
+        ev, samples, _ = fn(cfg, run_, sft, reward, data_dir, device)
     ev = {"algorithm": cfg.algorithm, **ev, "wall_time_s": round(time.time() - t0, 2)}
     headline = {
         "rm_score": ev["policy"]["rm_score"],
@@ -659,7 +759,10 @@ def run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path) -> Path:
         "kl_to_ref": ev["kl_to_ref"],
         "overoptimisation": ev["overoptimisation"],
     }
-    return run_.finalize(eval=ev, headline=headline, samples=samples)
+    out = run_.finalize(eval=ev, headline=headline, samples=samples)
+    if dist is not None:
+        barrier(dist)
+    return out
 
 
 def main(argv: Sequence[str] | None = None):

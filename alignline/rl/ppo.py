@@ -14,10 +14,23 @@ and at training time, so on the first minibatch of the first epoch the ratio is 
 
 Per iteration the rollout costs one `generate` plus exactly one forward each for policy
 (log-probs + entropy), reference, values and reward, all under `torch.inference_mode`.
+
+Across processes (`dist=init_distributed()` under torchrun, N ranks): every rank calls `step` with
+its own share of the iteration's prompts (rollout_batch_size / N) and samples with its own RNG.
+The scored rollouts (a few tensors of B x (prompt + response) entries) are then all-gathered, so
+every rank holds the global batch in the single-process layout and the reward normalisation
+(`reward_norm: running`), GAE, reward/advantage whitening, the adaptive KL controller's statistic
+and the logged rollout metrics are computed over the global batch, as one process would. For the
+updates every rank shares one minibatch permutation and takes 1/N of each micro-batch; policy and
+critic run their training forwards through DDP, which averages gradients, and each rank weights its
+loss by its share of the micro-batch's response tokens, so one optimizer step on N ranks is one
+step on the global micro-batches in one process (same token means). The update's metrics are
+all-reduced. Generation, scoring and saving use the unwrapped models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -28,7 +41,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from alignline.config import OptimConfig, ScheduleConfig, StrictModel
+from alignline.config import ConfigError, OptimConfig, ScheduleConfig, StrictModel
+from alignline.distributed import (
+    DistInfo,
+    all_gather_cat,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_object,
+    wrap_model,
+)
 from alignline.rl.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -42,6 +63,7 @@ from alignline.rl.core import (
     value_loss,
 )
 from alignline.rl.rollout import (
+    TokenValues,
     disable_dropout,
     generate,
     left_pad,
@@ -134,16 +156,31 @@ class PPOArgs(StrictModel):
         256, gt=0, description="policy_samples: how many training prompts are sampled for the statistics"
     )
 
-    def check(self) -> None:
+    def check(self, world_size: int = 1) -> None:
+        """Batch sizes that fit together, on `world_size` processes (torchrun ranks); ConfigError if not."""
         if self.rollout_batch_size % self.mini_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"ppo.rollout_batch_size={self.rollout_batch_size} must be a multiple of "
                 f"ppo.mini_batch_size={self.mini_batch_size}"
             )
         if self.mini_batch_size % self.grad_accum_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"ppo.mini_batch_size={self.mini_batch_size} must be a multiple of "
                 f"ppo.grad_accum_steps={self.grad_accum_steps}"
+            )
+        if world_size > 1 and self.rollout_batch_size % world_size:
+            raise ConfigError(
+                f"ppo.rollout_batch_size={self.rollout_batch_size} does not split evenly over {world_size} "
+                f"processes (torchrun --nproc_per_node / WORLD_SIZE={world_size}): each rank rolls out "
+                f"rollout_batch_size / {world_size} prompts. Make it a multiple of {world_size}"
+            )
+        micro = self.mini_batch_size // self.grad_accum_steps
+        if world_size > 1 and micro % world_size:
+            raise ConfigError(
+                f"a micro-batch of ppo.mini_batch_size / ppo.grad_accum_steps = {self.mini_batch_size} / "
+                f"{self.grad_accum_steps} = {micro} rollouts does not split evenly over {world_size} processes "
+                f"(WORLD_SIZE={world_size}): each rank trains on 1/{world_size} of every micro-batch. Make "
+                f"mini_batch_size a multiple of grad_accum_steps x {world_size}"
             )
 
 
@@ -200,10 +237,13 @@ class PPOTrainer:
         ptx_sampler: Callable[[], torch.Tensor] | None = None,
         device: torch.device | str = "cpu",
         total_iterations: int | None = None,
+        dist: DistInfo | None = None,
     ):
         """`total_iterations`: the run's PPO iterations, the decay horizon of a linear/cosine lr
-        schedule when `args.decay_iterations` is null."""
-        args.check()
+        schedule when `args.decay_iterations` is null. `dist`: this process's place among torchrun
+        ranks (`alignline.distributed.init_distributed()`); None = one process."""
+        self.dist = dist if dist is not None else DistInfo()
+        args.check(self.dist.world_size)
         if ref_policy is None and not hasattr(policy, "disable_adapter"):
             raise ValueError(
                 "ref_policy is None but the policy is not a PEFT model; pass a frozen copy of the SFT "
@@ -236,6 +276,10 @@ class PPOTrainer:
         )
         self.reward_moments = RunningMoments()
         self.ptx_sampler = ptx_sampler
+        # Training forwards go through DDP under torchrun (gradients averaged over ranks); rollout,
+        # scoring, generate() and state dicts use the unwrapped models. One process: no wrapper.
+        self.policy_fwd = wrap_model(policy, self.dist, "ddp")
+        self.critic_fwd = wrap_model(TokenValues(value_model), self.dist, "ddp")
         self.policy_params = [p for p in policy.parameters() if p.requires_grad]
         self.critic_params = [p for p in value_model.parameters() if p.requires_grad]
         self.params = self.policy_params + self.critic_params
@@ -284,12 +328,14 @@ class PPOTrainer:
         with self.policy.disable_adapter():
             return response_logprobs(self.policy, qr, attn, ctx, self.args.temperature)
 
-    def _values(self, qr, attn, ctx):
+    def _values(self, qr, attn, ctx, train: bool = False):
         """Per-token values on the normalised reward scale. The critic starts as a copy of the reward
         model, so its raw outputs are in RM units (tiny default: mean ~4.5, std ~1.9); read through the
         same (x - mean) / std as the scores, it starts near the right scale instead of several nats
-        off, which would swamp the advantages (and, with value clipping, take ~15 iterations to fix)."""
-        return (token_values(self.value_model, qr, attn, ctx) - self.value_mean) / self.value_std
+        off, which would swamp the advantages (and, with value clipping, take ~15 iterations to fix).
+        `train`: through the (DDP-wrapped) training forward."""
+        raw = self.critic_fwd(qr, attn, ctx) if train else token_values(self.value_model, qr, attn, ctx)
+        return (raw - self.value_mean) / self.value_std
 
     def normalise_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         """RM score -> (score - mean) / std with the current statistics (`reward_norm`), clip, EOS
@@ -369,8 +415,9 @@ class PPOTrainer:
         raw = cat["raw"]
         if a.reward_norm == "running":
             # This batch is included before normalising it, as OpenRLHF does; the first batch then
-            # normalises itself instead of using arbitrary initial statistics.
-            self.reward_moments.update(raw)
+            # normalises itself instead of using arbitrary initial statistics. Under torchrun: every
+            # rank's scores (the global batch), so all ranks keep the same statistics.
+            self.reward_moments.update(all_gather_cat(raw, self.dist))
             if self.reward_moments.count > 1 and self.reward_moments.std > 0:
                 self.reward_mean, self.reward_std = self.reward_moments.mean, self.reward_moments.std
         return Rollout(
@@ -392,12 +439,13 @@ class PPOTrainer:
     def calibrate_reward_norm(self, prompts: list[list[int]]) -> tuple[float, float]:
         """reward_norm=policy_samples: sample one response per prompt from the current (SFT) policy,
         score it with the RM, and use the mean/std (unbiased) of those scores for the scores and the
-        critic from now on. Returns (mean, std). Call once, before the first `step`."""
+        critic from now on. Returns (mean, std). Call once, before the first `step`; under torchrun
+        every rank calls it with its own share of the prompts, and all get the global statistics."""
         raws = []
         for sl in _chunks(len(prompts), self.args.forward_batch_size):
             qr, attn, P, mask, _ = self._sample(prompts[sl])
-            raws.append(sequence_scores(self.reward_model, qr, attn, P, mask).double().cpu())
-        raw = torch.cat(raws)
+            raws.append(sequence_scores(self.reward_model, qr, attn, P, mask).double())
+        raw = all_gather_cat(torch.cat(raws), self.dist).cpu()  # every rank's samples under torchrun
         if raw.numel() < 2:
             raise ValueError("ppo.reward_norm=policy_samples needs at least 2 prompts (ppo.reward_norm_prompts)")
         mean, std = float(raw.mean()), float(raw.std())
@@ -418,6 +466,43 @@ class PPOTrainer:
         vn = state["value_norm"]
         self.value_norm = (float(vn[0]), float(vn[1])) if vn is not None else None
         self.reward_moments.load_state_dict(state["running"])
+
+    def gather_rollout(self, ro: Rollout) -> Rollout:
+        """Every rank's scored rollout concatenated in rank order, re-padded to the widest prompt (left)
+        and response (right), which is the layout one process would have made of the global batch.
+        Call before `compute_advantages`. With one process `ro` comes back as is."""
+        if not self.dist.enabled:
+            return ro
+        if ro.advantages is not None:
+            raise ValueError("gather_rollout takes a scored rollout before compute_advantages")
+        d = self.dist
+        P, R = ro.context_len, ro.mask.shape[1]
+        P_all, R_all = all_reduce_max(P, d), all_reduce_max(R, d)
+
+        def both(t: torch.Tensor, value: int) -> torch.Tensor:  # [b, P + R] -> [b, P_all + R_all]
+            return torch.cat([F.pad(t[:, :P], (P_all - P, 0), value=value),
+                              F.pad(t[:, P:], (0, R_all - R), value=value)], 1)
+
+        def right(t: torch.Tensor) -> torch.Tensor:  # [b, R] -> [b, R_all], zeros where masked
+            return F.pad(t, (0, R_all - R), value=0)
+
+        def g(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else all_gather_cat(t, d)
+
+        return Rollout(
+            query_response=g(both(ro.query_response, self.pad_id)),
+            attention_mask=g(both(ro.attention_mask, 0)),
+            context_len=P_all,
+            mask=g(right(ro.mask)),
+            has_eos=g(ro.has_eos),
+            logprobs=g(right(ro.logprobs)),
+            ref_logprobs=g(right(ro.ref_logprobs)),
+            entropy=g(right(ro.entropy)),
+            values=g(right(ro.values)),
+            raw_scores=g(ro.raw_scores),
+            scores=g(ro.scores),
+            verified=g(ro.verified),
+        )
 
     def compute_advantages(self, ro: Rollout) -> Rollout:
         a = self.args
@@ -441,8 +526,8 @@ class PPOTrainer:
         R = int(mask.sum(1).max())
         keep = ro.context_len + R
         qr, attn, mask = qr[:, :keep], attn[:, :keep], mask[:, :R]
-        logp = response_logprobs(self.policy, qr, attn, ro.context_len, a.temperature)
-        values = self._values(qr, attn, ro.context_len)
+        logp = response_logprobs(self.policy_fwd, qr, attn, ro.context_len, a.temperature)
+        values = self._values(qr, attn, ro.context_len, train=True)
         pg, pstats = policy_loss(logp, ro.logprobs[idx, :R], ro.advantages[idx, :R], mask, a.clip_range)
         vf, vstats = value_loss(values, ro.values[idx, :R], ro.returns[idx, :R], mask, a.clip_range_value)
         loss = pg + a.vf_coef * vf
@@ -456,15 +541,59 @@ class PPOTrainer:
     def ptx_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy of the policy on a pretraining batch [b, L] (PPO-ptx)."""
         tokens = tokens.to(self.device)
-        logits = self.policy(input_ids=tokens, use_cache=False).logits[:, :-1]
+        logits = self.policy_fwd(input_ids=tokens, use_cache=False).logits[:, :-1]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
+    def _no_sync(self, skip: bool) -> contextlib.ExitStack:
+        """DDP's no_sync on policy and critic while `skip` (micro-batches before the last of a minibatch:
+        gradients pile up locally and are all-reduced once, on the last backward)."""
+        stack = contextlib.ExitStack()
+        if skip:
+            for m in (self.policy_fwd, self.critic_fwd):
+                if hasattr(m, "no_sync"):
+                    stack.enter_context(m.no_sync())
+        return stack
+
+    @staticmethod
+    def _weighted_stats(stats: dict[str, torch.Tensor], w: float) -> dict[str, float]:
+        """A rank's micro-batch statistics (token means over its share) as its part of the token means
+        over the whole micro-batch: w = its share of the tokens. ratio_var carries the weighted second
+        moment of the ratio until `_global_micro_stats` subtracts the squared global mean."""
+        out = {k: float(v) * w for k, v in stats.items()}
+        if "ratio_var" in stats:
+            out["ratio_var"] = (float(stats["ratio_var"]) + float(stats["ratio_mean"]) ** 2) * w
+        return out
+
+    def _global_micro_stats(self, rows: list[dict[str, float]]) -> list[dict[str, float]]:
+        """Sum every rank's weighted micro-batch statistics (one all-reduce for the whole update)."""
+        if not self.dist.enabled or not rows:
+            return rows
+        keys = list(rows[0])
+        t = torch.tensor([[r[k] for k in keys] for r in rows], dtype=torch.float64, device=self.device)
+        out = []
+        for row in all_reduce_sum(t, self.dist).tolist():
+            d = dict(zip(keys, row, strict=True))
+            if "ratio_var" in d:
+                d["ratio_var"] = max(d["ratio_var"] - d["ratio_mean"] ** 2, 0.0)
+            out.append(d)
+        return out
+
     def optimize(self, ro: Rollout, generator: torch.Generator | None = None) -> dict[str, float]:
+        """`ppo_epochs` passes of shuffled minibatches over `ro`. Under torchrun `ro` is the gathered
+        global batch and `generator` must be in the same state on every rank (None: rank 0 draws a
+        seed and broadcasts it); each rank trains on its 1/N of every micro-batch, with its loss
+        weighted by its share of the micro-batch's response tokens, and DDP averages the gradients."""
         a = self.args
         B = ro.query_response.shape[0]
         micro = a.mini_batch_size // a.grad_accum_steps
-        sums: dict[str, float] = {}
-        n_micro, tokens = 0, 0
+        world, rank = self.dist.world_size, self.dist.rank
+        share = micro // world
+        if self.dist.enabled and generator is None:
+            seed = broadcast_object(int(torch.randint(0, 2**62, (1,))), self.dist)
+            generator = torch.Generator().manual_seed(seed)
+        micro_stats: list[dict[str, float]] = []
+        norms: list[dict[str, float]] = []
+        tokens = 0
         self.first_minibatch_stats: dict[str, float] | None = None
         for _epoch in range(a.ppo_epochs):
             perm = torch.randperm(B, generator=generator)
@@ -472,30 +601,49 @@ class PPOTrainer:
                 mb = perm[mb_start : mb_start + a.mini_batch_size]
                 self.optimizer.zero_grad(set_to_none=True)
                 self.critic_optimizer.zero_grad(set_to_none=True)
-                mb_stats: dict[str, float] = {}
                 for j in range(a.grad_accum_steps):
                     idx = mb[j * micro : (j + 1) * micro]
-                    loss, stats, ntok = self._micro_loss(ro, idx)
-                    (loss / a.grad_accum_steps).backward()
+                    if not self.dist.enabled:
+                        loss, stats, ntok = self._micro_loss(ro, idx)
+                        (loss / a.grad_accum_steps).backward()
+                        micro_stats.append({k: float(v) for k, v in stats.items()})
+                    else:
+                        mine = idx[rank * share : (rank + 1) * share]
+                        w = float(ro.mask[mine].sum()) / float(ro.mask[idx].sum())
+                        with self._no_sync(j < a.grad_accum_steps - 1):
+                            loss, stats, ntok = self._micro_loss(ro, mine)
+                            # DDP divides the summed gradients by N: N * w makes them the token mean.
+                            (loss * (w * world / a.grad_accum_steps)).backward()
+                        micro_stats.append(self._weighted_stats(stats, w))
                     tokens += ntok
-                    for k, v in stats.items():
-                        mb_stats[k] = mb_stats.get(k, 0.0) + float(v) / a.grad_accum_steps
                 # Each model is clipped on its own norm: a large critic gradient (typical early on, when
-                # the value head is off) must not shrink the policy's step, nor the reverse.
+                # the value head is off) must not shrink the policy's step, nor the reverse. Under DDP the
+                # gradients are already averaged here, so every rank clips and steps alike.
+                mb_norms = {}
                 for name, params, clip in (("policy_grad_norm", self.policy_params, a.optim.grad_clip),
                                            ("critic_grad_norm", self.critic_params, self.critic_grad_clip)):
                     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-                    mb_stats[name] = float(norm)
+                    mb_norms[name] = float(norm)
+                norms.append(mb_norms)
                 self.optimizer.step()
                 self.critic_optimizer.step()
-                if self.first_minibatch_stats is None:
-                    self.first_minibatch_stats = dict(mb_stats)
-                for k, v in mb_stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_micro += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.critic_optimizer.zero_grad(set_to_none=True)
-        out = {k: v / n_micro for k, v in sums.items()}
+        micro_stats = self._global_micro_stats(micro_stats)
+        sums: dict[str, float] = {}
+        for m, mb_norms in enumerate(norms):
+            mb_stats: dict[str, float] = {}
+            for st in micro_stats[m * a.grad_accum_steps : (m + 1) * a.grad_accum_steps]:
+                for k, v in st.items():
+                    mb_stats[k] = mb_stats.get(k, 0.0) + v / a.grad_accum_steps
+            mb_stats.update(mb_norms)
+            if self.first_minibatch_stats is None:
+                self.first_minibatch_stats = dict(mb_stats)
+            for k, v in mb_stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        out = {k: v / len(norms) for k, v in sums.items()}
+        if self.dist.enabled:
+            tokens = int(all_reduce_sum(torch.tensor(tokens, device=self.device), self.dist))
         out["_train_tokens"] = tokens
         return out
 
@@ -505,9 +653,10 @@ class PPOTrainer:
         self, prompts: list[list[int]], generator: torch.Generator | None = None, verifier: Verifier | None = None
     ) -> dict[str, float]:
         """Rollout + scoring + PPO epochs on `prompts`; returns the step's metrics (see `rollout` for
-        `verifier`)."""
+        `verifier`). Under torchrun `prompts` are this rank's share of the iteration's batch and the
+        metrics are those of the global batch (the same on every rank)."""
         t0 = time.perf_counter()
-        ro = self.rollout(prompts, verifier)
+        ro = self.gather_rollout(self.rollout(prompts, verifier))
         self.compute_advantages(ro)
         t1 = time.perf_counter()
         opt = self.optimize(ro, generator)
@@ -516,7 +665,7 @@ class PPOTrainer:
         lengths = m.sum(1).float()
         kl_seq = ro.kl.sum(1)
         beta = self.kl_ctl.value
-        self.kl_ctl.update(float(kl_seq.mean()), len(prompts))
+        self.kl_ctl.update(float(kl_seq.mean()), len(kl_seq))
         lr, critic_lr = self.optimizer.param_groups[0]["lr"], self.critic_optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.critic_scheduler.step()

@@ -104,6 +104,9 @@ def generate(
 
 
 def _accepts(model, name: str) -> bool:
+    # A DDP wrapper's forward takes (*inputs, **kwargs): ask the module it wraps.
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return name in inspect.signature(model.forward).parameters
 
 
@@ -162,6 +165,19 @@ def token_values(value_model, query_response: torch.Tensor, attention_mask: torc
     """V(state before response token t) for every response position: [B, R]."""
     out = _score_head_outputs(value_model, query_response, attention_mask)
     return out[:, context_len - 1 : -1]
+
+
+class TokenValues(nn.Module):
+    """`token_values` of a value model as a module of its own, so that the critic's training forward
+    can go through a DDP wrapper (DDP syncs gradients only for forwards it runs): the per-token
+    values come from the backbone and the score head, not from the model's own (pooled) forward."""
+
+    def __init__(self, value_model: nn.Module):
+        super().__init__()
+        self.value_model = value_model
+
+    def forward(self, query_response: torch.Tensor, attention_mask: torch.Tensor, context_len: int) -> torch.Tensor:
+        return token_values(self.value_model, query_response, attention_mask, context_len)
 
 
 def sequence_scores(
