@@ -502,6 +502,7 @@ class PPOTrainer:
             raw_scores=g(ro.raw_scores),
             scores=g(ro.scores),
             verified=g(ro.verified),
+            generation_s=all_reduce_max(ro.generation_s, d),  # the slowest rank's sampling holds all back
         )
 
     def compute_advantages(self, ro: Rollout) -> Rollout:
