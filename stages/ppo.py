@@ -456,6 +456,8 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
                          total_iterations=cfg.steps)
 
     start = 0
+    last: dict[str, float] = {}
+    trained_s = 0.0  # training seconds of earlier (interrupted) processes of this run
     meta = run.load_state()  # restores the RNG streams; the rest is loaded below
     if meta is not None:
         start = int(meta["step"])
@@ -470,6 +472,10 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         trainer.kl_ctl.load_state_dict(meta["extra"]["kl_ctl"])
         trainer.load_reward_norm_state(meta["extra"]["reward_norm"])
         trainer.step_count = start
+        # The last iteration's statistics and the training time: a re-run after a failed evaluation
+        # trains nothing and still writes the eval.json the first run would have.
+        last = dict(meta["extra"].get("last") or {})
+        trained_s = float(meta["extra"].get("train_seconds", 0.0))
         if ptx is not None:
             ptx.gen.set_state(torch.tensor(meta["extra"]["ptx_rng"], dtype=torch.uint8))
         run.metrics.truncate_after(start)  # StageRun.load_state logged "rlhf: resumed from step N"
@@ -483,7 +489,6 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ppo",
                disable=not cfg.logging.progress)
     t0 = time.time()
-    last: dict[str, float] = {}
     for step in bar:
         idx = prompt_batch(len(prompts), cfg.ppo.rollout_batch_size, step, cfg.seed)
         verifier = gold_verifier(tok, [rows[i] for i in idx]) if has_gold else None
@@ -495,14 +500,17 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
             post["gold"] = f"{last['rollout_gold_accuracy']:.2f}"
         bar.set_postfix(**post)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            extra = {"kl_ctl": trainer.kl_ctl.state_dict(), "reward_norm": trainer.reward_norm_state()}
+            extra = {"kl_ctl": trainer.kl_ctl.state_dict(), "reward_norm": trainer.reward_norm_state(),
+                     "last": last, "train_seconds": trained_s + time.time() - t0}
             if ptx is not None:
                 extra["ptx_rng"] = ptx.gen.get_state().tolist()
             run.save_state(step + 1, model_state=_flat_trainable(trainer), optimizer_state=trainer.optim_state_dict(),
                            extra=extra)
         maybe_interrupt(step + 1)
-    train_time = time.time() - t0
+    train_time = trained_s + time.time() - t0
 
+    # The final iteration's state is saved above, before evaluating: a failure (OOM, bug) from here on
+    # costs a re-run the evaluation only, not the training.
     rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, device, cfg.ppo.temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2),
