@@ -29,6 +29,9 @@ and in a consumer:
     sft = load_stage(run_dir / "sft", expect="sft")  # raises StageError naming the bad file
     sft.checkpoint, sft.eval, sft.manifest, sft.config
 
+Writers: rank 0 of a StageRun holds `<run_dir>/.locks/<stage>.lock` (alignline.locks) until finalize,
+so two processes never write one stage dir; a stage started in a run dir a pipeline holds is refused.
+
 Atomicity: `StageRun` removes a stale manifest.json first, so an interrupted re-run never
 leaves a directory that looks complete. Outputs are built in `<stage>/.staging/` and moved
 into place by `finalize`, which writes manifest.json last via a temp file and `os.replace`.
@@ -46,7 +49,9 @@ over LARGE_FILE_BYTES (256 MiB) size + mtime + a sampled hash. The flow reuses a
 StageRun resumes `state/` only under the same key.
 
 Resume: `save_state` writes `state/step_<N>/` (model.safetensors, optimizer.pt,
-scheduler.pt, rng.pt, meta.json) through a temp dir, then points `state/latest` at it. All
+scheduler.pt, rng.pt, meta.json) through a temp dir (fsynced, then renamed), then points
+`state/latest` at it by a rename: a failed save leaves the previous step and `latest` intact and no
+temp files (a full disk raises `DiskFull`, a UserError naming the path). All
 torch files hold plain tensors/containers and are read with `torch.load(weights_only=True)`;
 nothing is pickled. `state/state.json` records the reuse key: a state written under a different
 key (config, code, a parent, a data file) is deleted when the StageRun opens, with a log line
@@ -60,6 +65,7 @@ continue too.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -79,6 +85,7 @@ from typing import Any
 import yaml
 
 from alignline.config import UserError, config_sha256, config_to_dict, save_config
+from alignline.locks import StageLock
 
 log = logging.getLogger("alignline.artifacts")
 
@@ -97,6 +104,55 @@ class StageError(UserError, RuntimeError):
     """A stage directory is missing, incomplete, corrupted or of the wrong kind."""
 
 
+class DiskFull(UserError):
+    """A write failed for lack of space (ENOSPC, EDQUOT). Saves are atomic, so the previous state is intact;
+    the message names the path and what a re-run resumes from."""
+
+    def __init__(self, message: str, path: str | Path):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "StorageFull")
+# torch.save's zip writer reports a failed write without an errno ("unexpected pos ...", "file write failed").
+_TORCH_WRITE_TEXT = ("inline_container", "PytorchStreamWriter", "file write failed")
+_LOW_SPACE_BYTES = 64 << 20
+
+
+def is_disk_full(exc: BaseException, path: str | Path | None = None) -> bool:
+    """True when `exc` is a write that failed for lack of space: an OSError with ENOSPC/EDQUOT, a message
+    saying so (safetensors), or torch.save's errno-less write failure on a file system with < 64 MiB free."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+    text = str(exc)
+    if any(t in text for t in _DISK_FULL_TEXT):
+        return True
+    if path is not None and any(t in text for t in _TORCH_WRITE_TEXT):
+        p = Path(path)
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        try:
+            return shutil.disk_usage(p).free < _LOW_SPACE_BYTES
+        except OSError:
+            return False
+    return False
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` and the directories themselves, so a rename publishes complete data."""
+    for p in sorted(root.rglob("*"), reverse=True) + [root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EBADF):  # a file system without fsync on dirs
+                raise
+        finally:
+            os.close(fd)
+
+
 # --------------------------------------------------------------------------- small helpers
 
 
@@ -112,12 +168,16 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON via a temp file in the same directory and os.replace (atomic on POSIX)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves the old file and no temp
+        raise
 
 
 def read_json(path: str | Path) -> Any:
@@ -368,6 +428,14 @@ def discard_state(state_dir: str | Path, why: str) -> None:
         shutil.rmtree(state_dir)
 
 
+def _remove_temps(state_dir: Path) -> None:
+    """Delete what an interrupted save left in `state/` (`.step_*.tmp-<pid>`, `.latest.tmp`): the stage
+    lock guarantees no other process is writing there."""
+    for p in state_dir.glob(".*.tmp*"):
+        log.info("removing %s left by an interrupted save", p)
+        _remove(p)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -522,6 +590,9 @@ class StageRun:
         self.staging = self.path / STAGING
         self.state_dir = self.path / STATE
         self.is_main = _rank() == 0
+        # Rank 0 writes the stage dir; it holds the stage's lock (alignline.locks) until finalize, so two
+        # processes never write one stage dir and no pipeline takes over the run dir meanwhile.
+        self._lock = StageLock(self.run_dir, self.stage) if self.is_main else None
         self.config_sha256 = config_sha256(self.config) if self.config is not None else None
         self.config_dict = config_to_dict(self.config) if self.config is not None else None
         # Inputs are verified before anything is touched, so a bad parent fails fast (hashes on rank 0
@@ -555,6 +626,8 @@ class StageRun:
             log.info("removing the manifest of the previous %s run before re-running: %s", self.stage, mpath)
             mpath.unlink()
         compatible = self._check_state()
+        if compatible:
+            _remove_temps(self.state_dir)
         if not compatible and self.staging.exists():
             shutil.rmtree(self.staging)
         if compatible and not self.staging.exists():
@@ -664,35 +737,54 @@ class StageRun:
 
         if not self.is_main:
             return None
-        self.mark_state()
         name = f"step_{step:08d}"
         final = self.state_dir / name
         tmp = self.state_dir / f".{name}.tmp-{os.getpid()}"
-        _remove(tmp)
-        tmp.mkdir(parents=True)
-        if model_state is None and model is not None:
-            model_state = _unwrap(model).state_dict()
-        if model_state is not None:
-            # clone() breaks storage sharing (tied embeddings) so safetensors accepts it.
-            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()},
-                      str(tmp / "model.safetensors"))
-        if optimizer_state is None and optimizer is not None:
-            optimizer_state = optimizer.state_dict()
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        write_json_atomic(tmp / "meta.json", {
-            "step": step, "data_position": data_position or {}, "extra": extra or {},
-            "config_sha256": self.config_sha256,
-            "key_sha256": self.state_key["sha256"] if self.state_key else None, "time": time.time(),
-        })
-        _remove(final)
-        os.replace(tmp, final)
         pointer_tmp = self.state_dir / ".latest.tmp"
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, self.state_dir / "latest")
+        # Everything goes to a temp dir that is renamed into place, then `latest` is switched by a rename:
+        # a failure at any point (disk full, kill) leaves the previous step and `latest` as they were.
+        try:
+            self.mark_state()
+            _remove(tmp)
+            tmp.mkdir(parents=True)
+            if model_state is None and model is not None:
+                model_state = _unwrap(model).state_dict()
+            if model_state is not None:
+                # clone() breaks storage sharing (tied embeddings) so safetensors accepts it.
+                save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()},
+                          str(tmp / "model.safetensors"))
+            if optimizer_state is None and optimizer is not None:
+                optimizer_state = optimizer.state_dict()
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / "optimizer.pt")
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            write_json_atomic(tmp / "meta.json", {
+                "step": step, "data_position": data_position or {}, "extra": extra or {},
+                "config_sha256": self.config_sha256,
+                "key_sha256": self.state_key["sha256"] if self.state_key else None, "time": time.time(),
+            })
+            _fsync_tree(tmp)
+            _remove(final)
+            os.replace(tmp, final)
+            pointer_tmp.write_text(name)
+            os.replace(pointer_tmp, self.state_dir / "latest")
+        except BaseException as exc:
+            full = isinstance(exc, Exception) and is_disk_full(exc, self.state_dir)
+            for leftover in (tmp, pointer_tmp):
+                try:
+                    _remove(leftover)
+                except OSError:
+                    log.warning("could not remove %s after a failed save", leftover)
+            if not full:
+                raise
+            prev = self.latest_state()
+            kept = (f"the training state of step {read_json(prev / 'meta.json')['step']} ({prev}) is intact; "
+                    "free space and re-run the same command to resume from it") if prev else (
+                    "there is no earlier training state; free space and re-run the same command")
+            raise DiskFull(f"no space left on device while saving the training state of step {step} to {final} "
+                           f"({type(exc).__name__}: {exc}); {kept}", final) from exc
         olds = sorted(p for p in self.state_dir.glob("step_*") if p.name != name)
         for old in olds[: max(0, len(olds) - (self.keep_states - 1))]:
             shutil.rmtree(old)
@@ -783,6 +875,8 @@ class StageRun:
         }
         manifest.update(extra_manifest or {})
         write_json_atomic(self.path / MANIFEST, manifest)
+        if self._lock is not None:
+            self._lock.release()
         return self.path
 
 

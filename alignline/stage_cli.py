@@ -19,10 +19,12 @@ Order of work: parse flags, load + validate the config (unknown keys / wrong typ
 message naming file, line and key, before any model is built), check every input dir (a missing
 one names the dir and the command that creates it), then call `run(config, inputs, run_dir)`.
 
-Errors: a `UserError` (bad config, input dir, data file) prints one `error: ...` message and
-exits 2 with no traceback (`--debug` or ALIGNLINE_DEBUG=1 shows it); anything else is a bug and
-keeps its traceback (exit 1). A failed stage leaves no `<stage>/.staging/` behind unless it holds
-resumable training state (then a re-run continues from it).
+Errors: a `UserError` (bad config, input dir, data file, a stage or run dir another process holds,
+a full disk) prints one `error: ...` message and exits 2 with no traceback (`--debug` or
+ALIGNLINE_DEBUG=1 shows it); anything else is a bug and keeps its traceback (exit 1). A failed stage
+leaves no `<stage>/.staging/` behind unless it holds resumable training state (then a re-run
+continues from it). While it runs, a stage holds `<run-dir>/.locks/<stage>.lock` (alignline.locks):
+a second writer of the same stage dir, or a stage started in a run dir a pipeline holds, is refused.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from typing import Any
 
 import yaml
 
-from alignline.artifacts import MANIFEST, STAGING, STATE, StageError, load_stage
+from alignline.artifacts import MANIFEST, STAGING, STATE, StageError, is_disk_full, load_stage
 from alignline.config import UserError, config_to_dict, load_config
+from alignline.locks import LockHeld
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,6 +237,12 @@ def stage_main(
         run_dir = args.run_dir or Path("runs") / Path(cfg_path).stem
         paths = resolve_inputs(inputs, {s.name: getattr(args, s.name) for s in inputs}, run_dir)
         out = run(cfg, paths, run_dir)
+    except LockHeld as exc:
+        # Another process writes this stage dir (or holds the run dir): touch nothing of it.
+        if _debug(args):
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except UserError as exc:
         if run_dir is not None:
             cleanup_failed(run_dir / stage)
@@ -241,8 +250,21 @@ def stage_main(
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as exc:
+        # Do not leave a half-built .staging/ behind (it stays when there is state to resume).
+        if run_dir is not None:
+            cleanup_failed(run_dir / stage)
+        if run_dir is None or not is_disk_full(exc, run_dir):
+            raise  # a bug: keep the traceback
+        # A full disk outside the state saves (checkpoint, logs): the state saved before is intact.
+        if _debug(args):
+            traceback.print_exc()
+        where = getattr(exc, "filename", None) or run_dir / stage
+        print(f"error: no space left on device while writing {where} ({type(exc).__name__}: {exc}); free space "
+              "and re-run the same command (it resumes from the last saved training state)", file=sys.stderr)
+        raise SystemExit(2) from None
     except BaseException:
-        # A bug (or Ctrl-C): keep the traceback, but do not leave a half-built .staging/ behind.
+        # Ctrl-C / SystemExit: keep the traceback, but do not leave a half-built .staging/ behind.
         if run_dir is not None:
             cleanup_failed(run_dir / stage)
         raise

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,10 @@ def trainer_resume_point(output_dir: str | Path, metrics: MetricsLogger, stage: 
         # trainer_state.json is written last by Trainer._save_checkpoint, so it marks a complete save.
         if suffix.isdigit() and (p / "trainer_state.json").is_file():
             cands.append((int(suffix), p))
+        elif suffix.isdigit() and os.environ.get("RANK", "0") == "0":
+            # A save cut short (disk full, kill): never resumed from, and not left lying around.
+            log.warning("%s: removing the incomplete checkpoint %s (no trainer_state.json)", stage, p)
+            shutil.rmtree(p, ignore_errors=True)
     if not cands:
         return None, 0
     step, ckpt = max(cands)
@@ -268,7 +273,26 @@ def train_or_restore(trainer, resume: str | None, resume_step: int):
 
     max_steps = trainer.args.max_steps
     if resume is None or max_steps <= 0 or resume_step < max_steps:
-        return trainer.train(resume_from_checkpoint=resume)
+        try:
+            return trainer.train(resume_from_checkpoint=resume)
+        except Exception as exc:
+            out = Path(trainer.args.output_dir)
+            from alignline.artifacts import DiskFull, is_disk_full
+
+            if not is_disk_full(exc, out):
+                raise
+            # The Trainer writes checkpoint-<step>/ in place; one cut short is not a checkpoint.
+            done = []
+            ckpts = [p for p in out.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+            for p in sorted(ckpts, key=lambda p: int(p.name.split("-", 1)[1])):
+                if (p / "trainer_state.json").is_file():
+                    done.append(p.name)
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+            kept = (f"the last complete checkpoint {out / done[-1]} is intact; free space and re-run the same "
+                    "command to resume from it") if done else "free space and re-run the same command"
+            raise DiskFull(f"no space left on device while training into {out} ({type(exc).__name__}: {exc}); "
+                           f"{kept}", out) from exc
     # The Trainer's own loader (handles full models, sharded weights and PEFT adapters alike).
     trainer._load_from_checkpoint(resume)
     trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))

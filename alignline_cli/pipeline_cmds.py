@@ -7,29 +7,18 @@
 
 `pipeline` runs embedded: an ephemeral Prefect API on SQLite starts in-process (no server).
 Point PREFECT_API_URL at a server to record runs there instead. Prefect is imported inside
-the commands, after the environment defaults below, so `alignline --help` stays instant.
+the commands, after the environment defaults (`flows.cli.PREFECT_ENV_DEFAULTS`), so `alignline --help`
+stays instant. `pipeline` is `flows.cli.run_pipeline_command`, the same code `python -m flows.pipeline` runs.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import typer
 
-PREFECT_ENV_DEFAULTS = {
-    # The ephemeral API takes 8-16 s to start on 2 busy cores; Prefect's default (20 s) is too tight.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-def set_prefect_env() -> None:
-    for key, value in PREFECT_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+from flows.cli import check_stage_range, set_prefect_env  # noqa: F401 - re-exported for callers of this module
 
 
 def _fail(msg: str, code: int) -> None:
@@ -37,31 +26,9 @@ def _fail(msg: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def check_stage_range(from_stage: str | None, to_stage: str | None, run_dir: Path,
-                      enabled: set[str] | None = None) -> None:
-    """--from/--to name stages in order, and the stages before --from exist: checked before the
-    Prefect API starts (that takes 10-20 s), so a typo costs nothing."""
-    from alignline.config import ConfigError
-    from flows.pipeline import STAGE_SEQUENCE
-
-    for flag, value in (("--from", from_stage), ("--to", to_stage)):
-        if value is not None and value not in STAGE_SEQUENCE:
-            import difflib
-
-            close = difflib.get_close_matches(value, STAGE_SEQUENCE, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{flag} {value!r} is not a stage{hint}; choose one of {', '.join(STAGE_SEQUENCE)}")
-    if from_stage and to_stage and STAGE_SEQUENCE.index(from_stage) > STAGE_SEQUENCE.index(to_stage):
-        raise ConfigError(f"--from {from_stage} comes after --to {to_stage}; stages run in the order "
-                          f"{', '.join(STAGE_SEQUENCE)}")
-    if from_stage:
-        for stage in STAGE_SEQUENCE[:STAGE_SEQUENCE.index(from_stage)]:
-            if enabled is not None and stage not in enabled:
-                continue
-            manifest = run_dir / stage / "manifest.json"
-            if not manifest.is_file():
-                raise ConfigError(f"--from {from_stage}: earlier stage {stage!r} has not finished in {run_dir} "
-                                  f"({manifest} is missing); run without --from, or --from {stage}")
+def _say(message: str, kind: str = "out") -> None:
+    color = {"error": typer.colors.RED, "warn": typer.colors.YELLOW}.get(kind)
+    typer.secho(message, fg=color, err=kind == "error")
 
 
 def register(app: typer.Typer) -> None:
@@ -77,44 +44,20 @@ def register(app: typer.Typer) -> None:
                                             "<key>=v for the pipeline (e.g. gates.enabled=false); repeatable"),
         force: bool = typer.Option(False, "--force", help="re-run every stage, ignoring the cache"),
         print_config: bool = typer.Option(False, "--print-config", help="print the resolved pipeline and exit"),
+        wait: bool = typer.Option(False, "--wait", help="when another pipeline or stage holds the run directory, "
+                                  "wait until it is free instead of exiting with code 2"),
     ) -> None:
-        """Run the whole pipeline (data -> ... -> rlhf -> evaluate) as an embedded Prefect flow."""
-        set_prefect_env()
-        import yaml
+        """Run the whole pipeline (data -> ... -> rlhf -> evaluate) as an embedded Prefect flow.
 
-        from alignline.config import UserError, config_to_dict
-        from alignline.launch import exit_with_tree_on_signal
-        from flows.pipeline import GateFailed, load_pipeline_config, pipeline_flow, resolve_pipeline
+        Exit codes: 0 done, 1 a stage failed (re-run to resume), 2 a user error (config, a run directory
+        another pipeline or stage holds, a full disk), 3 an evaluation gate stopped the run."""
+        from flows.cli import run_pipeline_command
 
-        all_over = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
-        try:
-            cfg = load_pipeline_config(config, all_over)
-            resolved = resolve_pipeline(cfg)  # fail fast, before the Prefect API starts
-            check_stage_range(from_stage, to_stage, Path(cfg.run_dir), set(resolved))
-        except UserError as exc:
-            _fail(str(exc), 2)
-        if print_config:
-            out = config_to_dict(cfg)
-            out["resolved_stage_configs"] = {s: r.config_dict for s, r in resolved.items()}
-            typer.echo(yaml.safe_dump(out, sort_keys=False))
-            return
-        # SIGTERM/SIGINT end the stage subprocesses and Prefect's temporary server too (no leak).
-        exit_with_tree_on_signal()
-        try:
-            result = pipeline_flow(config=cfg, from_stage=from_stage, to_stage=to_stage, force=force)
-        except GateFailed as exc:
-            _fail(f"{exc}\nreport: {Path(cfg.run_dir) / 'report.md'}", 3)
-        except UserError as exc:
-            _fail(f"{exc}\nreport: {Path(cfg.run_dir) / 'report.md'}", 2)
-        except Exception as exc:
-            _fail(f"pipeline failed: {type(exc).__name__}: {exc}\nreport: {Path(cfg.run_dir) / 'report.md'}\n"
-                  "re-run the same command to resume at the failed stage", 1)
-        for stage, rec in result["stages"].items():
-            wall = f"{rec['wall_s']:.1f}s" if rec.get("wall_s") is not None else ""
-            typer.echo(f"  {stage:10s} {rec['status']:8s} {wall}")
-        for note in result["notes"]:
-            typer.secho(note, fg=typer.colors.YELLOW)
-        typer.echo(f"report: {result['report']}")
+        code = run_pipeline_command(config, run_dir=run_dir, from_stage=from_stage, to_stage=to_stage,
+                                    overrides=list(overrides), force=force, print_config=print_config, wait=wait,
+                                    say=_say)
+        if code:
+            raise typer.Exit(code)
 
     @app.command("deploy")
     def deploy(

@@ -15,7 +15,6 @@ Every run writes `<run_dir>/report.md` (+ `report/*.png`) and publishes it as ar
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from alignline.config import (
     save_config,
     yaml_key_lines,
 )
+from alignline.locks import run_lock
 from alignline.report import StageRecord, build_report, render_markdown
 from flows.tasks import ResolvedStage, StageEntry, resolve_stage, stage_task
 
@@ -260,7 +260,15 @@ def pipeline_flow(
     to_stage: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Run the pipeline; returns {run_dir, report, notes, stages: {name: record}}."""
+    """Run the pipeline; returns {run_dir, report, notes, stages: {name: record}}.
+
+    Holds `<run_dir>/.locks/run.lock` while it runs (alignline.locks): a second pipeline or a hand-run
+    stage on the same run directory is refused with a message naming the holder."""
+    with run_lock(config.run_dir):
+        return _run_pipeline(config, from_stage, to_stage, force)
+
+
+def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str | None, force: bool) -> dict[str, Any]:
     logger = get_run_logger()
     for name, value in (("from_stage", from_stage), ("to_stage", to_stage)):
         if value is not None and value not in STAGE_SEQUENCE:
@@ -351,25 +359,29 @@ def pipeline_flow(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m flows.pipeline --config ... [--run-dir ...] [--from S] [--to S] [--set k=v]`."""
+    """`python -m flows.pipeline --config ... [--run-dir ...] [--from S] [--to S] [--set k=v] [--wait]`: the same
+    command as `alignline pipeline` (flows.cli.run_pipeline_command): user errors exit 2 with one message,
+    SIGTERM/SIGINT end the whole process tree."""
     import argparse
 
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from flows.cli import run_pipeline_command
+
     p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/pipeline/tiny.yaml")
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--from", dest="from_stage", default=None)
-    p.add_argument("--to", dest="to_stage", default=None)
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--config", default="configs/pipeline/tiny.yaml", help="pipeline YAML")
+    p.add_argument("--run-dir", default=None, help="run directory (default: run_dir in the YAML)")
+    p.add_argument("--from", dest="from_stage", default=None, help="start at this stage (it is re-run)")
+    p.add_argument("--to", dest="to_stage", default=None, help="stop after this stage")
+    p.add_argument("--force", action="store_true", help="re-run every stage, ignoring the cache")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="<stage>.<key>=v for a stage config, <key>=v for the pipeline; repeatable")
+    p.add_argument("--print-config", action="store_true", help="print the resolved pipeline and exit")
+    p.add_argument("--wait", action="store_true",
+                   help="when another pipeline or stage holds the run directory, wait instead of exiting with code 2")
     args = p.parse_args(argv)
-    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-    cfg = load_pipeline_config(args.config, overrides)
-    pipeline_flow(config=cfg, from_stage=args.from_stage, to_stage=args.to_stage, force=args.force)
-    return 0
+    return run_pipeline_command(args.config, run_dir=args.run_dir, from_stage=args.from_stage,
+                                to_stage=args.to_stage, overrides=args.overrides, force=args.force,
+                                print_config=args.print_config, wait=args.wait)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from alignline.artifacts import is_complete
+from alignline.locks import run_lock
 from alignline.report import StageRecord
 from flows.tasks import StageEntry, resolve_stage, stage_task
 
@@ -32,11 +33,17 @@ def stage_flow(
     force: bool = False,
 ) -> dict[str, Any]:
     """Validate and run stage `stage` into `<run_dir>/<stage>`; returns the stage outcome."""
+    rs = resolve_stage(stage, entry, where=f"stage flow {stage!r}")
+    rd = Path(run_dir).resolve()
+    # Like the pipeline, it holds the run directory (alignline.locks): it writes a stage and report.md.
+    with run_lock(rd):
+        return _run_stage(stage, rs, rd, entry, retries, force)
+
+
+def _run_stage(stage: str, rs, rd: Path, entry: StageEntry, retries: int, force: bool) -> dict[str, Any]:
     from flows.pipeline import PipelineConfig, _slug, publish_report
 
     logger = get_run_logger()
-    rs = resolve_stage(stage, entry, where=f"stage flow {stage!r}")
-    rd = Path(run_dir).resolve()
     rd.mkdir(parents=True, exist_ok=True)
     inputs: dict[str, str] = {}
     for spec in rs.input_specs:

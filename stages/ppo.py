@@ -512,6 +512,8 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
                          total_iterations=cfg.steps, dist=dist)
 
     start = 0
+    last: dict[str, float] = {}
+    trained_s = 0.0  # training seconds of earlier (interrupted) processes of this run
     meta = run.load_state()  # restores the RNG streams; the rest is loaded below
     if dist.enabled:  # every rank must resume from the state rank 0 chose (it owns state/)
         chosen = broadcast_object(meta["path"] if meta else None, dist)
@@ -530,6 +532,10 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
         trainer.kl_ctl.load_state_dict(meta["extra"]["kl_ctl"])
         trainer.load_reward_norm_state(meta["extra"]["reward_norm"])
         trainer.step_count = start
+        # The last iteration's statistics and the training time: a re-run after a failed evaluation
+        # trains nothing and still writes the eval.json the first run would have.
+        last = dict(meta["extra"].get("last") or {})
+        trained_s = float(meta["extra"].get("train_seconds", 0.0))
         # Under torchrun ptx draws are reseeded every iteration (and a torchrun state has no ptx_rng).
         if ptx is not None and not dist.enabled and "ptx_rng" in meta["extra"]:
             ptx.gen.set_state(torch.tensor(meta["extra"]["ptx_rng"], dtype=torch.uint8))
@@ -547,7 +553,6 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ppo",
                disable=not (cfg.logging.progress and dist.is_main))
     t0 = time.time()
-    last: dict[str, float] = {}
     share = cfg.ppo.rollout_batch_size // world
     for step in bar:
         idx = prompt_batch(len(prompts), cfg.ppo.rollout_batch_size, step, cfg.seed)
@@ -569,16 +574,19 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
             post["gold"] = f"{last['rollout_gold_accuracy']:.2f}"
         bar.set_postfix(**post)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            extra = {"kl_ctl": trainer.kl_ctl.state_dict(), "reward_norm": trainer.reward_norm_state()}
+            extra = {"kl_ctl": trainer.kl_ctl.state_dict(), "reward_norm": trainer.reward_norm_state(),
+                     "last": last, "train_seconds": trained_s + time.time() - t0}
             if ptx is not None and not dist.enabled:
                 extra["ptx_rng"] = ptx.gen.get_state().tolist()
             run.save_state(step + 1, model_state=_flat_trainable(trainer), optimizer_state=trainer.optim_state_dict(),
                            extra=extra)
         maybe_interrupt(step + 1)
-    train_time = time.time() - t0
+    train_time = trained_s + time.time() - t0
     if not dist.is_main:  # rank 0 evaluates and writes the policy; the others wait in `run`
         return None, [], {}
 
+    # The final iteration's state is saved above, before evaluating: a failure (OOM, bug) from here on
+    # costs a re-run the evaluation only, not the training.
     rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, device, cfg.ppo.temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2),

@@ -98,6 +98,9 @@ FAKE_STAGE = textwrap.dedent(
             if _should_fail(step):
                 raise RuntimeError(f"fake {{STAGE}} crashed at step {{step}}")
             time.sleep(float(os.environ.get("FAKE_STEP_SLEEP", config.step_sleep_s)))
+            hold = os.environ.get("FAKE_HOLD_FILE")  # the stage waits while this file exists
+            while hold and Path(hold).exists():
+                time.sleep(0.05)
         samples = [{{"prompt": f"What is {{i}}+1?", "response": f"{{STAGE}}-{{i}}", "answer": str(i + 1)}}
                    for i in range(3)]
         headline = {{"loss": config.lr / config.steps, "accuracy": config.accuracy, "kl": config.kl,

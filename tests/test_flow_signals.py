@@ -1,4 +1,5 @@
-"""SIGTERM to `alignline pipeline` ends the whole process tree (issue 15, part 6).
+"""SIGTERM to `alignline pipeline` ends the whole process tree (issue 15, part 6); SIGINT to
+`python -m flows.pipeline` too (part 7: the module entry point runs the same command code).
 
     .venv/bin/pytest tests/test_flow_signals.py
 
@@ -49,19 +50,71 @@ def _session(pid: int) -> int | None:
         return None
 
 
-def _pipeline(tmp_path: Path, run_dir: Path, *extra: str, sleep: str) -> subprocess.Popen:
+# The two entry points of the pipeline command: both end the whole tree on SIGTERM/SIGINT.
+ENTRY = {"alignline": ["-m", "alignline_cli", "pipeline"], "flows.pipeline": ["-m", "flows.pipeline"]}
+
+
+def _pipeline(tmp_path: Path, run_dir: Path, *extra: str, sleep: str, entry: str = "alignline") -> subprocess.Popen:
     pkg = make_fake_stages(tmp_path / "src")
     (tmp_path / "pipeline.yaml").write_text("{}\n")
     sets = fake_pipeline_overrides(pkg, run_dir) + ["pretrain.steps=400", "stages.pretrain.launcher=subprocess",
                                                     *extra]
     env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'src'}{os.pathsep}{REPO}", FAKE_STEP_SLEEP=sleep,
                OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "alignline_cli", "pipeline", "--config", str(tmp_path / "pipeline.yaml"),
-           "--to", "pretrain"]
+    cmd = [sys.executable, *ENTRY[entry], "--config", str(tmp_path / "pipeline.yaml"), "--to", "pretrain"]
     for s in sets:
         cmd += ["--set", s]
     return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_stage(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Until pretrain runs as a subprocess and has saved some state."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        stage_running = any("fakestages.pretrain" in _cmdline(p) for p in descendants(proc.pid))
+        if stage_running and (run_dir / "pretrain" / "state" / "latest").exists():
+            return
+        time.sleep(0.2)
+
+
+def _left_running(tree: list[int], cmdlines: dict[int, str], started: dict[int, str | None], sid: int | None
+                  ) -> list[str]:
+    """Processes of the old tree still alive (same pid and start time) or left in its session.
+    (A zombie is dead: it only waits for PID 1 to reap it.)"""
+    table = _proc_table()
+    left = [f"{p} {cmdlines[p]}" for p in tree
+            if p in table and table[p][2] != "Z" and _start_time(p) == started[p]]
+    left += [f"{p} {_cmdline(p)} (in the session)" for p, (_pp, _pg, state) in table.items()
+             if state != "Z" and _session(p) == sid]
+    return left
+
+
+def test_sigint_to_python_m_flows_pipeline_ends_the_process_tree(tmp_path: Path) -> None:
+    """`python -m flows.pipeline` handles signals like `alignline pipeline` (the same code)."""
+    run_dir = tmp_path / "run"
+    proc = _pipeline(tmp_path, run_dir, sleep="0.3", entry="flows.pipeline")
+    try:
+        _wait_for_stage(proc, run_dir)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        tree = list(descendants(proc.pid))
+        cmdlines = {p: _cmdline(p) for p in tree}
+        assert any("fakestages.pretrain" in c for c in cmdlines.values()), cmdlines
+        started = {p: _start_time(p) for p in tree}
+        sid = _session(proc.pid)
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        code, elapsed = proc.returncode, time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 128 + signal.SIGINT, (code, out[-3000:])
+    assert elapsed < 15, f"took {elapsed:.1f}s to stop"
+    time.sleep(0.5)
+    left = _left_running(tree, cmdlines, started, sid)
+    assert not left, "left running after SIGINT:\n" + "\n".join(left)
 
 
 def test_sigterm_ends_the_process_tree_and_rerun_resumes(tmp_path: Path) -> None:

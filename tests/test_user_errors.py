@@ -242,3 +242,19 @@ def test_pipeline_arguments_checked_before_prefect(case: str, tmp_path: Path, mo
     for piece in expected:
         assert piece in out, f"{piece!r} not in:\n{out}"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["bad-from", "unknown-set-key"])
+def test_python_m_flows_pipeline_user_errors_exit_2_without_traceback(case: str, tmp_path: Path) -> None:
+    """The module entry point runs the same command code as `alignline pipeline` (flows.cli)."""
+    args, expected = {"bad-from": (["--from", "sftt"], ["'sftt'", "did you mean 'sft'"]),
+                      "unknown-set-key": (["--set", "gates.enabeld=false"], ["gates.enabeld", "unknown key"])}[case]
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"),
+                           "--run-dir", str(tmp_path / "run"), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("error: ") == 1, proc.stderr
+    for piece in expected:
+        assert piece in proc.stderr, f"{piece!r} not in:\n{proc.stderr}"
+    assert not (tmp_path / "run").exists()
