@@ -1,6 +1,9 @@
 """The stage-directory contract: manifest, atomic finalize, checked loading, resumable state.
 
-Every stage (`stages/<name>.py`) writes one self-describing directory `<run_dir>/<stage>/`:
+Every stage (`stages/<name>.py`) writes one self-describing directory `<run_dir>/<stage>/`, or
+`<run_dir>/<stage>-<variant>/` for a stage whose config selects a variant (`stage_dir_name`: the
+rlhf stage writes `rlhf-ppo/`, `rlhf-dpo/`, `rlhf-grpo/`, `rlhf-rloo/` by its `algorithm`, so
+alternatives in one run directory survive side by side):
 
     checkpoint/    HF format (config.json, *.safetensors, generation_config.json, tokenizer files).
                    The tokenizer stage also writes its tokenizer files here, so
@@ -31,6 +34,13 @@ and in a consumer:
 
 Writers: rank 0 of a StageRun holds `<run_dir>/.locks/<stage>.lock` (alignline.locks) until finalize,
 so two processes never write one stage dir; a stage started in a run dir a pipeline holds is refused.
+Variants: a config class names the key that selects its variant in the class variable
+`variant_key` (`alignline.config.StrictModel`); `stage_dir_name(stage, config)` is the output
+directory name every caller uses (StageRun, the flows, the report). The manifest keeps `stage`
+(the kind, e.g. "rlhf", what consumers check) and adds `variant`. A run dir from before variants
+has the output in plain `<stage>/`; `adopt_legacy_dir` moves it to `<stage>-<its variant>/`
+(read from its recorded config) with one log line, or, when that name is taken, leaves it in place,
+unused, and says so.
 
 Atomicity: `StageRun` removes a stale manifest.json first, so an interrupted re-run never
 leaves a directory that looks complete. Outputs are built in `<stage>/.staging/` and moved
@@ -72,6 +82,7 @@ import logging
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -395,6 +406,9 @@ def _entry_changes(what: str, name: str, a: dict[str, Any], b: dict[str, Any]) -
     if {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}:
         return []
     where = b.get("path") or a.get("path")
+    if a.get("path") and b.get("path") and a["path"] != b["path"]:
+        # e.g. evaluate's `rlhf` input after switching the algorithm: rlhf-dpo/ -> rlhf-ppo/
+        return [f"{what} {name!r} changed: now {b['path']} (was {a['path']})"]
     if "manifest_sha256" in a or "manifest_sha256" in b:
         return [f"{what} {name!r} changed: {where} has a different manifest (it was re-run)"]
     if "files" in a and "files" in b:
@@ -441,6 +455,145 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+# --------------------------------------------------------------------------- output directory names
+
+_VARIANT_RE = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
+
+
+def _lookup(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def stage_variant(config: Any) -> str | None:
+    """The variant `config` selects: the value of its class's `variant_key` (e.g. the rlhf stage's
+    `algorithm`), or None for a stage without variants (or no config)."""
+    key = getattr(type(config), "variant_key", None) if config is not None else None
+    if not key:
+        return None
+    value = _lookup(config, key)
+    if value is None:
+        return None
+    text = str(getattr(value, "value", value)).lower()  # an Enum's value, or the string itself
+    if not _VARIANT_RE.match(text):
+        from alignline.config import ConfigError
+
+        raise ConfigError(f"{key}={value!r} cannot name an output directory; use lower-case letters, digits, "
+                          "'_' and '.'")
+    return text
+
+
+def stage_dir_name(stage: str, config: Any = None) -> str:
+    """The output directory name of `stage` under `config`: `<stage>`, or `<stage>-<variant>` when the
+    config selects a variant (`stage_dir_name("rlhf", cfg)` is "rlhf-dpo" for `algorithm: dpo`).
+
+    Everything that writes or finds a stage's output uses this: StageRun, the flows' cache check,
+    inputs and `--from`, the report. A variant is thus its own stage for caching and resuming.
+    """
+    variant = stage_variant(config)
+    return f"{stage}-{variant}" if variant else stage
+
+
+def variant_dirs(run_dir: str | Path, stage: str) -> list[Path]:
+    """Every complete `<run_dir>/<stage>-<variant>/` output of `stage` (manifest `stage` == `stage`),
+    sorted by name: the alternatives of a stage that survive in a run directory."""
+    out = []
+    for p in sorted(Path(run_dir).glob(f"{stage}-*")):
+        if not p.is_dir():
+            continue
+        try:
+            manifest = read_json(p / MANIFEST)
+        except StageError:
+            continue
+        if isinstance(manifest, dict) and manifest.get("stage") == stage and manifest.get("status") == "complete":
+            out.append(p)
+    return out
+
+
+def default_stage_dir(run_dir: str | Path, stage: str) -> Path:
+    """Where a consumer that was not told which variant to use finds `stage`'s output: `<run_dir>/<stage>`
+    when it exists (a stage without variants, or a legacy dir), else the only complete variant dir,
+    else the most recently finished one (logged, with the others). Used for the command line's input
+    defaults; the pipeline passes the variant its config selects instead."""
+    plain = Path(run_dir) / stage
+    if plain.exists():
+        return plain
+    found = variant_dirs(run_dir, stage)
+    if not found:
+        return plain
+    if len(found) > 1:
+        newest = max(found, key=lambda p: (p / MANIFEST).stat().st_mtime_ns)
+        log.info("%s has %d %s outputs (%s); using the most recently finished, %s (pass the input flag to choose)",
+                 run_dir, len(found), stage, ", ".join(p.name for p in found), newest.name)
+        return newest
+    return found[0]
+
+
+def _recorded_config(stage_path: Path) -> dict[str, Any] | None:
+    """The config a stage dir was written with: config.yaml, .staging/config.yaml or state/state.json."""
+    for f in (stage_path / "config.yaml", stage_path / STAGING / "config.yaml"):
+        if f.is_file():
+            try:
+                data = yaml.safe_load(f.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError):
+                continue
+            if isinstance(data, dict):
+                return data
+    try:
+        data = read_json(stage_path / STATE / "state.json").get("config")
+    except (StageError, AttributeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+_LEGACY_SAID: set[tuple[str, str]] = set()
+
+
+def adopt_legacy_dir(run_dir: str | Path, stage: str, config: Any) -> str | None:
+    """Carry a pre-variant `<run_dir>/<stage>/` over to the per-variant layout; returns what was done
+    (also logged once per process), or None when there is nothing to do.
+
+    Only for a stage whose config has variants. The variant of the old dir is read from the config it
+    recorded (the class default when the key did not exist then: an old rlhf dir is PPO). The dir is
+    moved to `<stage>-<variant>/`; nothing in it names its own path, so a finished one is then reused
+    by the cache as before. When that name is taken, or the variant cannot be told, the old dir is left
+    in place and unused, never deleted.
+    """
+    if stage_dir_name(stage, config) == stage:
+        return None
+    legacy = Path(run_dir) / stage
+    if not legacy.is_dir() or legacy.is_symlink():
+        return None
+    key = type(config).variant_key
+    recorded = _recorded_config(legacy)
+    variant = None
+    if recorded is not None:
+        try:
+            variant = stage_variant(type(config).model_validate(recorded))
+        except Exception:  # a config of an older alignline (renamed keys): read the one key
+            value = _lookup(recorded, key)
+            variant = str(value).lower() if value is not None and _VARIANT_RE.match(str(value).lower()) else None
+    if variant is None:
+        msg = (f"{legacy} is a {stage} output from before per-variant dirs, and its {key} cannot be read from "
+               f"its config; it is left in place and not used (rename it to {stage}-<{key}> to use it)")
+    else:
+        target = legacy.parent / f"{stage}-{variant}"
+        if target.exists():
+            msg = (f"{legacy} is a {stage} output from before per-variant dirs ({key} {variant}), but {target.name}/ "
+                   f"exists already: {legacy} is left in place and not used (delete it when no longer needed)")
+        else:
+            os.replace(legacy, target)
+            msg = (f"moved {legacy} to {target} ({key} {variant}): each {stage} variant now has its own dir; "
+                   "a finished output there is reused as before")
+    if (str(legacy), msg) not in _LEGACY_SAID:
+        _LEGACY_SAID.add((str(legacy), msg))
+        log.warning("%s", msg)
+    return msg
 
 
 # --------------------------------------------------------------------------- checked loading
@@ -562,9 +715,11 @@ def _rank() -> int:
 
 @dataclass
 class StageRun:
-    """Opens `<run_dir>/<stage>/` for a run; see the module docstring for the life cycle.
+    """Opens `<run_dir>/<stage>/` (`<stage>-<variant>/` for a config with a variant, `stage_dir_name`;
+    `name` is that dir name, `variant` the variant) for a run; see the module docstring for the life cycle.
 
-    On open it (rank 0 only, under torchrun): removes a stale manifest.json, verifies every
+    On open it (rank 0 only, under torchrun): moves a pre-variant `<stage>/` to its variant's dir
+    (`adopt_legacy_dir`), removes a stale manifest.json, verifies every
     input with `load_stage`, discards training state written under another config, clears
     `.staging/` unless a compatible state exists (a resumed run keeps its staging so the
     metrics log continues), and writes the resolved config to `.staging/config.yaml`.
@@ -586,7 +741,10 @@ class StageRun:
     def __post_init__(self) -> None:
         self.t0 = time.time()
         self.run_dir = Path(self.run_dir)
-        self.path = self.run_dir / self.stage
+        # `<stage>` or `<stage>-<variant>` (stage_dir_name); `stage` stays the kind written in the manifest.
+        self.variant = stage_variant(self.config)
+        self.name = stage_dir_name(self.stage, self.config)
+        self.path = self.run_dir / self.name
         self.staging = self.path / STAGING
         self.state_dir = self.path / STATE
         self.is_main = _rank() == 0
@@ -620,10 +778,11 @@ class StageRun:
             tdist.barrier()
 
     def _open(self) -> None:
+        adopt_legacy_dir(self.run_dir, self.stage, self.config)
         self.path.mkdir(parents=True, exist_ok=True)
         mpath = self.path / MANIFEST
         if mpath.exists():
-            log.info("removing the manifest of the previous %s run before re-running: %s", self.stage, mpath)
+            log.info("removing the manifest of the previous %s run before re-running: %s", self.name, mpath)
             mpath.unlink()
         compatible = self._check_state()
         if compatible:
@@ -656,7 +815,7 @@ class StageRun:
             self._metrics = MetricsLogger(
                 self.staging if self.is_main else None,
                 report_to=_report_to(self.config),
-                run_name=f"{self.run_dir.name}/{self.stage}",
+                run_name=f"{self.run_dir.name}/{self.name}",
                 config=config_to_dict(self.config) if self.config is not None else None,
             )
         return self._metrics
@@ -684,11 +843,11 @@ class StageRun:
                 blocking = [k for k in _changed_keys(old_cfg, self.config_dict) if not _covered(k, self.resume_keys)]
                 why = [f"config changed: {', '.join(blocking) or '?'}; may change on resume: "
                        f"{', '.join(self.resume_keys) or 'nothing'}" if w == "config changed" else w for w in why]
-            discard_state(self.state_dir, f"{self.stage}: " + "; ".join(why))
+            discard_state(self.state_dir, f"{self.name}: " + "; ".join(why))
             return False
         changed = _changed_keys(recorded.get("config"), self.config_dict) if recorded.get("config") else []
         if changed:
-            log.info("resuming %s with changed %s (allowed on resume)", self.stage, ", ".join(changed))
+            log.info("resuming %s with changed %s (allowed on resume)", self.name, ", ".join(changed))
             self._write_marker()
         log.info("found resumable state in %s (same config, code, inputs and data)", self.state_dir)
         return True
@@ -823,7 +982,7 @@ class StageRun:
             scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
         if restore_rng and (latest / "rng.pt").is_file():
             _set_rng_state(torch.load(latest / "rng.pt", weights_only=True))
-        log.info("%s: resumed from step %s (%s)", self.stage, meta["step"], latest)
+        log.info("%s: resumed from step %s (%s)", self.name, meta["step"], latest)
         meta["path"] = str(latest)
         return meta
 
@@ -853,6 +1012,7 @@ class StageRun:
         manifest = {
             "format": FORMAT_VERSION,
             "stage": self.stage,
+            **({"variant": self.variant} if self.variant else {}),
             "status": "complete",
             "config_sha256": self.config_sha256,
             "code_version": self.key["code_version"] if self.key else None,

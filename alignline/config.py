@@ -18,7 +18,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,9 +40,16 @@ class ConfigError(UserError, ValueError):
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, assignments are validated."""
+    """Base for every config: unknown keys are errors, assignments are validated.
+
+    `variant_key` (a class variable, not a config key): the dotted config key that selects the
+    stage's variant, e.g. "algorithm" in the rlhf stage's config. Each variant writes its own output
+    directory, `<stage>-<value>/` (see `alignline.artifacts.stage_dir_name`), so alternatives in one
+    run directory survive side by side and are cached separately. None (the default): one `<stage>/`.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    variant_key: ClassVar[str | None] = None
 
 
 # --------------------------------------------------------------------------- shared parts

@@ -10,6 +10,12 @@
 It reads only the stage directories (manifest.json headline, eval.json, metrics.jsonl,
 samples.jsonl), so `python -m alignline.report RUN_DIR` rebuilds report.md for any run.
 The flows publish the same content as Prefect artifacts.
+
+Variants: a record is named by its output dir (`rlhf-ppo`; `StageRecord.stage` is the pipeline
+stage, `rlhf`). `build_report` adds a "kept" row for every other complete variant of that stage
+in the run dir (`rlhf-dpo/` from an earlier run with `algorithm: dpo`), so alternatives compare
+side by side (table, curves, samples), and a "Variants" section says which one this run selected
+(the one its evaluate stage and gates used).
 """
 
 from __future__ import annotations
@@ -31,19 +37,31 @@ CURVE_KINDS: dict[str, tuple[str, ...]] = {
     "loss": ("loss",),
 }
 STATUS_ICON = {"ran": "ran", "cached": "cached (reused)", "failed": "FAILED", "gated": "stopped by gate",
-               "skipped": "skipped", "pending": "not run", "running": "running"}
+               "skipped": "skipped", "pending": "not run", "running": "running",
+               "kept": "kept, not current"}
+# Statuses whose stage dir holds a finished output (its checkpoint is linked).
+FINISHED = ("ran", "cached", "kept")
 
 
 @dataclass
 class StageRecord:
     """What the pipeline knows about one stage of a run."""
 
-    name: str
-    status: str = "pending"  # ran | cached | failed | gated | skipped | pending | running
+    name: str  # the output dir name: `rlhf-ppo` for a stage with variants, else the stage
+    status: str = "pending"  # ran | cached | failed | gated | skipped | pending | running | kept
     wall_s: float | None = None
     path: str | None = None
     headline: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    stage: str | None = None  # the pipeline stage (`rlhf`) when `name` is one of its variants
+
+    @property
+    def kind(self) -> str:
+        return self.stage or self.name
+
+    @property
+    def is_variant(self) -> bool:
+        return self.kind != self.name
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +74,7 @@ class ReportCard:
     sample_rows: list[dict[str, Any]]
     plots: dict[str, Path]
     path: Path
+    records: list[StageRecord] = field(default_factory=list)  # the rows, kept variants included
 
 
 # --------------------------------------------------------------------------- reading stage dirs
@@ -242,7 +261,7 @@ def render_markdown(
         wall = f"{rec.wall_s:.1f} s" if rec.wall_s is not None else "-"
         head = ", ".join(f"{k}={_fmt(v)}" for k, v in rec.headline.items()) or "-"
         ckpt = "-"
-        if rec.path and rec.status in ("ran", "cached"):
+        if rec.path and rec.status in FINISHED:
             ck = Path(rec.path) / "checkpoint"
             ckpt = f"`{ck}`" if ck.is_dir() else f"`{rec.path}`"
         status = STATUS_ICON.get(rec.status, rec.status)
@@ -250,6 +269,7 @@ def render_markdown(
             status += f" ({_cell(rec.message, 80)})"
         lines.append(f"| {rec.name} | {status} | {wall} | {_cell(head, 400)} | {ckpt} |")
     lines.append("")
+    lines += _variants_section(records)
     # Why each stage ran in full (the table cell is cut): which input or data file changed.
     why = [rec for rec in records if rec.status == "ran" and rec.message]
     if why:
@@ -263,7 +283,8 @@ def render_markdown(
                 str(Path(path).relative_to(run_dir)) if run_dir and Path(path).is_relative_to(run_dir) else str(path))
             lines += [f"### {kind}", "", f"![{kind}]({src})", ""]
     if samples:
-        stage_cols = [s for s in STAGE_ORDER if any(s in row for row in samples)]
+        names = [r.name for r in records] + [k for row in samples for k in row if k not in ("prompt", "answer")]
+        stage_cols = [s for s in dict.fromkeys(names) if any(s in row for row in samples)]
         lines += ["## Samples on the fixed test prompts", "",
                   "| prompt | answer | " + " | ".join(stage_cols) + " |",
                   "|---|---|" + "---|" * len(stage_cols)]
@@ -273,6 +294,66 @@ def render_markdown(
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _variants_section(records: list[StageRecord]) -> list[str]:
+    """Which variant of a stage this run selected, and which others the run dir keeps."""
+    kinds = list(dict.fromkeys(r.kind for r in records if r.is_variant))
+    if not kinds:
+        return []
+    lines = ["## Variants", ""]
+    for kind in kinds:
+        current = [r for r in records if r.kind == kind and r.status != "kept"]
+        kept = [r for r in records if r.kind == kind and r.status == "kept"]
+        if len(current) == 1:
+            head = (f"- **{kind}**: this run selects `{current[0].name}` (current: the one evaluated, gated and "
+                    "used downstream)")
+        elif current:  # rebuilt from a run dir that does not record which one was selected
+            head = f"- **{kind}**: " + ", ".join(f"`{r.name}`" for r in current) + " (which one is current is not recorded)"
+        else:
+            head = f"- **{kind}**: no variant selected by this run"
+        if kept:
+            head += "; also in the run directory, from earlier runs: " + ", ".join(f"`{r.name}`" for r in kept)
+        lines.append(head)
+    lines.append("")
+    return lines
+
+
+def other_variant_records(run_dir: str | Path, records: list[StageRecord]) -> list[StageRecord]:
+    """Records (status "kept") for the complete variants of a stage that this run did not select, and for
+    a pre-variant `<stage>/` dir left in place, in a run dir where `records` hold the selected variant."""
+    from alignline.artifacts import is_complete, variant_dirs
+
+    run_dir = Path(run_dir)
+    have = {r.name for r in records}
+    out: list[StageRecord] = []
+    for kind in dict.fromkeys(r.kind for r in records if r.is_variant):
+        current = next(r.name for r in records if r.kind == kind)
+        legacy = run_dir / kind
+        found = [*variant_dirs(run_dir, kind), *([legacy] if kind not in have and is_complete(legacy) else [])]
+        for d in found:
+            if d.name in have:
+                continue
+            what = ("pre-variant output dir, left in place, not used" if d == legacy
+                    else f"an earlier result; this run selects {current}")
+            wall = None
+            try:
+                wall = json.loads((d / "manifest.json").read_text(encoding="utf-8")).get("wall_time_s")
+            except (OSError, json.JSONDecodeError):
+                pass
+            out.append(StageRecord(d.name, "kept", wall_s=wall, path=str(d), headline=read_headline(d),
+                                   message=what, stage=kind))
+    return out
+
+
+def _with_kept(records: list[StageRecord], kept: list[StageRecord]) -> list[StageRecord]:
+    """`records` with each kept variant placed right after its stage's row."""
+    out: list[StageRecord] = []
+    for rec in records:
+        out.append(rec)
+        if rec.is_variant:
+            out.extend(k for k in kept if k.kind == rec.kind)
+    return out
 
 
 def build_report(
@@ -290,6 +371,7 @@ def build_report(
     for rec in records:
         if not rec.headline and rec.path:
             rec.headline = read_headline(rec.path)
+    records = _with_kept(records, other_variant_records(run_dir, records))
     names = [r.name for r in records]
     # Plotting costs a second or two; the flow skips it for the interim report after each stage.
     pngs = plot_curves(run_dir, names) if plots else {}
@@ -300,26 +382,44 @@ def build_report(
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(md + "\n", encoding="utf-8")
     tmp.replace(path)
-    return ReportCard(markdown=md, metrics_rows=metrics_rows(records), sample_rows=samples, plots=pngs, path=path)
+    return ReportCard(markdown=md, metrics_rows=metrics_rows(records), sample_rows=samples, plots=pngs, path=path,
+                      records=records)
 
 
 def records_from_run_dir(run_dir: str | Path) -> list[StageRecord]:
-    """Records for every stage dir present in a run (complete ones with their headline)."""
+    """Records for every stage dir present in a run (complete ones with their headline).
+
+    Complete variant dirs (`rlhf-ppo/`, `rlhf-dpo/`) are records too. The one the evaluate stage
+    evaluated is the current one; the others are "kept" (all are "ran" when evaluate did not use one).
+    """
+    from alignline.artifacts import variant_dirs
+
     run_dir = Path(run_dir)
+    evaluated: set[str] = set()
+    try:
+        inputs = json.loads((run_dir / "evaluate" / "manifest.json").read_text(encoding="utf-8")).get("inputs", {})
+        evaluated = {Path(i["path"]).name for i in inputs.values() if isinstance(i, dict) and i.get("path")}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass
     recs = []
     for name in STAGE_ORDER:
-        d = run_dir / name
-        if not d.is_dir():
-            continue
-        complete = (d / "manifest.json").is_file()
-        wall = None
-        if complete:
-            try:
-                wall = json.loads((d / "manifest.json").read_text(encoding="utf-8")).get("wall_time_s")
-            except json.JSONDecodeError:
-                complete = False
-        recs.append(StageRecord(name, "ran" if complete else "failed", wall_s=wall, path=str(d),
-                                headline=read_headline(d)))
+        variants = variant_dirs(run_dir, name)
+        dirs = [run_dir / name] if (run_dir / name).is_dir() else []
+        dirs += variants
+        current = {d.name for d in variants} & evaluated
+        for d in dirs:
+            complete = (d / "manifest.json").is_file()
+            wall = None
+            if complete:
+                try:
+                    wall = json.loads((d / "manifest.json").read_text(encoding="utf-8")).get("wall_time_s")
+                except json.JSONDecodeError:
+                    complete = False
+            status = "ran" if complete else "failed"
+            if current and d.name not in current:
+                status = "kept"
+            recs.append(StageRecord(d.name, status, wall_s=wall, path=str(d), headline=read_headline(d),
+                                    stage=name if d.name != name else None))
     return recs
 
 

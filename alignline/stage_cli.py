@@ -9,9 +9,12 @@ with `INPUTS = [InputSpec("data", default="data"), InputSpec("tokenizer", defaul
 That gives, uniformly:
 
     --config PATH        stage YAML (default configs/<stage>/tiny.yaml)
-    --run-dir DIR        where <stage>/ is written (default runs/<config file stem>)
+    --run-dir DIR        where <stage>/ is written (default runs/<config file stem>); a stage with
+                         variants writes <stage>-<variant>/ (the rlhf stage: rlhf-<algorithm>/)
     --set KEY=VALUE      dotted override, repeatable, applied last (e.g. --set optim.lr=3e-4)
     --<input> DIR        one flag per input (--data, --tokenizer, --init ...), default <run-dir>/<stage>
+                         (for a stage with variants, e.g. evaluate's --rlhf: the only rlhf-* dir, or
+                         the most recently finished one; pass the flag to choose)
     --print-config       print the resolved config and exit
     --debug              show the traceback of a user error too
 
@@ -42,7 +45,16 @@ from typing import Any
 
 import yaml
 
-from alignline.artifacts import MANIFEST, STAGING, STATE, StageError, is_disk_full, load_stage
+from alignline.artifacts import (
+    MANIFEST,
+    STAGING,
+    STATE,
+    StageError,
+    default_stage_dir,
+    is_disk_full,
+    load_stage,
+    stage_dir_name,
+)
 from alignline.config import UserError, config_to_dict, load_config
 from alignline.locks import LockHeld
 
@@ -61,6 +73,9 @@ class InputSpec:
     allow_hf_dir: bool = False
     # Stage names whose output this input may be (checked against the manifest); None: any stage.
     kinds: tuple[str, ...] | None = None
+    # The producer writes one dir per variant (`<default>-<variant>/`, e.g. rlhf-ppo/): the default is
+    # the only such dir, else the most recently finished (alignline.artifacts.default_stage_dir).
+    variants: bool = False
 
 
 # Stages whose output is a causal-LM checkpoint (what --init of a training stage may be).
@@ -113,12 +128,16 @@ def build_parser(stage: str, inputs: Sequence[InputSpec], description: str | Non
     )
     p.add_argument("--config", type=Path, default=None,
                    help=f"stage config YAML (default: configs/{stage}/tiny.yaml)")
+    variant = getattr(config_cls, "variant_key", None) if config_cls is not None else None
+    out = f"{stage}-<{variant}>" if variant else stage
     p.add_argument("--run-dir", type=Path, default=None,
-                   help="run directory; the stage writes <run-dir>/" + stage + "/ (default: runs/<config stem>)")
+                   help=f"run directory; the stage writes <run-dir>/{out}/ (default: runs/<config stem>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config value by dotted key, e.g. --set {example} (repeatable)")
     for spec in inputs:
         default = f"<run-dir>/{spec.default}" if spec.default else "none"
+        if spec.default and spec.variants:
+            default = f"the only <run-dir>/{spec.default}-*/, else the most recently finished"
         p.add_argument(f"--{spec.name}", type=Path, default=None,
                        help=f"{spec.help or spec.name + ' stage directory'} (default: {default})")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -190,7 +209,7 @@ def resolve_inputs(specs: Sequence[InputSpec], given: dict[str, Path | None], ru
     for spec in specs:
         path = given.get(spec.name)
         if path is None and spec.default is not None:
-            path = run_dir / spec.default
+            path = default_stage_dir(run_dir, spec.default)
             if not spec.required and not path.exists():
                 continue
         if path is None:
@@ -229,8 +248,10 @@ def stage_main(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg_path = args.config or default_config_path(stage)
     run_dir: Path | None = None
+    out_name = stage  # the output dir name: <stage>, or <stage>-<variant> once the config is known
     try:
         cfg = load_config(config_cls, cfg_path, args.overrides)
+        out_name = stage_dir_name(stage, cfg)
         if args.print_config:
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return None
@@ -245,7 +266,7 @@ def stage_main(
         raise SystemExit(2) from None
     except UserError as exc:
         if run_dir is not None:
-            cleanup_failed(run_dir / stage)
+            cleanup_failed(run_dir / out_name)
         if _debug(args):
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
@@ -266,7 +287,7 @@ def stage_main(
     except BaseException:
         # Ctrl-C / SystemExit: keep the traceback, but do not leave a half-built .staging/ behind.
         if run_dir is not None:
-            cleanup_failed(run_dir / stage)
+            cleanup_failed(run_dir / out_name)
         raise
     print(f"{stage}: wrote {out}")
     return out

@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Option(Path("configs/pipeline/tiny.yaml"), "--config", "-c",
                                     help="pipeline YAML (stage configs referenced from it)"),
         run_dir: Path | None = typer.Option(None, "--run-dir", help="run directory (default: run_dir in the YAML)"),
-        from_stage: str | None = typer.Option(None, "--from", help="start at this stage (it is re-run; "
+        from_stage: str | None = typer.Option(None, "--from", help="start at this stage (it is re-run from "
+                                                 "scratch; rlhf: the algorithm the config selects, in rlhf-<algorithm>/; "
                                                  "earlier stages must exist)"),
         to_stage: str | None = typer.Option(None, "--to", help="stop after this stage"),
         overrides: list[str] = typer.Option([], "--set", help="override: <stage>.<key>=v for a stage config, "

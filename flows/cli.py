@@ -44,19 +44,18 @@ def plain_say(message: str, kind: str = "out") -> None:
 
 
 def check_stage_range(from_stage: str | None, to_stage: str | None, run_dir: Path,
-                      enabled: set[str] | None = None) -> None:
+                      enabled: set[str] | None = None, dirs: dict[str, str] | None = None,
+                      keys: dict[str, str] | None = None) -> None:
     """--from/--to name stages in order, and the stages before --from exist: checked before the
-    Prefect API starts (that takes 10-20 s), so a typo costs nothing."""
+    Prefect API starts (that takes 10-20 s), so a typo costs nothing. `dirs`: each stage's output dir
+    name (flows.pipeline.stage_dirs; `rlhf-ppo` for the rlhf stage), default the stage name; `keys`:
+    flows.pipeline.variant_keys, for the message when another variant is named."""
     from alignline.config import ConfigError
-    from flows.pipeline import STAGE_SEQUENCE
+    from flows.pipeline import STAGE_SEQUENCE, stage_slot
 
-    for flag, value in (("--from", from_stage), ("--to", to_stage)):
-        if value is not None and value not in STAGE_SEQUENCE:
-            import difflib
-
-            close = difflib.get_close_matches(value, STAGE_SEQUENCE, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{flag} {value!r} is not a stage{hint}; choose one of {', '.join(STAGE_SEQUENCE)}")
+    dirs = dirs or {}
+    from_stage = stage_slot("--from", from_stage, dirs, keys)
+    to_stage = stage_slot("--to", to_stage, dirs, keys)
     if from_stage and to_stage and STAGE_SEQUENCE.index(from_stage) > STAGE_SEQUENCE.index(to_stage):
         raise ConfigError(f"--from {from_stage} comes after --to {to_stage}; stages run in the order "
                           f"{', '.join(STAGE_SEQUENCE)}")
@@ -64,8 +63,9 @@ def check_stage_range(from_stage: str | None, to_stage: str | None, run_dir: Pat
         for stage in STAGE_SEQUENCE[:STAGE_SEQUENCE.index(from_stage)]:
             if enabled is not None and stage not in enabled:
                 continue
-            manifest = run_dir / stage / "manifest.json"
-            if not manifest.is_file():
+            manifest = run_dir / dirs.get(stage, stage) / "manifest.json"
+            legacy = run_dir / stage / "manifest.json"  # a pre-variant dir: the flow moves it first
+            if not manifest.is_file() and not legacy.is_file():
                 raise ConfigError(f"--from {from_stage}: earlier stage {stage!r} has not finished in {run_dir} "
                                   f"({manifest} is missing); run without --from, or --from {stage}")
 
@@ -93,7 +93,14 @@ def run_pipeline_command(
     from alignline.config import UserError, config_to_dict
     from alignline.launch import exit_with_tree_on_signal
     from alignline.locks import LockHeld, run_lock
-    from flows.pipeline import GateFailed, load_pipeline_config, pipeline_flow, resolve_pipeline
+    from flows.pipeline import (
+        GateFailed,
+        load_pipeline_config,
+        pipeline_flow,
+        resolve_pipeline,
+        stage_dirs,
+        variant_keys,
+    )
 
     def fail(message: str, code: int) -> int:
         if _debug():
@@ -105,7 +112,8 @@ def run_pipeline_command(
     try:
         cfg = load_pipeline_config(config, all_over)
         resolved = resolve_pipeline(cfg)  # fail fast, before the Prefect API starts
-        check_stage_range(from_stage, to_stage, Path(cfg.run_dir), set(resolved))
+        check_stage_range(from_stage, to_stage, Path(cfg.run_dir), set(resolved), stage_dirs(cfg, resolved),
+                          variant_keys(resolved))
     except UserError as exc:
         return fail(str(exc), 2)
     if print_config:
@@ -131,7 +139,7 @@ def run_pipeline_command(
                     "re-run the same command to resume at the failed stage", 1)
     for stage, rec in result["stages"].items():
         wall = f"{rec['wall_s']:.1f}s" if rec.get("wall_s") is not None else ""
-        say(f"  {stage:10s} {rec['status']:8s} {wall}", "out")
+        say(f"  {rec.get('name') or stage:10s} {rec['status']:8s} {wall}", "out")
     for note in result["notes"]:
         say(note, "warn")
     say(f"report: {result['report']}", "out")

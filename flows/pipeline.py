@@ -11,6 +11,16 @@ any stage runs. A stage whose reuse key (config, code, inputs, external data fil
 itself resumes from its latest training state. Gates stop before RLHF when the reward model
 is too weak, and mark the run when PPO drifts (KL) or loses gold accuracy against SFT.
 Every run writes `<run_dir>/report.md` (+ `report/*.png`) and publishes it as artifacts.
+
+Run dir layout: one dir per stage, `<run_dir>/<stage>/`, except a stage whose config selects a
+variant: `<run_dir>/<stage>-<variant>/` (`alignline.artifacts.stage_dir_name`; the rlhf stage:
+`rlhf-ppo/`, `rlhf-dpo/`, `rlhf-grpo/`, `rlhf-rloo/` by `algorithm`). Switching the algorithm
+keeps the other algorithms' outputs; switching back reuses the cached one (evaluate, whose input
+changed, re-runs). Downstream stages, gates and `--from` use the variant the config selects;
+the report card lists the others as "kept". `--from rlhf` (or `--from rlhf-<algorithm>` when that
+is the selected one) retrains the selected algorithm from scratch and re-runs what follows; the
+other algorithms' dirs are left alone. A pre-variant `<run_dir>/rlhf/` is moved to
+`rlhf-<its algorithm>/` with a log line and a report note (`alignline.artifacts.adopt_legacy_dir`).
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from alignline.artifacts import StageError, is_complete, load_stage
+from alignline.artifacts import StageError, adopt_legacy_dir, is_complete, load_stage, stage_dir_name
 from alignline.config import (
     ConfigError,
     StrictModel,
@@ -150,8 +160,56 @@ def resolve_pipeline(config: PipelineConfig) -> dict[str, ResolvedStage]:
     return resolved
 
 
-def stage_inputs(rs: ResolvedStage, run_dir: Path, enabled: set[str]) -> dict[str, str]:
-    """Input dirs for a stage from its INPUTS: the producing stage's dir in this run."""
+def stage_dirs(config: PipelineConfig, resolved: dict[str, ResolvedStage]) -> dict[str, str]:
+    """The output dir name of every stage in this pipeline, `stage_dir_name(stage, its config)`:
+    {"rlhf": "rlhf-dpo", "sft": "sft", ...}. A disabled stage's config is resolved too (its output
+    may still be an input); when it does not resolve, the plain stage name."""
+    out: dict[str, str] = {}
+    for stage in STAGE_SEQUENCE:
+        rs = resolved.get(stage)
+        if rs is None:
+            try:
+                rs = resolve_stage(stage, getattr(config.stages, stage), where=f"pipeline {config.name!r}")
+            except Exception:  # a disabled stage may well have no usable config or module
+                out[stage] = stage
+                continue
+        out[stage] = stage_dir_name(stage, rs.config)
+    return out
+
+
+def variant_keys(resolved: dict[str, ResolvedStage]) -> dict[str, str]:
+    """{stage: the config key that selects its variant} for the stages that have variants ({"rlhf": "algorithm"})."""
+    return {s: key for s, rs in resolved.items() if (key := getattr(type(rs.config), "variant_key", None))}
+
+
+def stage_slot(flag: str, value: str | None, dirs: dict[str, str] | None = None,
+               keys: dict[str, str] | None = None) -> str | None:
+    """A `--from`/`--to` value as a pipeline stage: a stage name, or the output dir name of the variant
+    this pipeline selects (`rlhf-dpo` when rlhf's algorithm is dpo). Another variant is an error that
+    says how to select it (`keys`: `variant_keys`)."""
+    if value is None or value in STAGE_SEQUENCE:
+        return value
+    dirs = dirs or {}
+    for stage, name in dirs.items():
+        if value == name:
+            return stage
+    for stage, name in dirs.items():
+        if name != stage and value.startswith(f"{stage}-"):
+            want, key = value[len(stage) + 1:], (keys or {}).get(stage, "<key>")
+            raise ConfigError(f"{flag} {value}: this pipeline's {stage} stage is {name} (its config selects "
+                              f"{name[len(stage) + 1:]}); to restart {want}, select it (--set {stage}.{key}={want}) "
+                              f"and use {flag} {stage}")
+    import difflib
+
+    close = difflib.get_close_matches(value, STAGE_SEQUENCE, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{flag} {value!r} is not a stage{hint}; choose one of {', '.join(STAGE_SEQUENCE)}")
+
+
+def stage_inputs(rs: ResolvedStage, run_dir: Path, enabled: set[str],
+                 dirs: dict[str, str] | None = None) -> dict[str, str]:
+    """Input dirs for a stage from its INPUTS: the producing stage's dir in this run (`dirs[producer]`,
+    the variant this pipeline selects, e.g. evaluate's `rlhf` input is `<run_dir>/rlhf-dpo`)."""
     out: dict[str, str] = {}
     explicit = rs.entry.inputs
     for spec in rs.input_specs:
@@ -161,7 +219,7 @@ def stage_inputs(rs: ResolvedStage, run_dir: Path, enabled: set[str]) -> dict[st
         producer = spec.default
         if producer is None:
             continue
-        path = run_dir / producer
+        path = run_dir / (dirs or {}).get(producer, producer)
         if producer in enabled or is_complete(path) or spec.required:
             out[spec.name] = str(path)
     return out
@@ -186,31 +244,35 @@ def _metric(stage: str, stage_dir: Path, key: str) -> float:
     )
 
 
-def reward_gate(gates: GateConfig, run_dir: Path) -> str | None:
+def reward_gate(gates: GateConfig, run_dir: Path, reward_dir: Path | None = None) -> str | None:
     """A reason to stop before RLHF, or None."""
-    acc = _metric("reward", run_dir / "reward", gates.reward_metric)
+    acc = _metric("reward", reward_dir or run_dir / "reward", gates.reward_metric)
     if acc < gates.min_reward_accuracy:
         return (f"GATE: reward model held-out {gates.reward_metric}={acc:.3f} < {gates.min_reward_accuracy}; "
                 "stopped before RLHF (improve the reward model or lower gates.min_reward_accuracy)")
     return None
 
 
-def rlhf_marks(gates: GateConfig, run_dir: Path) -> list[str]:
-    """Warnings that mark (not stop) the run after RLHF."""
+def rlhf_marks(gates: GateConfig, run_dir: Path, rlhf_dir: Path | None = None,
+               sft_dir: Path | None = None) -> list[str]:
+    """Warnings that mark (not stop) the run after RLHF; `rlhf_dir`: the selected variant's dir."""
+    rlhf_dir = rlhf_dir or run_dir / "rlhf"
+    sft_dir = sft_dir or run_dir / "sft"
+    which = f" ({rlhf_dir.name})"
     marks = []
     if gates.max_kl is not None:
-        kl = _metric("rlhf", run_dir / "rlhf", gates.kl_metric)
+        kl = _metric("rlhf", rlhf_dir, gates.kl_metric)
         if kl > gates.max_kl:
-            marks.append(f"WARNING: RLHF {gates.kl_metric}={kl:.4g} exceeds gates.max_kl={gates.max_kl}")
+            marks.append(f"WARNING: RLHF {gates.kl_metric}={kl:.4g} exceeds gates.max_kl={gates.max_kl}{which}")
     if gates.gold_must_not_drop:
-        rl = _metric("rlhf", run_dir / "rlhf", gates.gold_metric)
+        rl = _metric("rlhf", rlhf_dir, gates.gold_metric)
         # RLHF evaluates its SFT starting point on the same prompts; prefer that number.
-        if gates.sft_gold_metric in load_stage(run_dir / "rlhf", verify=False).headline:
-            sft = _metric("rlhf", run_dir / "rlhf", gates.sft_gold_metric)
+        if gates.sft_gold_metric in load_stage(rlhf_dir, verify=False).headline:
+            sft = _metric("rlhf", rlhf_dir, gates.sft_gold_metric)
         else:
-            sft = _metric("sft", run_dir / "sft", gates.gold_metric)
+            sft = _metric("sft", sft_dir, gates.gold_metric)
         if rl < sft - gates.gold_tolerance:
-            marks.append(f"WARNING: RLHF {gates.gold_metric}={rl:.3f} dropped below SFT's {sft:.3f}")
+            marks.append(f"WARNING: RLHF {gates.gold_metric}={rl:.3f} dropped below SFT's {sft:.3f}{which}")
     return marks
 
 
@@ -237,8 +299,8 @@ def publish_report(config: PipelineConfig, run_dir: Path, records: list[StageRec
     md = card.markdown
     if config.report.embed_images and card.plots:
         # The UI cannot read files from the run dir; embed the (small) PNGs as data URIs.
-        md = render_markdown(records, title=config.name, notes=notes, plots=card.plots, samples=card.sample_rows,
-                             run_dir=run_dir, embed_images=True)
+        md = render_markdown(card.records, title=config.name, notes=notes, plots=card.plots,
+                             samples=card.sample_rows, run_dir=run_dir, embed_images=True)
     create_markdown_artifact(markdown=md, key=f"{slug}-report-card",
                              description=f"alignline report card; also at {card.path}")
     if card.metrics_rows:
@@ -260,7 +322,10 @@ def pipeline_flow(
     to_stage: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Run the pipeline; returns {run_dir, report, notes, stages: {name: record}}.
+    """Run the pipeline; returns {run_dir, report, notes, stages: {stage: record}}.
+
+    `stages` is keyed by pipeline stage (`rlhf`); each record's `name` is its output dir (`rlhf-ppo`).
+    `from_stage`/`to_stage` take a stage, or the selected variant's dir name (see `stage_slot`).
 
     Holds `<run_dir>/.locks/run.lock` while it runs (alignline.locks): a second pipeline or a hand-run
     stage on the same run directory is refused with a message naming the holder."""
@@ -270,10 +335,10 @@ def pipeline_flow(
 
 def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str | None, force: bool) -> dict[str, Any]:
     logger = get_run_logger()
-    for name, value in (("from_stage", from_stage), ("to_stage", to_stage)):
-        if value is not None and value not in STAGE_SEQUENCE:
-            raise ConfigError(f"{name}={value!r} is not a stage; choose one of {', '.join(STAGE_SEQUENCE)}")
     resolved = resolve_pipeline(config)  # every stage config validated before anything runs
+    dirs = stage_dirs(config, resolved)
+    from_stage = stage_slot("--from", from_stage, dirs, variant_keys(resolved))
+    to_stage = stage_slot("--to", to_stage, dirs, variant_keys(resolved))
     run_dir = Path(config.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "pipeline.yaml")
@@ -282,9 +347,16 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
     last = STAGE_SEQUENCE.index(to_stage) if to_stage else len(STAGE_SEQUENCE) - 1
     if first > last:
         raise ConfigError(f"--from {from_stage} comes after --to {to_stage}")
-    records = {s: StageRecord(s, "skipped" if s not in enabled else "pending", path=str(run_dir / s))
+    records = {s: StageRecord(dirs[s], "skipped" if s not in enabled else "pending", path=str(run_dir / dirs[s]),
+                              stage=s if dirs[s] != s else None)
                for s in STAGE_SEQUENCE}
     notes: list[str] = []
+    for stage, rs in resolved.items():
+        # A run dir from before per-variant dirs: its plain rlhf/ moves to rlhf-<algorithm>/ (or is left, unused).
+        moved = adopt_legacy_dir(run_dir, stage, rs.config)
+        if moved:
+            logger.warning("%s", moved)
+            notes.append(moved)
     slug = _slug(config.name)
     failure: BaseException | None = None
     try:
@@ -295,7 +367,7 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
             if i < first:
                 # Before --from: must already exist; it is used as is.
                 try:
-                    sd = load_stage(run_dir / stage, expect=stage)
+                    sd = load_stage(run_dir / dirs[stage], expect=stage)
                 except StageError as exc:
                     raise StageError(f"--from {from_stage}: earlier stage {stage!r} is not usable: {exc}") from None
                 rec.status, rec.headline, rec.message = "cached", sd.headline, "before --from"
@@ -305,7 +377,7 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
                 rec.message = f"after --to {to_stage}"
                 continue
             if stage == "rlhf" and config.gates.enabled and "reward" in enabled:
-                reason = reward_gate(config.gates, run_dir)
+                reason = reward_gate(config.gates, run_dir, run_dir / dirs["reward"])
                 if reason:
                     notes.append(reason)
                     for later in STAGE_SEQUENCE[i:]:
@@ -315,15 +387,15 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
             rs = resolved[stage]
             retries = rs.entry.retries if rs.entry.retries is not None else config.retries
             rec.status = "running"
-            runner = stage_task.with_options(name=f"stage-{stage}", task_run_name=stage, retries=retries,
+            runner = stage_task.with_options(name=f"stage-{stage}", task_run_name=dirs[stage], retries=retries,
                                              retry_delay_seconds=config.retry_delay_s)
             t0 = time.monotonic()
             try:
                 out = runner(
                     stage=stage, module=rs.module, config=rs.config_dict,
-                    inputs=stage_inputs(rs, run_dir, enabled), run_dir=str(run_dir), nproc=rs.nproc,
+                    inputs=stage_inputs(rs, run_dir, enabled, dirs), run_dir=str(run_dir), nproc=rs.nproc,
                     launcher=rs.entry.launcher, timeout_s=rs.entry.timeout_s, force=force or from_stage == stage,
-                    progress_key=f"{slug}-{stage}-progress", progress_every_s=config.report.progress_every_s,
+                    progress_key=f"{slug}-{dirs[stage]}-progress", progress_every_s=config.report.progress_every_s,
                 )
             except Exception as exc:
                 rec.status, rec.wall_s = "failed", round(time.monotonic() - t0, 3)
@@ -335,7 +407,7 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
             build_report(run_dir, list(records.values()), title=config.name, notes=notes,
                          sample_limit=config.report.sample_limit, plots=False)
             if stage == "rlhf" and config.gates.enabled:
-                marks = rlhf_marks(config.gates, run_dir)
+                marks = rlhf_marks(config.gates, run_dir, run_dir / dirs["rlhf"], run_dir / dirs["sft"])
                 if marks:
                     notes.extend(marks)
                     for m in marks:
@@ -370,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/pipeline/tiny.yaml", help="pipeline YAML")
     p.add_argument("--run-dir", default=None, help="run directory (default: run_dir in the YAML)")
-    p.add_argument("--from", dest="from_stage", default=None, help="start at this stage (it is re-run)")
+    p.add_argument("--from", dest="from_stage", default=None, help="re-run from this stage (rlhf: the algorithm the config selects); earlier ones must exist")
     p.add_argument("--to", dest="to_stage", default=None, help="stop after this stage")
     p.add_argument("--force", action="store_true", help="re-run every stage, ignoring the cache")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -5,8 +5,10 @@
     python -m flows.stage reward --run-dir runs/tiny
 
 Typical use: retrain the reward model on fresh preference data on a schedule, reusing the
-run's SFT checkpoint. Inputs default to this run's stage dirs (`<run_dir>/<producer>`), or
-are given explicitly (`inputs={"init": "/models/sft"}`). The same cache rules as the pipeline
+run's SFT checkpoint. Inputs default to this run's stage dirs (`<run_dir>/<producer>`; for a
+producer with variants the only `<producer>-<variant>/`, or the most recently finished one), or
+are given explicitly (`inputs={"init": "/models/sft"}`). The stage writes
+`<run_dir>/<stage_dir_name(stage, config)>` (`rlhf-dpo/` for the rlhf stage with `algorithm: dpo`). The same cache rules as the pipeline
 apply: an unchanged stage is reused unless `force`.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from alignline.artifacts import is_complete
+from alignline.artifacts import default_stage_dir, is_complete
 from alignline.locks import run_lock
 from alignline.report import StageRecord
 from flows.tasks import StageEntry, resolve_stage, stage_task
@@ -32,7 +34,7 @@ def stage_flow(
     retries: int = 1,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Validate and run stage `stage` into `<run_dir>/<stage>`; returns the stage outcome."""
+    """Validate and run stage `stage` into `<run_dir>/<stage>` (or `<stage>-<variant>`); returns the outcome."""
     rs = resolve_stage(stage, entry, where=f"stage flow {stage!r}")
     rd = Path(run_dir).resolve()
     # Like the pipeline, it holds the run directory (alignline.locks): it writes a stage and report.md.
@@ -49,15 +51,17 @@ def _run_stage(stage: str, rs, rd: Path, entry: StageEntry, retries: int, force:
     for spec in rs.input_specs:
         if spec.name in entry.inputs:
             inputs[spec.name] = str(entry.inputs[spec.name])
-        elif spec.default is not None and (spec.required or is_complete(rd / spec.default)):
-            inputs[spec.name] = str(rd / spec.default)
+        elif spec.default is not None:
+            path = default_stage_dir(rd, spec.default)
+            if spec.required or is_complete(path):
+                inputs[spec.name] = str(path)
     logger.info("stage %s with inputs %s", stage, inputs or "none")
-    runner = stage_task.with_options(task_run_name=stage, retries=retries if entry.retries is None else entry.retries)
+    runner = stage_task.with_options(task_run_name=rs.dir_name, retries=retries if entry.retries is None else entry.retries)
     out = runner(stage=stage, module=rs.module, config=rs.config_dict, inputs=inputs, run_dir=str(rd),
                  nproc=rs.nproc, launcher=entry.launcher, timeout_s=entry.timeout_s, force=force,
-                 progress_key=f"{_slug(rd.name)}-{stage}-progress")
-    rec = StageRecord(stage, out["status"], wall_s=out["wall_s"], path=out["path"], headline=out["headline"],
-                      message=out.get("reason", ""))
+                 progress_key=f"{_slug(rd.name)}-{rs.dir_name}-progress")
+    rec = StageRecord(out["name"], out["status"], wall_s=out["wall_s"], path=out["path"], headline=out["headline"],
+                      message=out.get("reason", ""), stage=stage)
     publish_report(PipelineConfig(name=f"{rd.name}-{stage}", run_dir=str(rd)), rd, [rec], [])
     return out
 

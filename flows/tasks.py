@@ -2,7 +2,9 @@
 
 Not run directly; `flows/pipeline.py` (whole pipeline) and `flows/stage.py` (one stage) use it.
 
-A stage is reused, not run, when its directory has a verified complete manifest whose reuse key
+A stage's directory is `<run_dir>/<stage>`, or `<run_dir>/<stage>-<variant>` when its config
+selects a variant (`alignline.artifacts.stage_dir_name`; the rlhf stage: `rlhf-<algorithm>`), so
+each variant is cached, resumed and forced on its own. A stage is reused, not run, when its directory has a verified complete manifest whose reuse key
 (`alignline.artifacts.stage_key`: config, code version, every input's manifest hash or content,
 and the fingerprint of every data file the stage reads from outside the run dir) equals the key of
 this run (see `cache_check`); the same key decides whether the stage may resume its `state/`. A stage runs in this process
@@ -30,7 +32,15 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from alignline.artifacts import StageError, discard_state, key_changes, load_stage, stage_key
+from alignline.artifacts import (
+    StageError,
+    adopt_legacy_dir,
+    discard_state,
+    key_changes,
+    load_stage,
+    stage_dir_name,
+    stage_key,
+)
 from alignline.config import (
     ConfigError,
     StrictModel,
@@ -81,6 +91,11 @@ class ResolvedStage:
     entry: StageEntry
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dir_name(self) -> str:
+        """The stage's output dir in the run dir: `name`, or `name-<variant>` (stage_dir_name)."""
+        return stage_dir_name(self.name, self.config)
 
     @property
     def nproc(self) -> int:
@@ -315,44 +330,50 @@ def stage_task(
     progress_key: str | None = None,
     progress_every_s: float = 2.0,
 ) -> dict[str, Any]:
-    """Run stage `stage` unless its output is cached; returns {status, path, wall_s, headline, reason}."""
+    """Run stage `stage` unless its output is cached; returns {status, path, name, wall_s, headline, reason}.
+
+    The output is `<run_dir>/<stage_dir_name(stage, config)>` (`name`): each variant of a stage (the
+    rlhf stage's algorithms) is cached, resumed and forced on its own; logs name the variant.
+    """
     logger = get_run_logger()
     mod = import_stage(module, stage)
     cfg = mod.Config.model_validate(config)
     rd = Path(run_dir)
-    stage_dir = rd / stage
+    name = stage_dir_name(stage, cfg)
+    stage_dir = rd / name
+    adopt_legacy_dir(rd, stage, cfg)  # a pre-variant <stage>/ moves to its variant's dir (logged once)
     if not force:
         hit, why = cache_check(module, cfg, inputs, stage_dir)
         if hit:
             sd = load_stage(stage_dir, verify=False)
-            logger.info("%s: cached, reusing %s (%s)", stage, stage_dir, why)
-            return {"status": "cached", "path": str(stage_dir), "wall_s": sd.manifest.get("wall_time_s"),
-                    "headline": sd.headline, "reason": why}
-        logger.info("%s: running (%s)", stage, why)
+            logger.info("%s: cached, reusing %s (%s)", name, stage_dir, why)
+            return {"status": "cached", "path": str(stage_dir), "name": name,
+                    "wall_s": sd.manifest.get("wall_time_s"), "headline": sd.headline, "reason": why}
+        logger.info("%s: running (%s)", name, why)
     else:
         why = "forced"
         # A forced stage retrains from scratch; only a retry of this same task (run_count > 1) resumes.
         from prefect.runtime import task_run
 
         if (task_run.run_count or 1) <= 1:
-            discard_state(stage_dir / "state", f"{stage} is forced to re-run (--from / force)")
-        logger.info("%s: running (forced)", stage)
+            discard_state(stage_dir / "state", f"{name} is forced to re-run (--from / force)")
+        logger.info("%s: running (forced)", name)
     t0 = time.monotonic()
-    with ProgressReporter(stage, stage_dir, total_steps(config), every_s=progress_every_s, key=progress_key):
+    with ProgressReporter(name, stage_dir, total_steps(config), every_s=progress_every_s, key=progress_key):
         if nproc > 1 or launcher == "subprocess" or timeout_s is not None:
-            cfg_file = _write_config(rd, stage, config)
+            cfg_file = _write_config(rd, name, config)
             cmd = stage_command(module, cfg_file, rd, inputs, nproc)
-            logger.info("%s: launching %s", stage, " ".join(cmd))
+            logger.info("%s: launching %s", name, " ".join(cmd))
             env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-            launch(cmd, on_line=lambda line: logger.info("[%s] %s", stage, line), timeout=timeout_s,
-                   cwd=os.getcwd(), env=env, log_file=rd / ".pipeline" / f"{stage}.log")
+            launch(cmd, on_line=lambda line: logger.info("[%s] %s", name, line), timeout=timeout_s,
+                   cwd=os.getcwd(), env=env, log_file=rd / ".pipeline" / f"{name}.log")
         else:
             out = mod.run(cfg, {k: Path(v) for k, v in inputs.items()}, rd)
             if Path(out).resolve() != stage_dir.resolve():
                 raise StageError(f"stage {stage!r} wrote {out}, expected {stage_dir} (the stage contract puts "
-                                 f"a stage in <run_dir>/{stage})")
+                                 f"a stage in <run_dir>/{name}, see alignline.artifacts.stage_dir_name)")
     sd = load_stage(stage_dir, verify=False)  # a stage that 'succeeded' without a manifest is a failure
     wall = time.monotonic() - t0
-    logger.info("%s: done in %.1f s -> %s", stage, wall, stage_dir)
-    return {"status": "ran", "path": str(stage_dir), "wall_s": round(wall, 3), "headline": sd.headline,
-            "reason": why}
+    logger.info("%s: done in %.1f s -> %s", name, wall, stage_dir)
+    return {"status": "ran", "path": str(stage_dir), "name": name, "wall_s": round(wall, 3),
+            "headline": sd.headline, "reason": why}

@@ -3,13 +3,18 @@
     python -m stages.evaluate --config configs/evaluate/tiny.yaml --run-dir runs/tiny
     alignline stage evaluate --run-dir runs/tiny --set num_prompts=32
 
-For each of the run's `pretrain`, `sft` and `rlhf` stage dirs that exists (complete), it greedily
+For each of the run's `pretrain`, `sft` and `rlhf` stage outputs that exists (complete), it greedily
 answers the first `num_prompts` prompts of `prompts/<split>.jsonl` (data stage) and reports
 gold accuracy (exact/numeric match against the answer) and the mean score of the response
 under the reward model (`reward` stage, when present). Outputs (stage contract):
 eval.json (per stage: gold_accuracy, per_task, rm_score_mean, checkpoint), samples.jsonl
 (one row per prompt: responses, gold scores and RM scores of every stage), and a headline
 with `<stage>_gold_accuracy` / `<stage>_rm_score` for the report card.
+
+The rlhf input is one algorithm's output, `rlhf-<algorithm>/`: in the pipeline the one its rlhf
+config selects; by hand `--rlhf DIR`, else the only `rlhf-*` dir of the run, else the most recently
+finished (logged). eval.json names it per stage (`dir`, `variant`); other algorithms' outputs in
+the run dir are listed by the report card from their own eval.json/headline, not evaluated here.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ MODEL_STAGES = ("pretrain", "sft", "rlhf")
 INPUTS = [
     InputSpec("data", default="data", kinds=("data",), help="data stage directory (prompts/<split>.jsonl)"),
     InputSpec("reward", default="reward", kinds=("reward",), required=False, help="reward stage (RM scores); optional"),
-    *[InputSpec(s, default=s, required=False, help=f"{s} stage to evaluate; optional") for s in MODEL_STAGES],
+    *[InputSpec(s, default=s, required=False, help=f"{s} stage to evaluate; optional", variants=s == "rlhf")
+      for s in MODEL_STAGES],
 ]
 
 
@@ -110,14 +116,18 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     golds: dict[str, list[float]] = {}
     rms: dict[str, list[float]] = {}
     for i, stage in enumerate(models):
-        ckpt = run.input(stage).checkpoint
-        log.info("evaluate: %s (%d/%d) from %s on %d prompts", stage, i + 1, len(models), ckpt, len(rows))
+        src = run.input(stage)
+        ckpt = src.checkpoint
+        log.info("evaluate: %s (%s, %d/%d) from %s on %d prompts", stage, src.path.name, i + 1, len(models), ckpt,
+                 len(rows))
         model = AutoModelForCausalLM.from_pretrained(str(ckpt)).to(device)
         tok = load_tokenizer(ckpt)
         gold = gold_eval(model, tok, rows, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
         responses[stage] = [s["response"] for s in gold.samples]
         golds[stage] = [s["score"] for s in gold.samples]
-        results[stage] = {"gold_accuracy": gold.accuracy, "per_task": gold.per_task, "checkpoint": str(ckpt)}
+        results[stage] = {"gold_accuracy": gold.accuracy, "per_task": gold.per_task, "checkpoint": str(ckpt),
+                          "dir": src.path.name, **({"variant": src.manifest["variant"]}
+                                                   if src.manifest.get("variant") else {})}
         if rm is not None:
             rms[stage] = rm_scores(rm, rm_tok, conversations, responses[stage], config.batch_size)
             results[stage]["rm_score_mean"] = sum(rms[stage]) / len(rms[stage])

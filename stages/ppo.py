@@ -8,9 +8,13 @@ TRL's DPO / GRPO / RLOO in the same slot (`algorithm: ppo|dpo|grpo|rloo`).
 Inputs: `--init` (SFT stage: policy, reference, tokenizer), `--reward` (reward stage: reward
 model, the value model's initialisation, and `reward_mean`/`reward_std` from its eval.json),
 `--data` (data stage: prompts/, preference/, pretrain/; default: found through the SFT stage's
-manifest inputs). Output `<run_dir>/rlhf/` follows the stage contract: checkpoint/ (merged
-policy + tokenizer), adapter/ (when LoRA), state/ (resumable), metrics.jsonl, tb/, eval.json,
-samples.jsonl, manifest.json.
+manifest inputs). Output `<run_dir>/rlhf-<algorithm>/` (rlhf-ppo/, rlhf-dpo/, rlhf-grpo/,
+rlhf-rloo/: `algorithm` is the config's `variant_key`, see `alignline.artifacts.stage_dir_name`),
+so switching the algorithm in one run dir keeps the other's output, and each is cached and resumed
+on its own. It follows the stage contract: checkpoint/ (merged policy + tokenizer), adapter/ (when
+LoRA), state/ (resumable), metrics.jsonl, tb/, eval.json, samples.jsonl, manifest.json (`stage`
+"rlhf", `variant` the algorithm). A plain `rlhf/` from an older alignline is moved to
+`rlhf-<its algorithm>/` when the stage next runs.
 
 eval.json compares the SFT and the trained policy on held-out prompts (prompts/test.jsonl):
 RM score of greedy answers (normalised), gold accuracy (greedy, `gold_score`), KL to the
@@ -39,7 +43,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -105,7 +109,11 @@ class GroupSection(StrictModel):
 class RLHFConfig(StrictModel):
     """Config of the `rlhf` stage (configs/rlhf/*.yaml)."""
 
-    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = "ppo"
+    # Each algorithm writes its own `rlhf-<algorithm>/` (alignline.artifacts.stage_dir_name).
+    variant_key: ClassVar[str] = "algorithm"
+
+    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = Field(
+        "ppo", description="ppo (ours) | dpo | grpo | rloo (TRL); output dir rlhf-<algorithm>/")
     seed: int = 0
     steps: int = Field(30, gt=0, description="PPO iterations, or optimizer steps for dpo/grpo/rloo")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -539,7 +547,7 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
         # Under torchrun ptx draws are reseeded every iteration (and a torchrun state has no ptx_rng).
         if ptx is not None and not dist.enabled and "ptx_rng" in meta["extra"]:
             ptx.gen.set_state(torch.tensor(meta["extra"]["ptx_rng"], dtype=torch.uint8))
-        run.metrics.truncate_after(start)  # StageRun.load_state logged "rlhf: resumed from step N"
+        run.metrics.truncate_after(start)  # StageRun.load_state logged "rlhf-ppo: resumed from step N"
     elif cfg.ppo.reward_norm == "policy_samples":
         n = min(cfg.ppo.reward_norm_prompts, len(prompts))
         idx = prompt_batch(len(prompts), n, 0, cfg.seed + 1)  # not the first iteration's batch
@@ -649,7 +657,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     algo = cfg.algorithm
     tok, policy, ref, _, rm = load_models(cfg, sft.checkpoint, reward.checkpoint, device, need_value=False)
     state_dir = run.mark_state()
-    resume, start = trainer_resume_point(state_dir, run.metrics, f"rlhf ({algo})")
+    resume, start = trainer_resume_point(state_dir, run.metrics, run.name)
     callbacks = [metrics_callback(run.metrics, skip_through=start)]
     common = dict(
         output_dir=str(state_dir), max_steps=cfg.steps, logging_steps=1, save_steps=cfg.save_every,
@@ -711,7 +719,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
 
 
 def run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path) -> Path:
-    """Run the rlhf stage; returns `<run_dir>/rlhf`."""
+    """Run the rlhf stage; returns `<run_dir>/rlhf-<cfg.algorithm>`."""
     from alignline.distributed import cleanup, init_distributed
 
     # Batch sizes against the number of ranks before anything is opened, loaded or joined.

@@ -5,7 +5,9 @@
 The fake stages are real stage modules (Config, INPUTS, run, main) written into a temporary
 package: they use the real stage-directory contract (StageRun, manifests, training state,
 metrics.jsonl, samples.jsonl) but "train" in milliseconds, so flow behaviour (caching,
-resume, retries, gates, reports) is tested without waiting for real training.
+resume, retries, gates, reports) is tested without waiting for real training. Like the real one,
+the fake `rlhf` stage has variants (`algorithm: ppo|dpo|...`, its `variant_key`), so it writes
+`rlhf-<algorithm>/`; each fake stage appends its start step to `<run_dir>/<output dir>.calls`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ FAKE_STAGE = textwrap.dedent(
     import os
     import time
     from pathlib import Path
+    from typing import ClassVar
 
     from alignline.artifacts import StageRun
     from alignline.config import StrictModel
@@ -69,6 +72,7 @@ FAKE_STAGE = textwrap.dedent(
         kl: float = 0.05
         gold_accuracy: float = 0.5
         data_file: str | None = None  # a file read from outside the run dir (fingerprinted into the key)
+        {extra}
 
 
     def data_files(config):
@@ -90,7 +94,7 @@ FAKE_STAGE = textwrap.dedent(
         run = StageRun(run_dir, STAGE, config, inputs=inputs, source=__file__, data=data_files(config))
         meta = run.load_state()
         start = meta["step"] + 1 if meta else 0
-        with open(Path(run_dir) / f"{{STAGE}}.calls", "a") as fh:
+        with open(Path(run_dir) / f"{{run.name}}.calls", "a") as fh:
             fh.write(f"{{start}}\\n")
         for step in range(start, config.steps):
             run.metrics.log(step, loss=config.lr / (step + 1), reward=0.1 * step, kl=config.kl * step)
@@ -101,7 +105,7 @@ FAKE_STAGE = textwrap.dedent(
             hold = os.environ.get("FAKE_HOLD_FILE")  # the stage waits while this file exists
             while hold and Path(hold).exists():
                 time.sleep(0.05)
-        samples = [{{"prompt": f"What is {{i}}+1?", "response": f"{{STAGE}}-{{i}}", "answer": str(i + 1)}}
+        samples = [{{"prompt": f"What is {{i}}+1?", "response": f"{{run.name}}-{{i}}", "answer": str(i + 1)}}
                    for i in range(3)]
         headline = {{"loss": config.lr / config.steps, "accuracy": config.accuracy, "kl": config.kl,
                     "gold_accuracy": config.gold_accuracy, "resumed_from": start}}
@@ -128,13 +132,20 @@ FAKE_INPUTS = {
 }
 
 
+# Extra Config lines per fake stage: rlhf selects its variant (output dir) by `algorithm`, as stages/ppo.py does.
+FAKE_EXTRA = {
+    "rlhf": 'variant_key: ClassVar[str] = "algorithm"\n    algorithm: str = "ppo"',
+}
+
+
 def make_fake_stages(root: Path, package: str = "fakestages") -> str:
     """Write a package of fake stage modules under `root`, importable here and in subprocesses."""
     pkg = root / package
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")
     for stage, inputs in FAKE_INPUTS.items():
-        (pkg / f"{stage}.py").write_text(FAKE_STAGE.format(stage=stage, inputs=inputs))
+        (pkg / f"{stage}.py").write_text(FAKE_STAGE.format(stage=stage, inputs=inputs,
+                                                           extra=FAKE_EXTRA.get(stage, "")))
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return package

@@ -20,6 +20,8 @@ from tests.prefect_fixtures import fake_pipeline_overrides, make_fake_stages, pr
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 ALL = ["data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate"]
+# Output dirs: the rlhf stage writes rlhf-<algorithm>/ (the fake rlhf's default algorithm is ppo).
+DIRS = {**{s: s for s in ALL}, "rlhf": "rlhf-ppo"}
 
 
 @pytest.fixture()
@@ -55,7 +57,7 @@ def test_cache_reuse_and_downstream_rerun(fake) -> None:
 
     second = run()
     assert statuses(second) == {s: "cached" for s in ALL}
-    assert all(calls(run_dir, s) == [0] for s in ALL)  # nothing was called again
+    assert all(calls(run_dir, DIRS[s]) == [0] for s in ALL)  # nothing was called again
 
     # An SFT change re-runs SFT and everything downstream, never pretraining.
     third = run("sft.lr=0.2")
@@ -83,11 +85,11 @@ def test_report_card_file_and_artifacts(fake) -> None:
     run("name=card")  # its own artifact keys: other tests publish `fake-*` in the same harness
     report = (run_dir / "report.md").read_text()
     for stage in ALL:
-        assert f"| {stage} | ran |" in report
+        assert f"| {DIRS[stage]} | ran |" in report
     assert "loss=0.025" in report and "accuracy=0.9" in report  # every stage's headline metrics
     assert (run_dir / "report" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "![loss](report/loss.png)" in report
-    assert "sft-0" in report and "rlhf-0" in report  # samples side by side
+    assert "sft-0" in report and "rlhf-ppo-0" in report  # samples side by side
 
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
@@ -96,7 +98,7 @@ def test_report_card_file_and_artifacts(fake) -> None:
     by_key = {a.key: a for a in arts}
     assert set(by_key) >= {"card-report-card", "card-metrics", "card-samples", "card-pretrain-progress"}
     card = by_key["card-report-card"].data
-    assert "| rlhf | ran |" in card and "data:image/png;base64," in card
+    assert "| rlhf-ppo | ran |" in card and "data:image/png;base64," in card
     table = json.loads(by_key["card-metrics"].data) if isinstance(by_key["card-metrics"].data, str) \
         else by_key["card-metrics"].data
     assert {"stage": "reward", "metric": "accuracy", "value": 0.9} in table
@@ -155,9 +157,9 @@ def test_reward_gate_stops_before_rlhf(fake) -> None:
     run, run_dir = fake
     with pytest.raises(GateFailed, match="accuracy=0.500 < 0.7"):
         run("reward.accuracy=0.5")
-    assert not (run_dir / "rlhf").exists()
+    assert not (run_dir / "rlhf-ppo").exists() and not (run_dir / "rlhf").exists()
     report = (run_dir / "report.md").read_text()
-    assert "GATE: reward model" in report and "| rlhf | stopped by gate |" in report
+    assert "GATE: reward model" in report and "| rlhf-ppo | stopped by gate |" in report
 
 
 def test_rlhf_gates_mark_the_run(fake) -> None:
@@ -170,6 +172,7 @@ def test_rlhf_gates_mark_the_run(fake) -> None:
     assert any("kl=5 exceeds" in n for n in result["notes"])
     assert any("dropped below SFT's 0.500" in n for n in result["notes"])
     assert "WARNING: RLHF kl=5" in (run_dir / "report.md").read_text()
+    assert any(n.endswith("(rlhf-ppo)") for n in result["notes"])  # the gate names the algorithm it judged
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["gate-warning"])))
     assert runs, "the marked flow run carries the gate-warning tag"
@@ -190,7 +193,7 @@ def test_from_forces_a_stage_and_downstream(fake) -> None:
                                 "reward": "ran", "rlhf": "ran", "evaluate": "ran"}
     # --from retrains: the forced stage's finished state is not resumed (that would train nothing), and
     # downstream stages see a new parent, so their state is not resumed either.
-    assert calls(run_dir, "reward") == [0, 0] and calls(run_dir, "rlhf") == [0, 0]
+    assert calls(run_dir, "reward") == [0, 0] and calls(run_dir, "rlhf-ppo") == [0, 0]
 
 
 def test_downstream_state_of_an_old_parent_is_never_resumed(fake, monkeypatch) -> None:
@@ -206,7 +209,7 @@ def test_downstream_state_of_an_old_parent_is_never_resumed(fake, monkeypatch) -
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached",
                                 "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran"}
     assert calls(run_dir, "reward") == [0, 0]  # not [0, 4]: nothing trained on the new SFT
-    assert calls(run_dir, "rlhf") == [0, 0]  # not [0, 3]
+    assert calls(run_dir, "rlhf-ppo") == [0, 0]  # not [0, 3]
     # (the "discarding training state ... input 'sft' changed" log line: tests/test_reuse_keys.py)
     assert "input 'sft' changed" in result["stages"]["reward"]["message"]
     # The state now belongs to the new key: an unchanged rerun is cached, a crash-resume still works.
@@ -231,3 +234,90 @@ def test_changed_data_file_reruns_the_stage_and_downstream(fake, tmp_path: Path)
     assert f"data 'data_file' changed: {rows.resolve()}" in result["stages"]["data"]["message"]
     report = (run_dir / "report.md").read_text()
     assert "## Why stages ran" in report and f"{rows.resolve()} (content differs)" in report
+
+
+# --------------------------------------------------------------------------- alternatives (variants)
+
+
+def names(result) -> dict[str, str]:
+    return {s: r["name"] for s, r in result["stages"].items()}
+
+
+def test_switching_the_algorithm_keeps_both_outputs_and_reuses_each(fake) -> None:
+    """ppo -> dpo -> ppo in one run dir: rlhf-ppo/ and rlhf-dpo/ both survive, the second PPO run is
+    a cache hit (no retraining), evaluate evaluates the selected one, the report lists both."""
+    run, run_dir = fake
+    first = run()
+    assert names(first)["rlhf"] == "rlhf-ppo" and statuses(first)["rlhf"] == "ran"
+    ppo_manifest = (run_dir / "rlhf-ppo" / "manifest.json").read_bytes()
+
+    dpo = run("rlhf.algorithm=dpo")
+    assert statuses(dpo) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
+                             "reward": "cached", "rlhf": "ran", "evaluate": "ran"}
+    assert names(dpo)["rlhf"] == "rlhf-dpo"
+    assert (run_dir / "rlhf-ppo" / "manifest.json").read_bytes() == ppo_manifest  # PPO's output untouched
+    assert json.loads((run_dir / "rlhf-dpo" / "manifest.json").read_text())["variant"] == "dpo"
+    assert not (run_dir / "rlhf").exists()
+
+    again = run()  # back to PPO: reused, not retrained
+    assert statuses(again)["rlhf"] == "cached" and names(again)["rlhf"] == "rlhf-ppo"
+    assert calls(run_dir, "rlhf-ppo") == [0] and calls(run_dir, "rlhf-dpo") == [0]
+    assert (run_dir / "rlhf-ppo" / "manifest.json").read_bytes() == ppo_manifest
+    # evaluate's input moved back to the PPO output, so it re-ran on it (and says why).
+    assert statuses(again)["evaluate"] == "ran"
+    assert f"input 'rlhf' changed: now {run_dir / 'rlhf-ppo'} (was {run_dir / 'rlhf-dpo'})" \
+        in again["stages"]["evaluate"]["message"]
+    evaluated = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["inputs"]["rlhf"]["path"]
+    assert Path(evaluated).name == "rlhf-ppo"
+
+    report = (run_dir / "report.md").read_text()
+    assert "| rlhf-ppo | cached (reused) (" in report
+    assert "| rlhf-dpo | kept, not current (an earlier result; this run selects rlhf-ppo) |" in report
+    assert "this run selects `rlhf-ppo`" in report and "from earlier runs: `rlhf-dpo`" in report
+    assert "rlhf-ppo-0" in report and "rlhf-dpo-0" in report  # both algorithms' samples side by side
+
+    assert statuses(run("rlhf.algorithm=dpo"))["rlhf"] == "cached"  # and DPO is reused in turn
+    assert calls(run_dir, "rlhf-dpo") == [0]
+
+
+def test_from_rlhf_restarts_only_the_selected_algorithm(fake) -> None:
+    run, run_dir = fake
+    run()
+    run("rlhf.algorithm=dpo")
+    ppo_manifest = (run_dir / "rlhf-ppo" / "manifest.json").read_bytes()
+
+    result = run("rlhf.algorithm=dpo", from_stage="rlhf")
+    assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
+                                "reward": "cached", "rlhf": "ran", "evaluate": "ran"}
+    assert result["stages"]["rlhf"]["message"] == "forced"
+    assert calls(run_dir, "rlhf-dpo") == [0, 0]  # retrained from scratch
+    assert calls(run_dir, "rlhf-ppo") == [0]  # the other algorithm is not touched
+    assert (run_dir / "rlhf-ppo" / "manifest.json").read_bytes() == ppo_manifest
+
+    # The selected variant's dir name works as a stage name; another variant's says how to select it.
+    assert statuses(run("rlhf.algorithm=dpo", from_stage="rlhf-dpo"))["rlhf"] == "ran"
+    assert calls(run_dir, "rlhf-dpo") == [0, 0, 0]
+    with pytest.raises(ConfigError, match=r"--from rlhf-ppo: this pipeline's rlhf stage is rlhf-dpo.*"
+                                          r"--set rlhf.algorithm=ppo"):
+        run("rlhf.algorithm=dpo", from_stage="rlhf-ppo")
+
+
+def test_pre_variant_rlhf_dir_is_moved_not_lost(fake) -> None:
+    """A run dir from before per-variant dirs: its rlhf/ becomes rlhf-<algorithm>/ and is reused; when
+    that name is taken, it is left in place, said once, and listed in the report."""
+    run, run_dir = fake
+    run()
+    (run_dir / "rlhf-ppo").rename(run_dir / "rlhf")  # what an older alignline left behind
+    result = run()
+    assert not (run_dir / "rlhf").exists() and statuses(result)["rlhf"] == "cached"
+    assert calls(run_dir, "rlhf-ppo") == [0]  # reused: nothing in the dir names its own path
+    assert any(n.startswith(f"moved {run_dir / 'rlhf'} to {run_dir / 'rlhf-ppo'} (algorithm ppo)")
+               for n in result["notes"])
+    assert "moved " in (run_dir / "report.md").read_text()
+
+    shutil.copytree(run_dir / "rlhf-ppo", run_dir / "rlhf")  # both exist: the old one is not used
+    result = run()
+    assert (run_dir / "rlhf").is_dir() and statuses(result)["rlhf"] == "cached"
+    assert any("rlhf-ppo/ exists already" in n and "not used" in n for n in result["notes"])
+    report = (run_dir / "report.md").read_text()
+    assert "| rlhf | kept, not current (pre-variant output dir, left in place, not used) |" in report

@@ -66,3 +66,34 @@ def test_bad_stage_configs_are_all_reported_before_running(tmp_path: Path) -> No
     msg = str(info.value)
     assert "[reward]" in msg and "configs/reward/nope.yaml does not exist" in msg
     assert "[pretrain]" in msg and "train.max_stepz: unknown key" in msg
+
+
+def test_output_dirs_follow_the_selected_algorithm(tmp_path: Path) -> None:
+    """The rlhf stage's dir is rlhf-<algorithm>: evaluate reads it, --from/--to accept it, and a
+    non-selected algorithm is refused with the way to select it."""
+    from alignline_cli.pipeline_cmds import check_stage_range
+    from flows.pipeline import stage_dirs, stage_slot, variant_keys
+
+    for algo in ("ppo", "dpo"):
+        cfg = load_pipeline_config(REPO / "configs" / "pipeline" / "tiny.yaml", [f"rlhf.algorithm={algo}"])
+        resolved = resolve_pipeline(cfg)
+        dirs = stage_dirs(cfg, resolved)
+        assert dirs == {**{s: s for s in STAGE_SEQUENCE}, "rlhf": f"rlhf-{algo}"}
+        assert resolved["rlhf"].dir_name == f"rlhf-{algo}"
+        assert stage_inputs(resolved["evaluate"], tmp_path, set(resolved), dirs)["rlhf"] == str(tmp_path / f"rlhf-{algo}")
+        assert stage_slot("--from", f"rlhf-{algo}", dirs) == "rlhf" and stage_slot("--from", "rlhf", dirs) == "rlhf"
+    assert variant_keys(resolved) == {"rlhf": "algorithm"}
+    with pytest.raises(ConfigError, match=r"--from rlhf-ppo: this pipeline's rlhf stage is rlhf-dpo \(its config "
+                                          r"selects dpo\); to restart ppo, select it \(--set rlhf.algorithm=ppo\)"):
+        stage_slot("--from", "rlhf-ppo", dirs, variant_keys(resolved))
+    with pytest.raises(ConfigError, match=r"did you mean 'rlhf'"):
+        stage_slot("--from", "rlfh", dirs)
+    # --from evaluate needs the selected algorithm's output (a pre-variant rlhf/ counts: the flow moves it).
+    for s in STAGE_SEQUENCE[:-2]:
+        (tmp_path / s).mkdir()
+        (tmp_path / s / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"earlier stage 'rlhf' has not finished.*rlhf-dpo/manifest.json"):
+        check_stage_range("evaluate", None, tmp_path, set(resolved), dirs)
+    (tmp_path / "rlhf").mkdir()
+    (tmp_path / "rlhf" / "manifest.json").write_text("{}")
+    check_stage_range("evaluate", None, tmp_path, set(resolved), dirs)

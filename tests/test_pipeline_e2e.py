@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow, pytest.mark.usefixture
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "configs" / "pipeline" / "ci.yaml"
 ALL = ["data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate"]
+DIRS = {**{s: s for s in ALL}, "rlhf": "rlhf-ppo"}  # output dirs: ci.yaml's rlhf runs PPO
 
 
 def run_pipeline(run_dir: Path, *overrides: str, name: str = "ci", **kw):
@@ -46,7 +47,7 @@ def first_run(tmp_path_factory):
 
 
 def _headline(run_dir: Path, stage: str) -> dict:
-    return json.loads((run_dir / stage / "manifest.json").read_text())["headline"]
+    return json.loads((run_dir / DIRS[stage] / "manifest.json").read_text())["headline"]
 
 
 def test_first_run_trains_every_stage_and_reports(first_run) -> None:
@@ -57,7 +58,7 @@ def test_first_run_trains_every_stage_and_reports(first_run) -> None:
     assert statuses(result) == {s: "ran" for s in ALL}
     report = (run_dir / "report.md").read_text()
     for stage in ALL:
-        assert f"| {stage} | ran |" in report
+        assert f"| {DIRS[stage]} | ran |" in report
         for key, value in _headline(run_dir, stage).items():
             if isinstance(value, float):
                 assert f"{key}={value:.4g}" in report, (stage, key)
@@ -73,15 +74,16 @@ def test_first_run_trains_every_stage_and_reports(first_run) -> None:
     assert max(float(a.data) for a in arts if a.key == "ci-pretrain-progress") == 100.0
     evaluation = json.loads((run_dir / "evaluate" / "eval.json").read_text())
     assert set(evaluation["stages"]) == {"pretrain", "sft", "rlhf"}
+    assert evaluation["stages"]["rlhf"]["dir"] == "rlhf-ppo" and evaluation["stages"]["rlhf"]["variant"] == "ppo"
     assert all("rm_score_mean" in v for v in evaluation["stages"].values())
 
 
 def test_second_run_reuses_every_stage(first_run) -> None:
     run_dir, _ = first_run
-    mtimes = {s: (run_dir / s / "manifest.json").stat().st_mtime_ns for s in ALL}
+    mtimes = {s: (run_dir / DIRS[s] / "manifest.json").stat().st_mtime_ns for s in ALL}
     again = run_pipeline(run_dir)
     assert statuses(again) == {s: "cached" for s in ALL}
-    assert mtimes == {s: (run_dir / s / "manifest.json").stat().st_mtime_ns for s in ALL}
+    assert mtimes == {s: (run_dir / DIRS[s] / "manifest.json").stat().st_mtime_ns for s in ALL}
 
 
 def test_sft_change_reruns_only_downstream(first_run) -> None:

@@ -43,6 +43,7 @@ def _run(run_dir: Path, chain, overrides: list[str], config: Path = TINY) -> Pat
 
 def _check_contract(out: Path, algorithm: str) -> dict:
     sd = load_stage(out, expect="rlhf")
+    assert sd.manifest["variant"] == algorithm and out.name == f"rlhf-{algorithm}"
     assert (out / "checkpoint" / "config.json").is_file()
     assert (out / "checkpoint" / "tokenizer.json").is_file()
     ev = json.loads((out / "eval.json").read_text())
@@ -105,8 +106,8 @@ def test_interrupted_ppo_resumes_from_state(tiny_chain, tmp_path, monkeypatch):
     monkeypatch.setenv(FAIL_AFTER_ENV, "3")
     with pytest.raises(SimulatedInterrupt):
         _run(tmp_path / "b", tiny_chain, short)
-    assert not (tmp_path / "b" / "rlhf" / "manifest.json").exists()
-    assert (tmp_path / "b" / "rlhf" / "state" / "latest").read_text().strip() == "step_00000002"
+    assert not (tmp_path / "b" / "rlhf-ppo" / "manifest.json").exists()
+    assert (tmp_path / "b" / "rlhf-ppo" / "state" / "latest").read_text().strip() == "step_00000002"
     monkeypatch.delenv(FAIL_AFTER_ENV)
     resumed = _run(tmp_path / "b", tiny_chain, short)
     ev_a, ev_b = (json.loads((p / "eval.json").read_text()) for p in (straight, resumed))
@@ -217,6 +218,7 @@ def test_trl_algorithms_fill_the_same_slot(tiny_chain, tmp_path, algorithm):
     steps = {"dpo": 8, "grpo": 4, "rloo": 4}[algorithm]
     out = _run(tmp_path, tiny_chain, [f"steps={steps}", "eval.num_prompts=16"], config=cfg)
     ev = _check_contract(out, algorithm)
+    assert out == tmp_path / f"rlhf-{algorithm}"  # each algorithm has its own output dir
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     if algorithm == "dpo":
         # DPO's implicit reward margin on the training pairs must grow from 0.
@@ -252,7 +254,7 @@ def test_grpo_adds_the_gold_scorer_as_a_verifiable_reward(tiny_chain, tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_dpo_resumes_from_its_trainer_checkpoint(tiny_chain, tmp_path, monkeypatch):
-    # TRL algorithms checkpoint through the HF Trainer under rlhf/state/; a killed run continues from
+    # TRL algorithms checkpoint through the HF Trainer under rlhf-dpo/state/; a killed run continues from
     # the latest checkpoint and logs each step once.
     cfg = REPO / "configs" / "rlhf" / "dpo_tiny.yaml"
     short = ["steps=4", "save_every=2", "eval.num_prompts=8"]
@@ -260,7 +262,7 @@ def test_interrupted_dpo_resumes_from_its_trainer_checkpoint(tiny_chain, tmp_pat
     monkeypatch.setenv(FAIL_AFTER_ENV, "2")
     with pytest.raises(SimulatedInterrupt):
         _run(tmp_path / "b", tiny_chain, short, config=cfg)
-    assert not (tmp_path / "b" / "rlhf" / "manifest.json").exists()
+    assert not (tmp_path / "b" / "rlhf-dpo" / "manifest.json").exists()
     monkeypatch.delenv(FAIL_AFTER_ENV)
     resumed = _run(tmp_path / "b", tiny_chain, short, config=cfg)
     ev_a, ev_b = (json.loads((p / "eval.json").read_text()) for p in (straight, resumed))

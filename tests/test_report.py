@@ -11,13 +11,14 @@ from pathlib import Path
 from alignline.report import StageRecord, build_report, curve_series, records_from_run_dir, sample_rows
 
 
-def _stage(run: Path, name: str, metrics: list[dict], samples: list[dict], headline: dict) -> None:
+def _stage(run: Path, name: str, metrics: list[dict], samples: list[dict], headline: dict,
+           kind: str | None = None, **manifest) -> None:
     d = run / name
     d.mkdir(parents=True)
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (d / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    (d / "manifest.json").write_text(json.dumps({"stage": name, "status": "complete", "headline": headline,
-                                                 "wall_time_s": 1.5}))
+    (d / "manifest.json").write_text(json.dumps({"stage": kind or name, "status": "complete", "headline": headline,
+                                                 "wall_time_s": 1.5, **manifest}))
 
 
 def _run(tmp_path: Path) -> Path:
@@ -72,3 +73,48 @@ def test_rebuild_from_run_dir_alone(tmp_path: Path) -> None:
     assert [(r.name, r.status, r.wall_s) for r in recs] == [("pretrain", "ran", 1.5), ("rlhf", "ran", 1.5)]
     assert sample_rows(run, ["pretrain", "rlhf"], limit=1) == [
         {"prompt": "What is 1+1?", "answer": "2", "pretrain": "", "rlhf": "2"}]
+
+
+def _variants(tmp_path: Path) -> Path:
+    """A run dir where PPO ran, then DPO, then PPO again (selected now): both rlhf outputs survive."""
+    run = tmp_path / "run"
+    for algo, acc, answer in (("ppo", 0.6, "2"), ("dpo", 0.4, "3")):
+        _stage(run, f"rlhf-{algo}", [{"step": 1, "kl": 0.1 if algo == "ppo" else 0.2}],
+               [{"prompt": "What is 1+1?", "response": answer, "answer": "2"}], {"gold_accuracy": acc},
+               kind="rlhf", variant=algo)
+    return run
+
+
+def test_report_lists_every_surviving_variant_and_which_is_current(tmp_path: Path) -> None:
+    run = _variants(tmp_path)
+    (run / "rlhf").mkdir()  # a pre-variant dir left in place (its name was taken): listed, not lost
+    (run / "rlhf" / "manifest.json").write_text(json.dumps({"stage": "rlhf", "status": "complete",
+                                                           "headline": {"gold_accuracy": 0.1}}))
+    records = [StageRecord("rlhf-ppo", "cached", 1.0, str(run / "rlhf-ppo"), stage="rlhf"),
+               StageRecord("evaluate", "ran", 2.0, str(run / "evaluate"))]
+    card = build_report(run, records, title="t", plots=False)
+    md = card.markdown
+    assert [r.name for r in card.records] == ["rlhf-ppo", "rlhf-dpo", "rlhf", "evaluate"]
+    assert "| rlhf-ppo | cached (reused) | 1.0 s | gold_accuracy=0.6 |" in md
+    assert "| rlhf-dpo | kept, not current (an earlier result; this run selects rlhf-ppo) | 1.5 s | gold_accuracy=0.4 |" in md
+    assert "| rlhf | kept, not current (pre-variant output dir, left in place, not used) | - | gold_accuracy=0.1 |" in md
+    assert ("- **rlhf**: this run selects `rlhf-ppo` (current: the one evaluated, gated and used downstream); "
+            "also in the run directory, from earlier runs: `rlhf-dpo`, `rlhf`") in md
+    assert {"stage": "rlhf-dpo", "metric": "gold_accuracy", "value": 0.4} in card.metrics_rows
+    # Both algorithms' answers side by side, and their curves in separate panels.
+    assert card.sample_rows == [{"prompt": "What is 1+1?", "answer": "2", "rlhf-ppo": "2", "rlhf-dpo": "3"}]
+    assert "| prompt | answer | rlhf-ppo | rlhf-dpo |" in md
+    assert {label for label, _, _ in curve_series(run, [r.name for r in card.records])["kl"]} == {
+        "rlhf-ppo/kl", "rlhf-dpo/kl"}
+
+
+def test_rebuilt_report_marks_the_evaluated_variant_current(tmp_path: Path) -> None:
+    run = _variants(tmp_path)
+    recs = records_from_run_dir(run)
+    # Without an evaluate stage nothing records which one is current: both are listed as they are.
+    assert [(r.name, r.status, r.kind) for r in recs] == [("rlhf-dpo", "ran", "rlhf"), ("rlhf-ppo", "ran", "rlhf")]
+    assert "(which one is current is not recorded)" in build_report(run, recs, plots=False).markdown
+    _stage(run, "evaluate", [], [], {}, inputs={"rlhf": {"path": str(run / "rlhf-dpo"), "stage": "rlhf"}})
+    recs = records_from_run_dir(run)
+    assert [(r.name, r.status) for r in recs] == [("rlhf-dpo", "ran"), ("rlhf-ppo", "kept"), ("evaluate", "ran")]
+    assert "this run selects `rlhf-dpo`" in build_report(run, recs, plots=False).markdown

@@ -14,14 +14,26 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from alignline import artifacts
-from alignline.artifacts import StageRun, fingerprint, key_changes, load_stage, stage_key
-from alignline.config import StrictModel
+from alignline.artifacts import (
+    StageRun,
+    adopt_legacy_dir,
+    default_stage_dir,
+    fingerprint,
+    key_changes,
+    load_stage,
+    stage_dir_name,
+    stage_key,
+    variant_dirs,
+)
+from alignline.config import ConfigError, StrictModel
 
 SHARED_SFT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "alpaca_en_demo.json"
 
@@ -140,6 +152,114 @@ def test_data_stage_fingerprints_its_source_files(tmp_path):
         cfg = data.Config(source="files", files={"sft": {"path": str(SHARED_SFT)}})
         key = stage_key(cfg, data=data.data_files(cfg))
         assert key["data"]["sft"]["sha256"] == artifacts.sha256_file(SHARED_SFT)
+
+
+# --------------------------------------------------------------------------- variants: one dir each
+
+
+class AlgoCfg(StrictModel):
+    """A config with variants, like the rlhf stage's (`algorithm` selects the output dir)."""
+
+    variant_key: ClassVar[str] = "algorithm"
+    algorithm: str = "ppo"
+    lr: float = 1e-3
+
+
+def test_the_rlhf_algorithm_names_the_output_dir():
+    from stages import ppo
+
+    assert [stage_dir_name("rlhf", ppo.Config(algorithm=a)) for a in ("ppo", "dpo", "grpo", "rloo")] == [
+        "rlhf-ppo", "rlhf-dpo", "rlhf-grpo", "rlhf-rloo"]
+    assert stage_dir_name("sft", Cfg()) == "sft" and stage_dir_name("evaluate") == "evaluate"  # no variants
+    with pytest.raises(ConfigError, match="cannot name an output directory"):
+        stage_dir_name("rlhf", AlgoCfg(algorithm="../x"))
+
+
+def test_variants_are_separate_stages_for_cache_and_resume(tmp_path):
+    """Each variant has its own dir, manifest, key and state: running one never touches another."""
+    ppo_dir = _finish(tmp_path, "rlhf", AlgoCfg())
+    assert ppo_dir == tmp_path / "rlhf-ppo"
+    dpo_run = StageRun(tmp_path, "rlhf", AlgoCfg(algorithm="dpo"))
+    assert dpo_run.path == tmp_path / "rlhf-dpo" and dpo_run.name == "rlhf-dpo" and dpo_run.variant == "dpo"
+    dpo_run.save_state(3)
+    dpo_dir = dpo_run.finalize(eval={}, headline={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rlhf-dpo", "rlhf-ppo"]
+    for d, algo in ((ppo_dir, "ppo"), (dpo_dir, "dpo")):
+        sd = load_stage(d, expect="rlhf")  # consumers still check the kind, "rlhf"
+        assert sd.manifest["variant"] == algo
+    assert [p.name for p in variant_dirs(tmp_path, "rlhf")] == ["rlhf-dpo", "rlhf-ppo"]
+    dpo_manifest = (dpo_dir / "manifest.json").read_bytes()
+    # PPO re-runs with another config: its own manifest goes, DPO's output and state stay.
+    StageRun(tmp_path, "rlhf", AlgoCfg(lr=5e-4))
+    assert not (ppo_dir / "manifest.json").exists()
+    assert (dpo_dir / "manifest.json").read_bytes() == dpo_manifest
+    assert StageRun(tmp_path, "rlhf", AlgoCfg(algorithm="dpo")).load_state()["step"] == 3
+
+
+def _legacy(run_dir: Path, config: dict | None, finished: bool = True) -> Path:
+    """An rlhf/ as an alignline before per-variant dirs wrote it."""
+    d = run_dir / "rlhf"
+    (d / "checkpoint").mkdir(parents=True)
+    (d / "checkpoint" / "w.bin").write_text("weights")
+    if config is not None:
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+    if finished:
+        (d / "manifest.json").write_text(json.dumps({"stage": "rlhf", "status": "complete", "files": {}}))
+    return d
+
+
+def test_pre_variant_dir_is_moved_to_its_algorithm(tmp_path, caplog):
+    run_dir = tmp_path / "old"
+    _legacy(run_dir, {"lr": 1e-3})  # before `algorithm` existed: PPO
+    with caplog.at_level(logging.WARNING, logger="alignline.artifacts"):
+        msg = adopt_legacy_dir(run_dir, "rlhf", AlgoCfg(algorithm="dpo"))
+    assert msg.startswith(f"moved {run_dir / 'rlhf'} to {run_dir / 'rlhf-ppo'} (algorithm ppo)")
+    assert not (run_dir / "rlhf").exists() and (run_dir / "rlhf-ppo" / "checkpoint" / "w.bin").read_text() == "weights"
+    assert caplog.text.count("moved ") == 1
+    assert adopt_legacy_dir(run_dir, "rlhf", AlgoCfg()) is None  # nothing left to do
+
+    _legacy(run_dir, {"algorithm": "dpo", "lr": 1e-3})
+    assert "to " + str(run_dir / "rlhf-dpo") in adopt_legacy_dir(run_dir, "rlhf", AlgoCfg())
+    assert sorted(p.name for p in run_dir.iterdir()) == ["rlhf-dpo", "rlhf-ppo"]
+
+
+def test_pre_variant_dir_is_never_lost(tmp_path, caplog):
+    """Name taken, or variant unknown: the old dir stays where it is, and the log says so once."""
+    run_dir = tmp_path / "old"
+    _finish(run_dir, "rlhf", AlgoCfg())
+    _legacy(run_dir, {"algorithm": "ppo"})
+    with caplog.at_level(logging.WARNING, logger="alignline.artifacts"):
+        first = adopt_legacy_dir(run_dir, "rlhf", AlgoCfg())
+        again = adopt_legacy_dir(run_dir, "rlhf", AlgoCfg())
+    assert first == again and "rlhf-ppo/ exists already" in first and "left in place and not used" in first
+    assert caplog.text.count("exists already") == 1
+    assert (run_dir / "rlhf" / "checkpoint" / "w.bin").is_file()
+
+    crashed = tmp_path / "crashed"  # no config recorded at all: cannot tell which algorithm
+    _legacy(crashed, None, finished=False)
+    assert "cannot be read" in adopt_legacy_dir(crashed, "rlhf", AlgoCfg())
+    assert (crashed / "rlhf").is_dir()
+    # A StageRun of a variant adopts the old dir itself (the command line path, no flow).
+    interrupted = tmp_path / "interrupted"
+    _legacy(interrupted, {"algorithm": "dpo"}, finished=False)
+    run = StageRun(interrupted, "rlhf", AlgoCfg(algorithm="dpo"))
+    assert run.path == interrupted / "rlhf-dpo" and (run.path / "checkpoint" / "w.bin").is_file()
+
+
+def test_command_line_default_input_finds_a_variant(tmp_path):
+    """`alignline stage evaluate --run-dir R` without --rlhf: the only rlhf-* output, else the newest."""
+    import os
+
+    from alignline.stage_cli import InputSpec, resolve_inputs
+
+    spec = [InputSpec("rlhf", default="rlhf", required=False)]
+    assert resolve_inputs(spec, {}, tmp_path) == {}
+    dpo = _finish(tmp_path, "rlhf", AlgoCfg(algorithm="dpo"))
+    assert default_stage_dir(tmp_path, "rlhf") == dpo and resolve_inputs(spec, {}, tmp_path) == {"rlhf": dpo}
+    ppo = _finish(tmp_path, "rlhf", AlgoCfg())
+    os.utime(dpo / "manifest.json", ns=(1, 1))  # PPO finished last
+    assert default_stage_dir(tmp_path, "rlhf") == ppo
+    assert resolve_inputs(spec, {"rlhf": dpo}, tmp_path) == {"rlhf": dpo}  # the flag chooses
 
 
 # --------------------------------------------------------------------------- real stages (slow)
