@@ -299,18 +299,18 @@ def eval_scenario(work: Path, base: Path) -> None:
                        "logging.progress=false", "logging.report_to=[]"])]
     code, out, err, wall = run([PY, str(Path(__file__).resolve()), "child", "--fault", "oom", "--", "stages.ppo",
                                 *ppo_args])
-    rows1 = _train_rows(run_dir / "rlhf")
-    latest = (run_dir / "rlhf/state/latest").read_text().strip() if (run_dir / "rlhf/state/latest").exists() else None
+    rows1 = _train_rows(run_dir / "rlhf-ppo")
+    latest = (run_dir / "rlhf-ppo/state/latest").read_text().strip() if (run_dir / "rlhf-ppo/state/latest").exists() else None
     code2, out2, err2, wall2 = run([PY, "-m", "stages.ppo", *ppo_args])
-    rows2 = _train_rows(run_dir / "rlhf")
-    resumed = re.search(r"rlhf: resumed from step (\d+)", err2 + out2)
-    ev = json.loads((run_dir / "rlhf/eval.json").read_text()) if code2 == 0 else {}
+    rows2 = _train_rows(run_dir / "rlhf-ppo")
+    resumed = re.search(r"rlhf-ppo: resumed from step (\d+)", err2 + out2)
+    ev = json.loads((run_dir / "rlhf-ppo/eval.json").read_text()) if code2 == 0 else {}
     row("OOM in the evaluation after RLHF (PPO)", "python bench/faults.py --only eval",
         md(f"exits {code} after {wall:.0f} s with the OutOfMemoryError traceback; state/latest = {latest}; the re-run exits {code2} "
            f"in {wall2:.0f} s, log 'resumed from step {resumed.group(1) if resumed else '?'}', PPO iterations "
            f"logged {rows1} -> {rows2}; eval.json has the last iteration's statistics (train.final.score "
            f"{(ev.get('train', {}).get('final', {}).get('score') or float('nan')):.3f}, from the state)"),
-        verify(run_dir, ["rlhf"]) if code2 == 0 else "see output")
+        verify(run_dir, ["rlhf-ppo"]) if code2 == 0 else "see output")
     if code2:
         print(err2[-3000:], file=sys.stderr)
 

@@ -482,14 +482,14 @@ def test_oom_in_rlhf_evaluation_reruns_the_evaluation_only(tmp_path, monkeypatch
     with pytest.raises(torch.OutOfMemoryError):
         ppo.run(cfg, inputs, tmp_path / "run")
     assert len(first) == 3
-    assert (tmp_path / "run/rlhf/state/latest").read_text() == "step_00000003"
+    assert (tmp_path / "run/rlhf-ppo/state/latest").read_text() == "step_00000003"
 
     monkeypatch.setattr(ppo, "evaluate_policies", real_eval)
     again = _count_calls(monkeypatch, PPOTrainer, "step")
     with caplog.at_level(logging.INFO, logger="alignline.artifacts"):
         out = ppo.run(cfg, inputs, tmp_path / "run")
     assert len(again) == 0, "the re-run trained again"
-    assert "rlhf: resumed from step 3" in caplog.text
+    assert "rlhf-ppo: resumed from step 3" in caplog.text
     ev = json.loads((out / "eval.json").read_text())
     assert ev["train"]["resumed_from"] == 3
     assert ev["train"]["final"]["score"] is not None, "the last iteration's statistics come from the state"

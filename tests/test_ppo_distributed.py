@@ -248,7 +248,7 @@ def test_pipeline_launches_ppo_on_two_ranks_with_torchrun(inputs, tmp_path):
     launch(cmd, on_line=lines.append, timeout=300, cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert sum("rlhf: wrote" in x for x in lines) == 2, lines[-20:]  # both ranks finished
 
-    stage = run_dir / "rlhf"
+    stage = run_dir / "rlhf-ppo"
     sd = load_stage(stage, expect="rlhf")  # complete, and every file's hash verified
     assert sd.manifest["world_size"] == 2
     ev = json.loads((stage / "eval.json").read_text())
@@ -296,7 +296,7 @@ def test_two_rank_run_resumes_bitwise(inputs, tmp_path):
     ports = [_free_port() for _ in range(3)]
     mp.spawn(_resume_worker, args=(2, ports, inputs, str(tmp_path)), nprocs=2, join=True)
     assert all((tmp_path / f"interrupted-{r}").read_text() == "b" for r in range(2))
-    a, b = tmp_path / "a" / "rlhf", tmp_path / "b" / "rlhf"
+    a, b = tmp_path / "a" / "rlhf-ppo", tmp_path / "b" / "rlhf-ppo"
     ev_a, ev_b = (json.loads((p / "eval.json").read_text()) for p in (a, b))
     assert ev_a["train"]["resumed_from"] == 0 and ev_b["train"]["resumed_from"] == 2
     assert ev_b["train"]["final"] == ev_a["train"]["final"]
@@ -339,7 +339,7 @@ def test_batch_that_does_not_split_over_ranks_is_a_user_error(tmp_path, monkeypa
     assert "Traceback" not in err and err.count("error: ") == 1
     for piece in expected:
         assert piece in err, err
-    assert not (run / "rlhf").exists()
+    assert not (run / "rlhf").exists() and not (run / "rlhf-ppo").exists()
     import torch.distributed as tdist
 
     assert not tdist.is_initialized()
