@@ -90,22 +90,28 @@ def _left_running(tree: list[int], cmdlines: dict[int, str], started: dict[int, 
     return left
 
 
+def _signal(proc, sig):
+    """Record the running pipeline's process tree (a fake pretrain must be in it), send `sig`, wait:
+    (tree pids, cmdlines, start times, session id, exit code, seconds to stop, output)."""
+    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    tree = list(descendants(proc.pid))
+    cmdlines = {p: _cmdline(p) for p in tree}
+    assert any("fakestages.pretrain" in c for c in cmdlines.values()), cmdlines
+    started = {p: _start_time(p) for p in tree}
+    sid = _session(proc.pid)
+    t0 = time.monotonic()
+    os.kill(proc.pid, sig)
+    out, _ = proc.communicate(timeout=30)
+    return tree, cmdlines, started, sid, proc.returncode, time.monotonic() - t0, out
+
+
 def test_sigint_to_python_m_flows_pipeline_ends_the_process_tree(tmp_path: Path) -> None:
     """`python -m flows.pipeline` handles signals like `alignline pipeline` (the same code)."""
     run_dir = tmp_path / "run"
     proc = _pipeline(tmp_path, run_dir, sleep="0.3", entry="flows.pipeline")
     try:
         _wait_for_stage(proc, run_dir)
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        tree = list(descendants(proc.pid))
-        cmdlines = {p: _cmdline(p) for p in tree}
-        assert any("fakestages.pretrain" in c for c in cmdlines.values()), cmdlines
-        started = {p: _start_time(p) for p in tree}
-        sid = _session(proc.pid)
-        t0 = time.monotonic()
-        os.kill(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-        code, elapsed = proc.returncode, time.monotonic() - t0
+        tree, cmdlines, started, sid, code, elapsed, out = _signal(proc, signal.SIGINT)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -130,17 +136,7 @@ def test_sigterm_ends_the_process_tree_and_rerun_resumes(tmp_path: Path) -> None
             if stage_running and (run_dir / "pretrain" / "state" / "latest").exists():
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        tree = descendants(proc.pid)
-        cmdlines = {p: _cmdline(p) for p in tree}
-        assert any("fakestages.pretrain" in c for c in cmdlines.values()), cmdlines
-        started = {p: _start_time(p) for p in tree}
-        sid = _session(proc.pid)
-
-        t0 = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        code, elapsed = proc.returncode, time.monotonic() - t0
+        tree, cmdlines, started, sid, code, elapsed, out = _signal(proc, signal.SIGTERM)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
