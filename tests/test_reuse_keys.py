@@ -175,6 +175,11 @@ def test_the_rlhf_algorithm_names_the_output_dir():
         stage_dir_name("rlhf", AlgoCfg(algorithm="../x"))
 
 
+def _stage_names(run_dir: Path) -> list[str]:
+    """The stage dirs of a run dir; `.locks/` (alignline.locks) is bookkeeping, not a stage."""
+    return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+
+
 def test_variants_are_separate_stages_for_cache_and_resume(tmp_path):
     """Each variant has its own dir, manifest, key and state: running one never touches another."""
     ppo_dir = _finish(tmp_path, "rlhf", AlgoCfg())
@@ -183,7 +188,7 @@ def test_variants_are_separate_stages_for_cache_and_resume(tmp_path):
     assert dpo_run.path == tmp_path / "rlhf-dpo" and dpo_run.name == "rlhf-dpo" and dpo_run.variant == "dpo"
     dpo_run.save_state(3)
     dpo_dir = dpo_run.finalize(eval={}, headline={})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rlhf-dpo", "rlhf-ppo"]
+    assert _stage_names(tmp_path) == ["rlhf-dpo", "rlhf-ppo"]
     for d, algo in ((ppo_dir, "ppo"), (dpo_dir, "dpo")):
         sd = load_stage(d, expect="rlhf")  # consumers still check the kind, "rlhf"
         assert sd.manifest["variant"] == algo
@@ -220,7 +225,7 @@ def test_pre_variant_dir_is_moved_to_its_algorithm(tmp_path, caplog):
 
     _legacy(run_dir, {"algorithm": "dpo", "lr": 1e-3})
     assert "to " + str(run_dir / "rlhf-dpo") in adopt_legacy_dir(run_dir, "rlhf", AlgoCfg())
-    assert sorted(p.name for p in run_dir.iterdir()) == ["rlhf-dpo", "rlhf-ppo"]
+    assert _stage_names(run_dir) == ["rlhf-dpo", "rlhf-ppo"]
 
 
 def test_pre_variant_dir_is_never_lost(tmp_path, caplog):
