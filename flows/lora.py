@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.tasks import StageEntry, resolve_stage, stage_task
+from flows.tasks import StageEntry, quiet_user_errors, resolve_stage, stage_task
 
 
 def _summary(stage_dir: Path) -> str:
@@ -57,6 +57,7 @@ def lora_flow(
     nightly data, written to runs/nightly/lora. Pass base/data/out for anything else.
     """
     logger = get_run_logger()
+    quiet_user_errors()
     sets = [f"base={json.dumps(str(base))}", f"data.train={json.dumps(str(data))}", *(overrides or [])]
     resolved = resolve_stage("lora", StageEntry(config=config, set=sets), where="lora_flow")
     # An alignline stage dir as base is a real input: its manifest hash then decides cache reuse.

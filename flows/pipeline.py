@@ -46,7 +46,14 @@ from alignline.config import (
 )
 from alignline.locks import run_lock
 from alignline.report import StageRecord, build_report, render_markdown
-from flows.tasks import ResolvedStage, StageEntry, resolve_stage, stage_task
+from flows.tasks import (
+    ResolvedStage,
+    StageEntry,
+    not_a_user_error,
+    quiet_user_errors,
+    resolve_stage,
+    stage_task,
+)
 
 STAGE_SEQUENCE = ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate")
 
@@ -335,6 +342,7 @@ def pipeline_flow(
 
 def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str | None, force: bool) -> dict[str, Any]:
     logger = get_run_logger()
+    quiet_user_errors()  # a user error is one line in the run log, and one `error:` when the command stops
     resolved = resolve_pipeline(config)  # every stage config validated before anything runs
     dirs = stage_dirs(config, resolved)
     from_stage = stage_slot("--from", from_stage, dirs, variant_keys(resolved))
@@ -388,7 +396,8 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
             retries = rs.entry.retries if rs.entry.retries is not None else config.retries
             rec.status = "running"
             runner = stage_task.with_options(name=f"stage-{stage}", task_run_name=dirs[stage], retries=retries,
-                                             retry_delay_seconds=config.retry_delay_s)
+                                             retry_delay_seconds=config.retry_delay_s,
+                                             retry_condition_fn=not_a_user_error)
             t0 = time.monotonic()
             try:
                 out = runner(

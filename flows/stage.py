@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from alignline.artifacts import default_stage_dir, is_complete
 from alignline.locks import run_lock
 from alignline.report import StageRecord
-from flows.tasks import StageEntry, resolve_stage, stage_task
+from flows.tasks import StageEntry, not_a_user_error, quiet_user_errors, resolve_stage, stage_task
 
 
 @flow(name="alignline-stage", log_prints=False)
@@ -46,6 +46,7 @@ def _run_stage(stage: str, rs, rd: Path, entry: StageEntry, retries: int, force:
     from flows.pipeline import PipelineConfig, _slug, publish_report
 
     logger = get_run_logger()
+    quiet_user_errors()
     rd.mkdir(parents=True, exist_ok=True)
     inputs: dict[str, str] = {}
     for spec in rs.input_specs:
@@ -56,7 +57,8 @@ def _run_stage(stage: str, rs, rd: Path, entry: StageEntry, retries: int, force:
             if spec.required or is_complete(path):
                 inputs[spec.name] = str(path)
     logger.info("stage %s with inputs %s", stage, inputs or "none")
-    runner = stage_task.with_options(task_run_name=rs.dir_name, retries=retries if entry.retries is None else entry.retries)
+    runner = stage_task.with_options(task_run_name=rs.dir_name, retries=retries if entry.retries is None else entry.retries,
+                                     retry_condition_fn=not_a_user_error)
     out = runner(stage=stage, module=rs.module, config=rs.config_dict, inputs=inputs, run_dir=str(rd),
                  nproc=rs.nproc, launcher=entry.launcher, timeout_s=entry.timeout_s, force=force,
                  progress_key=f"{_slug(rd.name)}-{rs.dir_name}-progress")

@@ -11,12 +11,18 @@ this run (see `cache_check`); the same key decides whether the stage may resume 
 (`launcher: inprocess`), as `python -m <module>` (`subprocess`), or under torchrun when
 `nproc_per_node > 1`; the last two are killed as a process group on timeout or cancellation
 (so a stage with `timeout_s` always runs as a subprocess: a Python thread cannot be killed).
+
+User errors (alignline.config.UserError: bad data, a wrong input dir, a full disk) are not retried
+(`not_a_user_error`), a stage subprocess that exits 2 raises one (`StageUserError`), and Prefect's
+task and flow loggers print them as one line without a traceback (`quiet_user_errors`); the
+pipeline command then prints the message once and exits 2. ALIGNLINE_DEBUG=1 keeps the tracebacks.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -44,13 +50,14 @@ from alignline.artifacts import (
 from alignline.config import (
     ConfigError,
     StrictModel,
+    UserError,
     apply_overrides,
     config_from_dict,
     config_to_dict,
     read_yaml,
     yaml_key_lines,
 )
-from alignline.launch import launch, torchrun_command
+from alignline.launch import LaunchError, launch, torchrun_command
 from alignline.report import metrics_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -293,6 +300,51 @@ class ProgressReporter:
             self.push(100.0)
 
 
+# --------------------------------------------------------------------------- user errors
+
+
+class StageUserError(UserError):
+    """A stage run as a subprocess exited 2: it reported a user error, whose `error:` lines this carries."""
+
+
+def _debug() -> bool:
+    return os.environ.get("ALIGNLINE_DEBUG", "") not in ("", "0")
+
+
+def not_a_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry crashes, never a user error (the same input fails again)."""
+    return not isinstance(getattr(state, "data", None), UserError)
+
+
+class _QuietUserErrors(logging.Filter):
+    """Drops the traceback from Prefect's "task/flow run failed" records when the exception is a user error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, UserError) and not _debug():
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            record.msg, record.args = f"stopped by a user error ({type(exc).__name__}): {first}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_errors() -> None:
+    """Install `_QuietUserErrors` on Prefect's run loggers (idempotent); call inside a flow run, after
+    Prefect has configured logging."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _QuietUserErrors) for f in lg.filters):
+            lg.addFilter(_QuietUserErrors())
+
+
+def _user_error_lines(tail: list[str]) -> str:
+    """The `error: ...` message (and its continuation lines) a stage CLI printed last (alignline.stage_cli)."""
+    starts = [i for i, line in enumerate(tail) if line.startswith("error:")]
+    if not starts:
+        return "\n".join(tail[-5:])
+    return "\n".join(tail[starts[-1]:]).removeprefix("error:").strip()
+
+
 # --------------------------------------------------------------------------- the stage task
 
 
@@ -365,8 +417,13 @@ def stage_task(
             cmd = stage_command(module, cfg_file, rd, inputs, nproc)
             logger.info("%s: launching %s", name, " ".join(cmd))
             env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-            launch(cmd, on_line=lambda line: logger.info("[%s] %s", name, line), timeout=timeout_s,
-                   cwd=os.getcwd(), env=env, log_file=rd / ".pipeline" / f"{name}.log")
+            try:
+                launch(cmd, on_line=lambda line: logger.info("[%s] %s", name, line), timeout=timeout_s,
+                       cwd=os.getcwd(), env=env, log_file=rd / ".pipeline" / f"{name}.log")
+            except LaunchError as exc:
+                if exc.returncode == 2:  # the stage CLI's exit code for a user error
+                    raise StageUserError(f"{name}: {_user_error_lines(exc.tail)}") from None
+                raise
         else:
             out = mod.run(cfg, {k: Path(v) for k, v in inputs.items()}, rd)
             if Path(out).resolve() != stage_dir.resolve():

@@ -258,3 +258,26 @@ def test_python_m_flows_pipeline_user_errors_exit_2_without_traceback(case: str,
     for piece in expected:
         assert piece in proc.stderr, f"{piece!r} not in:\n{proc.stderr}"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", ["inprocess", "subprocess"])
+def test_user_error_inside_the_flow_is_one_message_not_retried(launcher: str, tmp_path: Path) -> None:
+    """Bad data is found only once the data stage runs inside the flow: still exit 2, the message, no
+    traceback (Prefect's task and flow loggers print one line, flows.tasks.quiet_user_errors), no retry
+    (the pipeline's `retries: 1` is for crashes), and no data/ dir or .staging/ left behind. The
+    subprocess launcher turns the stage's exit 2 back into a user error (flows.tasks.StageUserError)."""
+    bad = write(tmp_path / "bad.json", '{"instruction": "hi", "output": "x"\n')
+    run = tmp_path / "run"
+    proc = _cli("pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"), "--run-dir", str(run),
+                "--to", "data", "--set", "data.source=files", "--set", f"data.files.sft.path={bad}",
+                "--set", "data.files.sft.format=alpaca",
+                "--set", f"data.files.pretrain=[{{path: {REPO.parent / 'shared/data/pretrain/tinyshakespeare.txt'}}}]",
+                "--set", f"stages.data.launcher={launcher}", cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out, out
+    assert f"{bad}:1: expected a JSON array of records" in proc.stderr
+    assert out.count("data: running") == 1, out  # not retried
+    assert not (run / "data").exists() and not list(run.rglob(".staging"))
