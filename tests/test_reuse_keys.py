@@ -395,3 +395,53 @@ def test_real_data_stage_reruns_when_its_file_gains_rows(tmp_path):
         fh.write("".join(json.dumps(r) + "\n" for r in src[30:]))
     hit, why = cache_check("stages.data", cfg, {}, out)
     assert not hit and why == f"data 'sft' changed: {rows} (content differs)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_oom_in_evaluation_after_training_reruns_the_evaluation_only(tiny_init, tmp_path, stage, monkeypatch, caplog):
+    """Issue 15 §7 for the TRL stages: the Trainer saved the final step before the evaluation failed,
+    so the re-run restores it (alignline.training.train_or_restore), trains nothing and only evaluates;
+    its weights are the ones training ended with."""
+    import alignline.training
+    import stages.reward
+    from tests.conftest import run_stage
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated in the evaluation after training)")
+
+    real_train = alignline.training.train_or_restore
+    trained: list[int] = []
+
+    def train_then_oom(trainer, resume, step):
+        out = real_train(trainer, resume, step)
+        trained.append(trainer.state.global_step)
+        if stage == "sft":
+            trainer.evaluate = oom  # the val-loss evaluation right after training
+        return out
+
+    monkeypatch.setattr(alignline.training, "train_or_restore", train_then_oom)
+    if stage == "reward":
+        monkeypatch.setattr(stages.reward, "score_conversations", oom)
+    over = SFT_FAST if stage == "sft" else RM_FAST
+    inputs = {"init": tiny_init["init0"], "data": tiny_init["data"]}
+    with pytest.raises(torch.OutOfMemoryError):
+        run_stage(stage, tmp_path, over, inputs)
+    assert trained == [6] and not (tmp_path / stage / "manifest.json").exists()
+    ckpt = tmp_path / stage / "state" / "trainer" / "checkpoint-6"
+    assert (ckpt / "trainer_state.json").is_file(), "the final step was saved before the evaluation"
+
+    monkeypatch.undo()
+    steps: list[int] = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: steps.append(1))  # any training step shows
+    with caplog.at_level(logging.INFO):
+        out = run_stage(stage, tmp_path, over, inputs)
+    assert steps == [], "the re-run trained again"
+    assert f"{stage}: resumed from step 6" in caplog.text
+    assert _steps(out) == 6
+    ev = json.loads((out / "eval.json").read_text())
+    assert (ev["val_loss"] > 0) if stage == "sft" else (0 <= ev["accuracy"] <= 1)
+    saved = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    final = _weights(out)
+    shared = [k for k in saved if k in final]
+    assert shared and all(torch.equal(saved[k], final[k]) for k in shared)
