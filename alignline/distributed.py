@@ -37,10 +37,14 @@ class DistInfo:
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> str:
+    """The one device picker of every stage and tool: "auto" = this rank's GPU when CUDA is visible,
+    else "cpu"; "cuda" = this rank's GPU, a ConfigError when there is none (never a silent CPU run)."""
     if requested == "auto":
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {requested!r} was asked for but CUDA is not available; set device: auto or cpu")
+        from alignline.config import ConfigError
+
+        raise ConfigError(f"device {requested!r} was asked for but CUDA is not available; set device: auto or cpu")
     if requested == "cuda":
         return f"cuda:{local_rank}"
     return requested

@@ -130,10 +130,10 @@ def generate_exactly(model, generation_config, **inputs):
 
 def load_model(checkpoint: str | Path, device: str | None = None, dtype: str = "auto"):
     """(model, tokenizer) from a save_pretrained dir holding both; model in eval mode on `device`."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import alignline  # noqa: F401  (registers model_type "alignline")
+    from alignline.distributed import pick_device
 
     path = Path(checkpoint)
     if not (path / "config.json").is_file():
@@ -148,7 +148,7 @@ def load_model(checkpoint: str | Path, device: str | None = None, dtype: str = "
             f"no tokenizer in {path} ({err}); save the tokenizer next to the weights "
             "(tokenizer.save_pretrained(CKPT))."
         ) from err
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or pick_device()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
 

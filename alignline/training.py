@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from alignline.config import OptimConfig, ScheduleConfig
+from alignline.distributed import pick_device
 
 FAIL_AFTER_ENV = "ALIGNLINE_FAIL_AFTER_STEP"
 log = logging.getLogger("alignline.training")
@@ -351,7 +352,7 @@ def common_trainer_args(cfg, run, device: str, precision: str) -> dict:
     schedule/logging sections, `run` is the StageRun (checkpoints go to its state/trainer/)."""
     t = cfg.train
     sched, sched_kwargs = hf_schedule(cfg.schedule)
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    use_cpu = pick_device(device) == "cpu"
     bf16 = precision == "bf16" or (precision == "auto" and not use_cpu)
     # Passed only when on: the name is deprecated in recent transformers (activation_checkpointing),
     # but older 5.x releases know only this one.

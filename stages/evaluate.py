@@ -52,16 +52,6 @@ class Config(StrictModel):
     seed: int = 0
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("evaluate: device=cuda but no CUDA device is available; use device: auto or cpu")
-    return name
-
-
 def rm_scores(model, tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int = 32) -> list[float]:
     """Scalar reward of each (prompt conversation, response) under a sequence-classification RM."""
     import torch
@@ -95,9 +85,11 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.training import seed_everything
 
     stage_inputs = {k: v for k, v in inputs.items() if v is not None}
+    from alignline.distributed import pick_device
+
+    device = pick_device(config.device)  # before the stage dir exists: device: cuda without one is a user error
     run = StageRun(run_dir, "evaluate", config, inputs=stage_inputs, source=__file__)
     seed_everything(config.seed)
-    device = _device(config.device)
     rows = load_prompts(run.input("data").path, config.split, limit=config.num_prompts)
     conversations = [r["prompt"] for r in rows]
     models = [s for s in MODEL_STAGES if s in stage_inputs]

@@ -657,9 +657,9 @@ def load_base_model(prep: Prepared, dtype, quantize: bool):
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(str(prep.base.path), **kwargs)
     if not quantize:
-        import torch
+        from alignline.distributed import pick_device
 
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(pick_device())
     return model
 
 
@@ -668,6 +668,7 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from alignline.distributed import pick_device
     from alignline.training import metrics_callback, train_or_restore, trainer_resume_point
 
     t = prep.cfg.train
@@ -697,7 +698,7 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
         disable_tqdm=not prep.cfg.logging.progress,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=pick_device() == "cpu",
         # TRL enables it on the PEFT model (and the input grads a frozen base needs)
         activation_checkpointing=t.gradient_checkpointing,
         packing=False,

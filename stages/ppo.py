@@ -50,6 +50,7 @@ from pydantic import Field, field_validator
 
 from alignline.artifacts import read_jsonl
 from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel
+from alignline.distributed import pick_device
 from alignline.rl.ppo import PPOArgs, PPOTrainer
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
@@ -232,14 +233,6 @@ def encode_prompts(tokenizer, rows: list[dict], max_tokens: int, source: Path) -
             )
         out.append(ids)
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda but no CUDA device is visible; use device: auto or cpu")
-    return torch.device(name)
 
 
 def load_models(cfg: RLHFConfig, sft_ckpt: Path, reward_ckpt: Path, device: torch.device, need_value: bool):
@@ -751,6 +744,7 @@ def _run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path, dist) -> Path:
     else:
         data_dir = find_data_stage(Path(inputs["init"]))
     stage_inputs["data"] = data_dir
+    pick_device(cfg.device)  # device: cuda on a machine without one fails before the stage dir exists
     run_ = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__, resume_keys=RESUME_KEYS)
     sft, reward = run_.input("init"), run_.input("reward")
     t0 = time.time()
@@ -761,7 +755,7 @@ def _run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path, dist) -> Path:
             barrier(dist)
             return run_.path
     else:
-        device = resolve_device(cfg.device)
+        device = torch.device(pick_device(cfg.device))
         fn = run_ppo if cfg.algorithm == "ppo" else run_trl
         ev, samples, _ = fn(cfg, run_, sft, reward, data_dir, device)
     ev = {"algorithm": cfg.algorithm, **ev, "wall_time_s": round(time.time() - t0, 2)}

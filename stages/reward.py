@@ -31,6 +31,7 @@ from pydantic import Field
 
 from alignline.artifacts import StageRun, model_dir, read_jsonl
 from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
+from alignline.distributed import pick_device
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
 log = logging.getLogger("stages.reward")
@@ -132,7 +133,7 @@ def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[
     from alignline.rl.policy_pairs import sample_policy_pairs
 
     o = config.onpolicy
-    device = "cuda" if config.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = pick_device(config.train.device)
     policy = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device)
     kw = dict(samples_per_prompt=o.samples_per_prompt, max_pairs_per_prompt=o.max_pairs_per_prompt,
               temperature=o.temperature, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
@@ -167,6 +168,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     init_path, data_dir = Path(inputs["init"]), Path(inputs["data"])
     external = not (init_path / "manifest.json").exists()
     stage_inputs = {"data": data_dir} | ({} if external else {"init": init_path})
+    pick_device(config.train.device)  # device: cuda on a machine without one fails before the stage dir exists
     run = StageRun(run_dir, "reward", config, inputs=stage_inputs, source=__file__,
                    external_inputs={"init": init_path} if external else {})
     src = model_dir(init_path)

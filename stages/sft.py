@@ -87,6 +87,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from trl import SFTConfig, SFTTrainer
 
     import alignline  # noqa: F401  (registers the alignline model with the Auto classes)
+    from alignline.distributed import pick_device
     from alignline.evaluation import gold_eval, load_prompts
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
@@ -103,6 +104,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     external = not (init_path / "manifest.json").exists()
     if not external:
         stage_inputs["init"] = init_path
+    pick_device(config.train.device)  # device: cuda on a machine without one fails before the stage dir exists
     # An HF model dir as init is not a stage: its content (not a manifest) goes into the reuse key.
     run = StageRun(run_dir, "sft", config, inputs=stage_inputs, source=__file__,
                    external_inputs={"init": init_path} if external else {})

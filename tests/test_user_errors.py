@@ -119,6 +119,11 @@ def _bogus_model_type(t):
     return ["--init", str(hf_dir(t / "hf", model_type="llamaa")), "--run-dir", str(t / "run")]
 
 
+def _cuda_without_gpu(t):
+    return ["--set", "device=cuda", "--data", str(fake_stage(t / "run/data", "data")),
+            "--sft", str(fake_stage(t / "run/sft", "sft")), "--run-dir", str(t / "run")]
+
+
 CASES = {
     "data-invalid-json": ("data", _invalid_json, ["sft.jsonl:1", "invalid JSON"]),
     "data-missing-file": ("data", _missing_file, ["nope.jsonl", "does not exist"]),
@@ -134,6 +139,8 @@ CASES = {
     "ppo-reward-is-pretrain": ("rlhf", _ppo_reward_pretrain, ["--reward", "run/pretrain", "'reward'"]),
     "hf-truncated-safetensors": ("sft", _truncated_safetensors, ["model.safetensors", "truncated"]),
     "hf-bogus-model-type": ("sft", _bogus_model_type, ["config.json", "llamaa"]),
+    # alignline.distributed.pick_device, checked before the stage dir exists (this suite runs without CUDA)
+    "device-cuda-without-gpu": ("evaluate", _cuda_without_gpu, ["'cuda'", "CUDA is not available", "device: auto"]),
 }
 
 
@@ -150,6 +157,11 @@ def run_stage(stage: str, argv: list[str]) -> int:
 @pytest.mark.parametrize("case", list(CASES))
 def test_user_error_table(case: str, tmp_path: Path, monkeypatch, capsys) -> None:
     stage, build, expected = CASES[case]
+    if case == "device-cuda-without-gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("needs a machine without CUDA")
     monkeypatch.chdir(tmp_path)
     argv = build(tmp_path)
     if "--run-dir" not in argv:
