@@ -87,7 +87,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -96,6 +96,7 @@ from typing import Any
 import yaml
 
 from alignline.config import UserError, config_sha256, config_to_dict, save_config
+from alignline.files import read_json, read_jsonl, write_json, write_jsonl  # noqa: F401  (read_jsonl: re-exported)
 from alignline.locks import StageLock
 
 log = logging.getLogger("alignline.artifacts")
@@ -173,59 +174,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON via a temp file in the same directory and os.replace (atomic on POSIX)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves the old file and no temp
-        raise
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StageError(f"{path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise StageError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); the file is corrupted, "
-                         "re-run the stage that wrote it") from None
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The first `limit` (default: all) JSON rows of `path`; bad lines are named by file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the stage that writes it (for data files: "
-                                "`alignline stage data`) has not run in this run directory")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise StageError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-    return rows
 
 
 def _py_sources(root: Path) -> list[Path]:
@@ -854,7 +802,7 @@ class StageRun:
 
     def _write_marker(self) -> None:
         assert self.state_key is not None
-        write_json_atomic(self.state_dir / "state.json", {
+        write_json(self.state_dir / "state.json", {
             "stage": self.stage, "key_sha256": self.state_key["sha256"], "config_sha256": self.config_sha256,
             "key": self.state_key, "config": self.config_dict,
         })
@@ -919,7 +867,7 @@ class StageRun:
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
-            write_json_atomic(tmp / "meta.json", {
+            write_json(tmp / "meta.json", {
                 "step": step, "data_position": data_position or {}, "extra": extra or {},
                 "config_sha256": self.config_sha256,
                 "key_sha256": self.state_key["sha256"] if self.state_key else None, "time": time.time(),
@@ -1001,7 +949,7 @@ class StageRun:
         if self._metrics is not None:
             self._metrics.close()
         if eval is not None:
-            write_json_atomic(self.staging / "eval.json", eval)
+            write_json(self.staging / "eval.json", eval)
         if samples is not None:
             write_jsonl(self.staging / "samples.jsonl", samples)
         for item in sorted(self.staging.iterdir()):
@@ -1034,7 +982,7 @@ class StageRun:
             "argv": sys.argv,
         }
         manifest.update(extra_manifest or {})
-        write_json_atomic(self.path / MANIFEST, manifest)
+        write_json(self.path / MANIFEST, manifest)
         if self._lock is not None:
             self._lock.release()
         return self.path

@@ -32,7 +32,7 @@ class GoldResult:
 
 def load_prompts(data_dir: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
     """The first `limit` rows of `<data_dir>/prompts/<split>.jsonl` (`prompt`, `answer`, `task`, `match`)."""
-    from alignline.artifacts import read_jsonl
+    from alignline.files import read_jsonl
 
     return read_jsonl(Path(data_dir) / "prompts" / f"{split}.jsonl", limit)
 

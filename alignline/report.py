@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignline.files import write_text
+
 # Stage order of the full pipeline; also the order of rows and columns in the report.
 STAGE_ORDER = ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate", "lora")
 # Curve kinds: a metrics.jsonl key goes into the first kind whose marker it contains.
@@ -378,10 +380,7 @@ def build_report(
     samples = sample_rows(run_dir, names, limit=sample_limit)
     md = render_markdown(records, title=title or run_dir.name, notes=notes, plots=pngs, samples=samples,
                          run_dir=run_dir)
-    path = run_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(md + "\n", encoding="utf-8")
-    tmp.replace(path)
+    path = write_text(run_dir / "report.md", md + "\n")
     return ReportCard(markdown=md, metrics_rows=metrics_rows(records), sample_rows=samples, plots=pngs, path=path,
                       records=records)
 

@@ -18,14 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from alignline.config import ConfigError, apply_overrides, config_from_dict  # noqa: E402
-from alignline.data.loaders import DataValidationError, LoaderConfig, load_records, write_jsonl  # noqa: E402
+from alignline.data.loaders import DataValidationError, LoaderConfig, load_records  # noqa: E402
+from alignline.files import write_jsonl  # noqa: E402
 
 
 def prepare(cfg: LoaderConfig, out: Path, val_fraction: float) -> dict[str, int]:
     records = load_records(cfg, progress=True)  # raises before anything is written
     n_val = max(1, int(len(records) * val_fraction)) if len(records) > 1 else 0
-    write_jsonl(records[n_val:], out / cfg.kind / "train.jsonl")
-    write_jsonl(records[:n_val], out / cfg.kind / "val.jsonl")
+    write_jsonl(out / cfg.kind / "train.jsonl", records[n_val:])
+    write_jsonl(out / cfg.kind / "val.jsonl", records[:n_val])
     return {"train": len(records) - n_val, "val": n_val}
 
 

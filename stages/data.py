@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from alignline.artifacts import StageRun, write_jsonl
+from alignline.artifacts import StageRun
 from alignline.config import StrictModel
 from alignline.data.loaders import LoaderConfig
+from alignline.files import write_jsonl
 from alignline.stage_cli import InputSpec, stage_main
 
 INPUTS: list[InputSpec] = []

@@ -48,9 +48,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from alignline.artifacts import read_jsonl
 from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel
 from alignline.distributed import pick_device
+from alignline.files import read_jsonl
 from alignline.rl.ppo import PPOArgs, PPOTrainer
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 

@@ -23,8 +23,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from alignline.artifacts import StageRun, model_dir, read_jsonl
+from alignline.artifacts import StageRun, model_dir
 from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
+from alignline.files import read_jsonl
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
 log = logging.getLogger("stages.sft")

@@ -185,3 +185,28 @@ def test_code_version_changes_with_source(tmp_path):
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "stage.py").write_text("A = 2\n")
     assert code_version(tmp_path / "copy" / "stage.py") == code_version(f)
+
+
+def test_files_writes_are_atomic_and_readers_name_the_line(tmp_path):
+    """alignline.files: a write that fails half-way keeps the old file and leaves no temp file."""
+    from alignline.files import read_json, read_jsonl, write_json, write_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, [{"a": 1}, {"b": "é"}])
+    assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "é"}\n'
+
+    def rows():
+        yield {"a": 2}
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_jsonl(path, rows())
+    assert read_jsonl(path) == [{"a": 1}, {"b": "é"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+    path.write_text('{"a": 1}\n{"b": \n', encoding="utf-8")
+    with pytest.raises(StageError, match=r"rows.jsonl:2: not valid JSON"):
+        read_jsonl(path)
+    write_json(tmp_path / "x.json", {"k": [1, 2]})
+    assert read_json(tmp_path / "x.json") == {"k": [1, 2]}
+    with pytest.raises(StageError, match="does not exist"):
+        read_json(tmp_path / "missing.json")

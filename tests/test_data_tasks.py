@@ -10,7 +10,6 @@ import re
 
 import pytest
 
-from alignline.artifacts import read_jsonl
 from alignline.config import ConfigError
 from alignline.data.tasks import (
     TRAINING_FILES,
@@ -21,6 +20,7 @@ from alignline.data.tasks import (
     suite_config,
     write_suite,
 )
+from alignline.files import read_jsonl
 
 CFG = suite_config("tiny")
 FILES = [f"{k}/{s}.jsonl" for k in ("sft", "preference", "prompts") for s in ("train", "val", "test")]

@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignline.artifacts import DiskFull, StageRun, load_stage, read_jsonl
+from alignline.artifacts import DiskFull, StageRun, load_stage
 from alignline.config import StrictModel, load_config
+from alignline.files import read_jsonl
 from alignline.locks import TOKEN_ENV, LockHeld, lock_path, read_holder, run_lock
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from alignline.artifacts import read_jsonl
 from alignline.data.loaders import DataValidationError, LoaderConfig, load_records, load_suite_split
 from alignline.data.tasks import suite_config, write_suite
+from alignline.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignline.artifacts import load_stage, read_jsonl
+from alignline.artifacts import load_stage
 from alignline.config import load_config
+from alignline.files import read_jsonl
 from alignline.training import FAIL_AFTER_ENV, SimulatedInterrupt
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,8 +11,9 @@ import json
 import pytest
 import yaml
 
-from alignline.artifacts import load_stage, read_jsonl
+from alignline.artifacts import load_stage
 from alignline.config import load_config
+from alignline.files import read_jsonl
 from stages import load_stage_module
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from alignline.artifacts import load_stage, read_jsonl
+from alignline.artifacts import load_stage
 from alignline.config import load_config
+from alignline.files import read_jsonl
 from stages import data, tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -634,25 +634,6 @@ def iter_pretrain_texts(paths: Iterable[str | Path], text_unit: str = "line") ->
             yield rec["text"]
 
 
-def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
-    """Write records atomically (temp file + rename): an interrupted write leaves nothing behind."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys

@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from alignline.config import StrictModel, apply_overrides, config_from_dict
+from alignline.files import write_bytes
 
 TaskName = Literal["add", "sub", "reverse", "sort", "count", "world"]
 ALL_TASKS: tuple[str, ...] = ("add", "sub", "reverse", "sort", "count", "world")
@@ -514,18 +513,6 @@ def to_jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 TRAINING_FILES = ("pretrain/train.jsonl", "sft/train.jsonl", "preference/train.jsonl", "prompts/train.jsonl")
 
 
@@ -540,7 +527,7 @@ def write_suite(
     counts: dict[str, int] = {}
     for rel, records in files.items():
         blob = to_jsonl(records)
-        _atomic_write(out / rel, blob)
+        write_bytes(out / rel, blob)
         hashes[rel] = hashlib.sha256(blob).hexdigest()
         counts[rel] = len(records)
         if progress:
@@ -557,7 +544,7 @@ def write_suite(
             "heldout_countries": world.heldout,
         },
     }
-    _atomic_write(out / "suite.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_bytes(out / "suite.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return meta
 
 
