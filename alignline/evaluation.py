@@ -87,20 +87,3 @@ def gold_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batc
     acc = sum(total) / len(total) if total else math.nan
     return GoldResult(accuracy=acc, per_task={k: sum(v) / len(v) for k, v in sorted(by_task.items())},
                       samples=samples)
-
-
-@torch.no_grad()
-def causal_lm_loss(model, batches, device=None) -> float:
-    """Mean token loss over an iterable of dicts with input_ids/labels (HF convention, -100 ignored)."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        out = model(**b)
-        n = int((b["labels"][:, 1:] != -100).sum())
-        total += float(out.loss) * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)

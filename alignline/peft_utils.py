@@ -161,11 +161,6 @@ def attach_lora(model: nn.Module, args: LoraArgs, gradient_checkpointing: bool =
     return get_peft_model(model, lora_config_from_args(args, model, task_type=task_type))
 
 
-def adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the trainable (adapter) parameters, by name."""
-    return {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
-
-
 def merge_lora(peft_model: nn.Module) -> nn.Module:
     """Fold the adapter into the base weights and return the plain transformers model."""
     return peft_model.merge_and_unload()

@@ -49,7 +49,7 @@ def validate(
     on_too_long: str = typer.Option("error", "--on-too-long", help="error | drop"),
     overrides: list[str] = typer.Option([], "--set", help="LoaderConfig override, e.g. columns.output=response"),
 ) -> None:
-    """Validate a dataset; exits non-zero listing every problem as file:line: message."""
+    """Validate a dataset; exits 2 listing every problem as file:line: message."""
     from alignline.config import ConfigError, apply_overrides, config_from_dict
     from alignline.data.loaders import DataValidationError, LoaderConfig, load_records
 
@@ -59,9 +59,9 @@ def validate(
     try:
         cfg = config_from_dict(LoaderConfig, apply_overrides(fields, overrides), source="command line")
         records = load_records(cfg)
-    except (ConfigError, DataValidationError) as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from None
+    except (ConfigError, DataValidationError) as exc:  # user errors: the message, exit 2 (as every command)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"{path}: OK, {len(records)} valid {kind} records")
 
 
@@ -82,7 +82,7 @@ def train(
                               show_progress=True)
     except (DataValidationError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     typer.echo(f"tokenizer with {len(tok)} tokens saved to {out}")
 
 

@@ -1,11 +1,11 @@
 """Run one stage as a Prefect flow: the deployment for retraining a single stage.
 
     alignline run-stage-flow reward --config configs/reward/tiny.yaml --run-dir runs/tiny \
-        --set data.train_file=/data/fresh_prefs.jsonl
+        --set optim.lr=2e-5 --set train.max_steps=60
     python -m flows.stage reward --run-dir runs/tiny
 
-Typical use: retrain the reward model on fresh preference data on a schedule, reusing the
-run's SFT checkpoint. Inputs default to this run's stage dirs (`<run_dir>/<producer>`; for a
+Typical use: retrain the reward model on a schedule after the data stage took in fresh preference
+files (its content fingerprint changed), reusing the run's SFT checkpoint. Inputs default to this run's stage dirs (`<run_dir>/<producer>`; for a
 producer with variants the only `<producer>-<variant>/`, or the most recently finished one), or
 are given explicitly (`inputs={"init": "/models/sft"}`). The stage writes
 `<run_dir>/<stage_dir_name(stage, config)>` (`rlhf-dpo/` for the rlhf stage with `algorithm: dpo`). The same cache rules as the pipeline

@@ -4,7 +4,8 @@
 
 The directory name picks the class through the stages registry (`configs/pretrain/*.yaml` ->
 `stages.pretrain.Config`, `configs/rlhf/*` -> `stages.ppo.Config`); `configs/pipeline/*` ->
-`flows.pipeline.PipelineConfig` (skipped, saying why, when flows is absent). Also: config errors
+`flows.pipeline.PipelineConfig`. A registered stage or flows module that cannot be imported fails
+the test (it is a broken install or a broken module, not a reason to skip). Also: config errors
 name the key (and the line), and are raised before any model is built.
 """
 
@@ -27,14 +28,14 @@ def _class_for(directory: str):
         try:
             return importlib.import_module("flows.pipeline").PipelineConfig
         except (ImportError, AttributeError) as exc:
-            pytest.skip(f"configs/pipeline needs flows.pipeline.PipelineConfig, which is unavailable: {exc}")
+            pytest.fail(f"configs/pipeline needs flows.pipeline.PipelineConfig, which cannot be imported: {exc}")
     if directory not in STAGES:
         pytest.fail(f"configs/{directory}/ matches no stage in stages.STAGES ({', '.join(STAGES)}) "
                     "and is not configs/pipeline; rename the directory or register the stage")
     try:
         return config_class(directory)
     except StageNotAvailable as exc:
-        pytest.skip(f"configs/{directory}: {exc}")
+        pytest.fail(f"configs/{directory}: the registered stage cannot be imported: {exc}")
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=[f"{p.parent.name}/{p.name}" for p in YAMLS])

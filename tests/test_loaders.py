@@ -235,7 +235,7 @@ def test_cli_validate_exits_nonzero_and_prepare_writes_nothing(tmp_path, capsys)
     from alignline_cli.main import app
 
     res = CliRunner().invoke(app, ["data", "validate", str(f), "--kind", "sft"])
-    assert res.exit_code == 1 and f"{f}:2: missing field 'output'" in res.output
+    assert res.exit_code == 2 and f"{f}:2: missing field 'output'" in res.output
     ok = CliRunner().invoke(app, ["data", "validate", str(f), "--kind", "sft", "--set", "limit=1"])
     assert ok.exit_code == 0, ok.output
     spec = importlib.util.spec_from_file_location("prepare", ROOT / "data" / "prepare.py")

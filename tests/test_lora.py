@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_lora_fixtures import (
+from tests.lora_fixtures import (
     ARCHS,
     build_base,
     conversations,

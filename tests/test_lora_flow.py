@@ -9,8 +9,8 @@ import json
 
 import pytest
 
+from tests.lora_fixtures import build_base, conversations, lora_overrides, single_thread, write_jsonl
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (session fixture)
-from tests.test_lora_fixtures import build_base, conversations, lora_overrides, single_thread, write_jsonl
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_lora_fixtures import (
+from tests.lora_fixtures import (
     CHATML_TAGGED,
     LLAMA_TEMPLATE,
     build_base,

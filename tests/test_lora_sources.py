@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_lora_fixtures import build_base, conversations, lora_overrides, single_thread, write_jsonl
+from tests.lora_fixtures import build_base, conversations, lora_overrides, single_thread, write_jsonl
 
 
 @pytest.fixture(scope="module", autouse=True)

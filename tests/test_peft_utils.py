@@ -21,7 +21,7 @@ from alignline.peft_utils import (
     lora_config_from_args,
     merge_lora,
 )
-from tests.test_lora_fixtures import single_thread
+from tests.lora_fixtures import single_thread
 
 
 @pytest.fixture(scope="module", autouse=True)

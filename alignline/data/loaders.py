@@ -4,7 +4,7 @@
     recs = load_records(LoaderConfig(path="../shared/data/sft/alpaca_en_demo.json", kind="sft"))
     recs = load_records(LoaderConfig(path="c4_demo.jsonl", kind="pretrain"))
     recs = load_records(LoaderConfig(path="Anthropic/hh-rlhf", kind="preference", format="hh"))  # hub
-    python -m alignline.data.loaders FILE --kind sft [--format alpaca]      # validate, print a summary
+    alignline data validate FILE --kind sft [--format alpaca]               # validate, print a summary
 
 Inputs: `.txt` (one document per line / paragraph / file), `.jsonl`, `.json` (a top-level array),
 `.parquet`, a directory of those, or a `datasets` hub id (streamed for pretraining if asked).
@@ -613,11 +613,6 @@ def load_records(
     return records
 
 
-def validate(cfg: LoaderConfig, tokenizer: Any | None = None) -> int:
-    """Validate only; returns the number of valid records or raises DataValidationError."""
-    return len(load_records(cfg, tokenizer))
-
-
 def load_suite_split(data_dir: str | Path, kind: Kind, split: str, **kw: Any) -> list[dict]:
     """Read and validate `<data_dir>/<kind>/<split>.jsonl` of the built-in suite (or a prepared dataset)."""
     path = Path(data_dir) / kind / f"{split}.jsonl"
@@ -632,25 +627,3 @@ def iter_pretrain_texts(paths: Iterable[str | Path], text_unit: str = "line") ->
         unit = text_unit
         for rec in load_records(LoaderConfig(path=str(p), kind="pretrain", text_unit=unit, hub=False)):
             yield rec["text"]
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(description="Validate a dataset file and print a summary.")
-    p.add_argument("path")
-    p.add_argument("--kind", required=True, choices=["pretrain", "sft", "preference", "prompts"])
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "hh", "messages", "text"])
-    p.add_argument("--text-unit", default="line", choices=["line", "paragraph", "file"])
-    a = p.parse_args(argv)
-    try:
-        recs = load_records(LoaderConfig(path=a.path, kind=a.kind, format=a.format, text_unit=a.text_unit))
-    except DataValidationError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(1)
-    print(f"{a.path}: {len(recs)} valid {a.kind} records")
-
-
-if __name__ == "__main__":
-    main()

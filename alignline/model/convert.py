@@ -138,7 +138,9 @@ def convert_checkpoint(
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}/config.json not found: SRC must be a save_pretrained() checkpoint dir.")
     if (src / "adapter_config.json").is_file():
-        raise ConversionError(f"{src} is a PEFT adapter; merge it into the base model first (alignline lora merge).")
+        raise ConversionError(f"{src} is a PEFT adapter, not a model; convert the merged model instead: the lora, "
+                              "sft and reward stages write it to <stage dir>/checkpoint next to the adapter (or merge "
+                              "it yourself with peft's merge_and_unload() and save_pretrained()).")
     if to not in ("llama", "alignline"):
         raise ValueError(f"to={to!r}: choose 'llama' or 'alignline'.")
     if out.resolve() == src.resolve():
