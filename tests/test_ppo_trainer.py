@@ -254,10 +254,25 @@ def test_lora_policy_uses_its_base_as_reference():
         PPOTrainer(args(), base_copy, value, rm, eos_id=EOS, pad_id=PAD)
 
 
-def test_resume_continues_exactly():
-    a = args(kl=KLArgs(beta=0.1, adaptive=True, target=1.0, horizon=100))
+RESUME_SETTINGS = {
+    # adaptive KL, default normalisation
+    "adaptive-kl": (dict(kl=KLArgs(beta=0.1, adaptive=True, target=1.0, horizon=100)), {}),
+    # everything else the state carries, off its identity values: running reward statistics (and the
+    # critic's value_norm), a warmup + linear decay schedule with the critic's own lr, T != 1
+    "running-norm-schedule": (
+        dict(kl=KLArgs(beta=0.1, adaptive=True, target=1.0, horizon=100), reward_norm="running",
+             lr_schedule="linear", warmup_iterations=1, min_lr_ratio=0.1, critic_lr=1e-3, temperature=0.7),
+        dict(reward_mean=1.3, reward_std=0.4, total_iterations=4),
+    ),
+}
+
+
+@pytest.mark.parametrize("setting", list(RESUME_SETTINGS))
+def test_resume_continues_exactly(setting):
+    arg_kw, trainer_kw = RESUME_SETTINGS[setting]
+    a = args(**arg_kw)
     ps = prompts()
-    full = trainer(a)
+    full = trainer(a, **trainer_kw)
     torch.manual_seed(7)
     full.step(ps)
     state = copy.deepcopy(full.state_dict())
@@ -265,18 +280,131 @@ def test_resume_continues_exactly():
     expected = full.step(ps)
 
     # Frozen models come from their checkpoints again; the trained ones are scrambled so that
-    # everything they hold must come from the saved state.
-    resumed = trainer(a)
+    # everything they hold must come from the saved state. The statistics start elsewhere too.
+    resumed = trainer(a, **{**trainer_kw, "reward_mean": -0.5, "reward_std": 2.0})
     with torch.no_grad():
         for p in list(resumed.policy.parameters()) + list(resumed.value_model.parameters()):
             p.add_(torch.randn_like(p))
     resumed.load_state_dict(state)
+    assert resumed.reward_norm_state() == state["reward_norm"]
+    assert resumed.step_count == full.step_count - 1
     torch.set_rng_state(rng)
     got = resumed.step(ps)
-    for k in ("score", "kl", "policy_loss", "value_loss", "beta", "approx_kl"):
+    for k in ("score", "kl", "policy_loss", "value_loss", "beta", "approx_kl", "reward_mean", "reward_std"):
         assert got[k] == pytest.approx(expected[k], rel=1e-5, abs=1e-7), k
-    for (n, p1), p2 in zip(full.policy.named_parameters(), resumed.policy.parameters()):
-        torch.testing.assert_close(p1, p2, msg=n)
+    for model in ("policy", "value_model"):
+        for (n, p1), p2 in zip(getattr(full, model).named_parameters(), getattr(resumed, model).parameters()):
+            torch.testing.assert_close(p1, p2, msg=n)
+    for opt in ("optimizer", "critic_optimizer"):
+        assert [g["lr"] for g in getattr(resumed, opt).param_groups] == [g["lr"] for g in getattr(full, opt).param_groups]
+    if setting == "running-norm-schedule":
+        assert full.value_norm == (1.3, 0.4) and full.reward_mean != 1.3  # the moments moved, the critic's scale did not
+        assert resumed.value_norm == full.value_norm
+        assert full.critic_optimizer.param_groups[0]["lr"] != full.optimizer.param_groups[0]["lr"]
+        # An extended run (4 -> 8 iterations): the lr after loading follows the new schedule, the one an
+        # 8-iteration run has after the same step, not the saved 4-iteration one.
+        longer = {**trainer_kw, "total_iterations": 8}
+        state2 = full.state_dict()  # after 2 iterations: past the warmup, into the decay
+        ran8 = trainer(a, **longer)
+        torch.manual_seed(7)
+        ran8.step(ps)
+        ran8.step(ps)
+        ext = trainer(a, **longer)
+        ext.load_state_dict(state2)
+        for opt in ("optimizer", "critic_optimizer"):
+            want = [g["lr"] for g in getattr(ran8, opt).param_groups]
+            assert [g["lr"] for g in getattr(ext, opt).param_groups] == pytest.approx(want, rel=1e-12), opt
+            assert want != [g["lr"] for g in state2[opt]["param_groups"]], "the schedules must differ here"
+
+
+def test_resume_refuses_a_state_without_every_trainable_weight():
+    a = args()
+    t = trainer(a)
+    state = t.state_dict()
+    name = next(iter(state["weights"]["value_model"]))
+    del state["weights"]["value_model"][name]
+    with pytest.raises(ValueError, match=rf"no weights for value_model parameters \['{name}'\].*state/ dir"):
+        trainer(a).load_state_dict(state)
+
+
+def test_gather_rollout_builds_the_global_batch_of_all_ranks(monkeypatch):
+    """Two ranks (threads over an in-memory collective, so no process group is needed) with different
+    prompt and response widths: each gets the concatenation in rank order, prompts re-padded on the
+    left with pad_id (mask 0), responses on the right with zeros, the slowest rank's generation time."""
+    import threading
+    from types import SimpleNamespace
+
+    import alignline.rl.ppo as ppo_mod
+    from alignline.distributed import DistInfo
+    from alignline.rl.ppo import Rollout
+
+    barrier, slots = threading.Barrier(2), {}
+
+    def exchange(rank, value):
+        call = slots.setdefault(("n", rank), 0)
+        slots[("n", rank)] = call + 1
+        slots[(call, rank)] = value
+        barrier.wait()
+        out = [slots[(call, r)] for r in range(2)]
+        barrier.wait()
+        return out
+
+    monkeypatch.setattr(ppo_mod, "all_reduce_max", lambda x, d: max(exchange(d.rank, x)))
+    monkeypatch.setattr(ppo_mod, "all_gather_cat", lambda t, d: torch.cat(exchange(d.rank, t)))
+
+    def rollout(b, P, R, seed, gen_s):
+        g = torch.Generator().manual_seed(seed)
+        qr = torch.randint(3, V, (b, P + R), generator=g)
+        attn = torch.ones(b, P + R, dtype=torch.long)
+        attn[0, 0] = 0  # a left-padded prompt
+        qr[0, 0] = PAD
+        mask = torch.ones(b, R)
+        mask[-1, R - 1] = 0
+        f = lambda: torch.rand(b, R, generator=g)  # noqa: E731
+        return Rollout(query_response=qr, attention_mask=attn, context_len=P, mask=mask,
+                       has_eos=torch.tensor([True] * (b - 1) + [False]), logprobs=f(), ref_logprobs=f(),
+                       entropy=f(), values=f(), raw_scores=torch.rand(b, generator=g),
+                       scores=torch.rand(b, generator=g), verified=torch.rand(b, generator=g),
+                       generation_s=gen_s)
+
+    local = [rollout(3, 4, 5, seed=0, gen_s=0.5), rollout(2, 6, 3, seed=1, gen_s=0.9)]
+    out: dict[int, Rollout] = {}
+
+    def run(rank):
+        me = SimpleNamespace(dist=DistInfo(rank=rank, world_size=2, local_rank=rank), pad_id=PAD)
+        out[rank] = PPOTrainer.gather_rollout(me, local[rank])
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert set(out) == {0, 1}
+    P, R = 6, 5
+    r0, r1 = local
+    expect_qr = torch.cat([torch.cat([torch.full((3, 2), PAD), r0.query_response[:, :4], r0.query_response[:, 4:]], 1),
+                           torch.cat([r1.query_response[:, :6], r1.query_response[:, 6:], torch.full((2, 2), PAD)], 1)])
+    expect_attn = torch.cat([torch.cat([torch.zeros(3, 2, dtype=torch.long), r0.attention_mask], 1),
+                             torch.cat([r1.attention_mask, torch.zeros(2, 2, dtype=torch.long)], 1)])
+
+    def right(t0, t1):
+        return torch.cat([t0, torch.cat([t1, torch.zeros(2, 2)], 1)])
+
+    for rank in (0, 1):
+        g = out[rank]
+        assert g.context_len == P and g.mask.shape == (5, R) and g.generation_s == 0.9
+        assert torch.equal(g.query_response, expect_qr) and torch.equal(g.attention_mask, expect_attn)
+        for field in ("mask", "logprobs", "ref_logprobs", "entropy", "values"):
+            assert torch.equal(getattr(g, field), right(getattr(r0, field), getattr(r1, field))), field
+        for field in ("has_eos", "raw_scores", "scores", "verified"):
+            assert torch.equal(getattr(g, field), torch.cat([getattr(r0, field), getattr(r1, field)])), field
+        assert torch.equal(g.responses[3:, :3], r1.responses)
+    # One process: the rollout comes back as is; a rollout with advantages is refused.
+    single = SimpleNamespace(dist=DistInfo(), pad_id=PAD)
+    assert PPOTrainer.gather_rollout(single, r0) is r0
+    r0.advantages = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="before compute_advantages"):
+        PPOTrainer.gather_rollout(SimpleNamespace(dist=DistInfo(rank=0, world_size=2), pad_id=PAD), r0)
 
 
 def test_ptx_mixes_in_the_pretraining_loss():
