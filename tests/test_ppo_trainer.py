@@ -495,3 +495,37 @@ def test_rm_score_is_read_at_the_last_real_response_token():
         got = sequence_scores(rm, torch.cat([ids, resp], 1), torch.cat([attn, mask], 1), ids.shape[1], mask)
         want = torch.stack([rm(input_ids=torch.tensor([p + r])).logits[0, 0] for p, r in zip(prompt_ids, responses)])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_rank_statistics_and_no_sync_for_ddp():
+    """The pieces of a multi-rank update that a single process skips: a rank's micro-batch statistics
+    weighted by its token share (ratio_var carried as the second moment, E[r^2] = var + mean^2) and
+    DDP's no_sync entered on policy and critic for every micro-batch but a minibatch's last."""
+    import contextlib
+    from types import SimpleNamespace
+
+    stats = {"policy_loss": torch.tensor(2.0), "ratio_mean": torch.tensor(1.5), "ratio_var": torch.tensor(0.25)}
+    got = PPOTrainer._weighted_stats(stats, 0.25)
+    assert got == {"policy_loss": 0.5, "ratio_mean": 0.375, "ratio_var": (0.25 + 1.5**2) * 0.25}
+    assert PPOTrainer._weighted_stats({"value_loss": torch.tensor(4.0)}, 0.5) == {"value_loss": 2.0}
+
+    entered: list[str] = []
+
+    class Wrapped:
+        def __init__(self, name):
+            self.name = name
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append(self.name)
+            yield
+
+    me = SimpleNamespace(policy_fwd=Wrapped("policy"), critic_fwd=Wrapped("critic"))
+    with PPOTrainer._no_sync(me, True):
+        assert entered == ["policy", "critic"]
+    with PPOTrainer._no_sync(me, False):
+        pass
+    assert entered == ["policy", "critic"]
+    plain = SimpleNamespace(policy_fwd=object(), critic_fwd=object())  # not DDP-wrapped: nothing to enter
+    with PPOTrainer._no_sync(plain, True):
+        pass

@@ -376,6 +376,13 @@ def test_adaptive_kl_clamps_the_error_from_below_and_checks_its_arguments():
     for bad in ((0.1, 0.0, 10), (0.1, 1.0, 0)):
         with pytest.raises(ValueError, match="target > 0"):
             AdaptiveKLController(*bad)
+    for beta, min_beta in ((-0.1, 0.0), (-0.1, 0.5), (0.1, -0.5)):  # either one negative is refused
+        with pytest.raises(ValueError, match=rf"adaptive KL needs beta >= 0 and min_beta >= 0 \(got {beta}, {min_beta}\)"):
+            AdaptiveKLController(beta, 1.0, 10, min_beta=min_beta)
+    with pytest.raises(ValueError, match="adaptive KL from beta 0 needs min_beta > 0, or beta could never rise"):
+        AdaptiveKLController(0.0, 1.0, 10)
+    assert AdaptiveKLController(0.0, 1.0, 10, min_beta=1.0).value == 0.0  # beta 0 with a floor: valid
+    assert AdaptiveKLController(0.1, 1.0, 10, min_beta=0.0).min_beta == 0.0
     fixed = FixedKLController(0.3)
     other = FixedKLController(1.0)
     other.load_state_dict(fixed.state_dict())
