@@ -94,3 +94,53 @@ def test_policy_pairs_sample_at_most_max_new_tokens(monkeypatch):
     monkeypatch.setattr(pp, "generate", spy)
     sample_policy_pairs(model, tok, [_row("What is 1+2?", "3", "numeric")], samples_per_prompt=4, max_new_tokens=2)
     assert widths and max(widths) == 2
+
+
+def test_label_pairs_is_seeded_exact_by_default_and_checks_lengths():
+    """Which wrong samples are kept under the cap is a seeded draw; a row without `match` is scored
+    exactly; rows and samples must line up; the pair layout is the TRL conversational one."""
+    rows = [_row("Q?", "7")]
+    del rows[0]["match"]
+    wrong = [f"w{i}" for i in range(12)]
+    samples = [["7.0", *wrong]]  # "7.0" is right only under numeric matching
+    picks = {seed: [p["rejected"][0]["content"] for p in label_pairs(rows, samples, 3, seed=seed)[0]]
+             for seed in range(6)}
+    assert picks[0] == [p["rejected"][0]["content"] for p in label_pairs(rows, samples, 3)[0]]  # default seed 0
+    assert len({tuple(v) for v in picks.values()}) > 1, "the seed must drive the draw"
+    assert picks[0] == [p["rejected"][0]["content"] for p in label_pairs(rows, samples, 3, seed=0)[0]]
+    all_pairs, stats = label_pairs(rows, samples, 20)
+    assert "7.0" in {p["rejected"][0]["content"] for p in all_pairs}  # exact: "7.0" != "7"
+    assert stats["sample_accuracy"] == 0.0 and stats["pairs"] == 13
+    assert all_pairs[0] == {"prompt": rows[0]["prompt"], "chosen": [{"role": "assistant", "content": "7"}],
+                            "rejected": [{"role": "assistant", "content": all_pairs[0]["rejected"][0]["content"]}]}
+    one, st = label_pairs([_row("Q?", "7")], [["7"]], 2)
+    assert one == [] and st["sample_accuracy"] == 1.0  # one right sample of one
+    with pytest.raises(ValueError):
+        label_pairs(rows, [samples[0], ["x"]], 2)  # a sample list without its row
+
+
+def test_sample_policy_pairs_passes_its_arguments_through(monkeypatch):
+    """batch size, cap and seed reach the sampler and the labeller."""
+    import alignline.rl.policy_pairs as pp
+
+    seen = {}
+
+    def fake_sample(model, tok, convs, **kw):
+        seen.update(kw)
+        return [[f"w{i}" for i in range(8)] for _ in convs]
+
+    monkeypatch.setattr(pp, "sample_responses", fake_sample)
+    rows = [_row("Q?", "7"), _row("R?", "8")]
+    pairs, stats = sample_policy_pairs(None, None, rows, samples_per_prompt=8, max_pairs_per_prompt=3,
+                                       temperature=0.7, max_new_tokens=5, batch_size=3, seed=4, progress=True)
+    assert seen == {"samples_per_prompt": 8, "temperature": 0.7, "max_new_tokens": 5, "batch_size": 3, "progress": True}
+    assert stats["pairs"] == 6
+    assert pairs == label_pairs(rows, [[f"w{i}" for i in range(8)]] * 2, 3, seed=4)[0]
+    assert pairs != label_pairs(rows, [[f"w{i}" for i in range(8)]] * 2, 3, seed=0)[0]
+    seen.clear()
+    pairs, _ = sample_policy_pairs(None, None, rows)  # the documented defaults
+    assert seen == {"samples_per_prompt": 4, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 64,
+                    "progress": False}
+    assert pairs == label_pairs(rows, [[f"w{i}" for i in range(8)]] * 2, 2, seed=0)[0]
+    with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3, 4\] lack them \(use the data stage's prompts/\*\.jsonl\)"):
+        sample_policy_pairs(None, None, [{"prompt": []}] * 7)
