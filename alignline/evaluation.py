@@ -8,6 +8,11 @@ Prompts are rendered with the tokenizer's chat template (`add_generation_prompt=
 greedily until `<|eos|>`, decoded with special tokens skipped, and scored with
 `alignline.data.tasks.gold_score(response, answer, match)`. The same first-N test prompts are
 used by every causal-LM stage, so their samples and accuracies are comparable.
+
+Metric names mean one thing in every eval.json: `rm_score` is the reward model's score normalised
+with the reward stage's statistics, (raw - reward_mean) / reward_std (`reward_normalisation`), the
+scale PPO trains on; `rm_score_raw` is the RM's raw output. `gold_accuracy` is the share of exact
+gold answers under greedy decoding.
 """
 
 from __future__ import annotations
@@ -21,6 +26,24 @@ from typing import Any
 import torch
 
 from alignline.generation import decoding_config, generate_exactly
+
+
+def reward_normalisation(reward_dir) -> tuple[float, float]:
+    """(reward_mean, reward_std) of a reward stage (an `alignline.artifacts.StageDir`): the mean and std
+    of its scores on held-out chosen answers, from its eval.json. `rm_score` = (raw - mean) / std."""
+    from alignline.artifacts import StageError
+
+    ev = reward_dir.eval
+    where = reward_dir.path / "eval.json"
+    if "reward_mean" not in ev or "reward_std" not in ev:
+        raise StageError(
+            f"{where} has no reward_mean/reward_std (keys: {sorted(ev)}); the reward stage must record the "
+            "mean and std of its scores on held-out responses so scores can be normalised; re-run it"
+        )
+    mean, std = float(ev["reward_mean"]), float(ev["reward_std"])
+    if not (math.isfinite(std) and std > 0):
+        raise StageError(f"{where}: reward_std={std} must be a positive number; re-run the reward stage")
+    return mean, std
 
 
 @dataclass

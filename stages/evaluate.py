@@ -6,9 +6,11 @@
 For each of the run's `pretrain`, `sft` and `rlhf` stage outputs that exists (complete), it greedily
 answers the first `num_prompts` prompts of `prompts/<split>.jsonl` (data stage) and reports
 gold accuracy (exact/numeric match against the answer) and the mean score of the response
-under the reward model (`reward` stage, when present). Outputs (stage contract):
-eval.json (per stage: gold_accuracy, per_task, rm_score_mean, checkpoint), samples.jsonl
-(one row per prompt: responses, gold scores and RM scores of every stage), and a headline
+under the reward model (`reward` stage, when present). `rm_score` is normalised with the reward
+stage's statistics, the same meaning (and scale) as the rlhf stage's `rm_score`; `rm_score_raw` is
+the RM's raw output (alignline.evaluation). Outputs (stage contract): eval.json (per stage:
+gold_accuracy, per_task, rm_score, rm_score_raw, checkpoint; the normalisation used), samples.jsonl
+(one row per prompt: responses, gold scores and normalised RM scores of every stage), and a headline
 with `<stage>_gold_accuracy` / `<stage>_rm_score` for the report card.
 
 The rlhf input is one algorithm's output, `rlhf-<algorithm>/`: in the pipeline the one its rlhf
@@ -80,7 +82,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import alignline  # noqa: F401 - registers the alignline model with the Auto* classes
-    from alignline.evaluation import gold_eval, load_prompts
+    from alignline.evaluation import gold_eval, load_prompts, reward_normalisation
     from alignline.tokenizer import load_tokenizer
     from alignline.training import seed_everything
 
@@ -98,7 +100,9 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
                          f"(found none complete under {run_dir})")
 
     rm = rm_tok = None
+    rm_mean, rm_std = 0.0, 1.0
     if "reward" in stage_inputs:
+        rm_mean, rm_std = reward_normalisation(run.input("reward"))
         ckpt = run.input("reward").checkpoint
         rm = AutoModelForSequenceClassification.from_pretrained(str(ckpt)).to(device)
         rm_tok = load_tokenizer(ckpt)
@@ -121,8 +125,10 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
                           "dir": src.path.name, **({"variant": src.manifest["variant"]}
                                                    if src.manifest.get("variant") else {})}
         if rm is not None:
-            rms[stage] = rm_scores(rm, rm_tok, conversations, responses[stage], config.batch_size)
-            results[stage]["rm_score_mean"] = sum(rms[stage]) / len(rms[stage])
+            raw = rm_scores(rm, rm_tok, conversations, responses[stage], config.batch_size)
+            rms[stage] = [(x - rm_mean) / rm_std for x in raw]
+            results[stage]["rm_score"] = sum(rms[stage]) / len(rms[stage])
+            results[stage]["rm_score_raw"] = sum(raw) / len(raw)
         run.metrics.log(i, **{f"{stage}_gold_accuracy": gold.accuracy})
         del model
         if device == "cuda":
@@ -141,12 +147,13 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     headline: dict[str, float] = {}
     for s in models:
         headline[f"{s}_gold_accuracy"] = results[s]["gold_accuracy"]
-        if "rm_score_mean" in results[s]:
-            headline[f"{s}_rm_score"] = results[s]["rm_score_mean"]
+        if "rm_score" in results[s]:
+            headline[f"{s}_rm_score"] = results[s]["rm_score"]
     best = max(models, key=lambda s: (results[s]["gold_accuracy"] if not math.isnan(results[s]["gold_accuracy"])
                                       else -1.0))
     evaluation = {"split": config.split, "num_prompts": len(rows), "stages": results, "best_stage": best,
-                  "reward_model": str(run.input("reward").checkpoint) if rm is not None else None}
+                  "reward_model": str(run.input("reward").checkpoint) if rm is not None else None,
+                  **({"rm_normalisation": {"reward_mean": rm_mean, "reward_std": rm_std}} if rm is not None else {})}
     return run.finalize(eval=evaluation, headline=headline, samples=samples)
 
 

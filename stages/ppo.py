@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from pydantic import Field, field_validator
 
 from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel
 from alignline.distributed import pick_device
+from alignline.evaluation import reward_normalisation
 from alignline.files import read_jsonl
 from alignline.rl.ppo import PPOArgs, PPOTrainer
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
@@ -204,20 +204,6 @@ def find_data_stage(start: Path, max_depth: int = 6) -> Path:
     raise FileNotFoundError(
         f"could not find the data stage among the inputs of {start}; pass --data RUN/data"
     )
-
-
-def reward_normalisation(reward_dir) -> tuple[float, float]:
-    ev = reward_dir.eval
-    where = reward_dir.path / "eval.json"
-    if "reward_mean" not in ev or "reward_std" not in ev:
-        raise KeyError(
-            f"{where} has no reward_mean/reward_std (keys: {sorted(ev)}); the reward stage must record the "
-            "mean and std of its scores on held-out responses so PPO can normalise them"
-        )
-    mean, std = float(ev["reward_mean"]), float(ev["reward_std"])
-    if not (math.isfinite(std) and std > 0):
-        raise ValueError(f"{where}: reward_std={std} must be a positive number")
-    return mean, std
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_tokens: int, source: Path) -> list[list[int]]:

@@ -75,7 +75,12 @@ def test_first_run_trains_every_stage_and_reports(first_run) -> None:
     evaluation = json.loads((run_dir / "evaluate" / "eval.json").read_text())
     assert set(evaluation["stages"]) == {"pretrain", "sft", "rlhf"}
     assert evaluation["stages"]["rlhf"]["dir"] == "rlhf-ppo" and evaluation["stages"]["rlhf"]["variant"] == "ppo"
-    assert all("rm_score_mean" in v for v in evaluation["stages"].values())
+    # One meaning of rm_score in every eval.json: normalised with the reward stage's statistics.
+    norm = evaluation["rm_normalisation"]
+    rm_eval = json.loads((run_dir / "reward" / "eval.json").read_text())
+    assert norm == {"reward_mean": rm_eval["reward_mean"], "reward_std": rm_eval["reward_std"]}
+    for v in evaluation["stages"].values():
+        assert v["rm_score"] == pytest.approx((v["rm_score_raw"] - norm["reward_mean"]) / norm["reward_std"])
 
 
 def test_second_run_reuses_every_stage(first_run) -> None:

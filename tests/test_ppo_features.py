@@ -214,7 +214,7 @@ def test_reward_norm_policy_samples_is_the_mean_std_of_the_policys_scored_sample
 
 
 def test_reward_norm_reward_stage_reads_the_reward_eval(tmp_path):
-    from stages.ppo import reward_normalisation
+    from alignline.evaluation import reward_normalisation
 
     rd = SimpleNamespace(eval={"reward_mean": 4.5, "reward_std": 1.5}, path=tmp_path)
     mean, std = reward_normalisation(rd)
