@@ -7,6 +7,7 @@ stage contract and every stage improves the model.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,6 +16,8 @@ from alignline.artifacts import load_stage
 from alignline.config import load_config
 from alignline.files import read_jsonl
 from stages import load_stage_module
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +74,8 @@ def test_pretrain_val_loss_falls_well_below_initial(tiny_chain):
     assert ev["initial_val_loss"] > 5.5
     assert ev["val_loss"] < 0.5 * ev["initial_val_loss"], ev
     assert ev["val_ppl"] == pytest.approx(2.718281828 ** ev["val_loss"], rel=1e-6)
-    assert ev["tokens_seen"] > 0
+    t = yaml.safe_load((tiny_chain.pretrain / "config.yaml").read_text())["train"]
+    assert ev["tokens_seen"] == t["max_steps"] * t["batch_size"] * t["seq_len"]  # every step, full blocks
 
 
 def test_sft_gold_accuracy_beats_pretrain(tiny_chain):
@@ -99,7 +103,9 @@ def test_reward_stage_adds_pairs_from_the_policys_own_samples(tiny_chain):
     op = ev["onpolicy"]
     assert op["train"]["samples"] == 2000 * 8 and op["train"]["pairs"] > 500, op
     assert 0 < op["train"]["sample_accuracy"] < 1 and op["val"]["pairs"] > 20
-    assert 0.0 <= ev["onpolicy_accuracy"] <= 1.0
+    # The RM ranks the SFT policy's own held-out mistakes below the gold answers, well above chance
+    # (0.76 on the demo run; 0.5 is a coin flip).
+    assert ev["onpolicy_accuracy"] > 0.6, ev["onpolicy_accuracy"]
 
 
 def test_reward_checkpoint_reloads_with_same_scores(tiny_chain):
@@ -116,4 +122,5 @@ def test_reward_checkpoint_reloads_with_same_scores(tiny_chain):
     rejected = score_conversations(model, tok, [r["prompt"] + r["rejected"] for r in rows])
     ev = json.loads((tiny_chain.reward / "eval.json").read_text())
     assert pair_metrics(chosen, rejected)["accuracy"] == pytest.approx(ev["accuracy"])
-    assert yaml.safe_load((tiny_chain.reward / "config.yaml").read_text())["train"]["max_length"] > 0
+    saved = yaml.safe_load((tiny_chain.reward / "config.yaml").read_text())["train"]["max_length"]
+    assert saved == load_config(load_stage_module("reward").Config, REPO / "configs/reward/tiny.yaml").train.max_length
