@@ -387,3 +387,58 @@ def test_adaptive_kl_clamps_the_error_from_below_and_checks_its_arguments():
     other = FixedKLController(1.0)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.3
+
+
+def test_core_edge_cases_that_identity_settings_hide():
+    """Cases the PPO loop rarely hits: two-entry variance, a constant to whiten, [B, T, V] entropy,
+    one-token responses, the biased ratio variance, the default KL estimator and the exact messages."""
+    from alignline.rl.core import RunningMoments
+
+    x = torch.tensor([[1.0, 3.0, 7.0]])
+    two = torch.tensor([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(masked_var(x, two), torch.tensor(2.0))  # n/(n-1) = 2 at n = 2
+    torch.testing.assert_close(masked_var(x, two, unbiased=False), torch.tensor(1.0))
+    const = masked_whiten(torch.full((2, 3), 5.0), torch.ones(2, 3))
+    assert torch.isfinite(const).all() and const.abs().max() == 0  # var 0: the epsilon keeps it finite
+
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    p = logits.softmax(-1)
+    torch.testing.assert_close(entropy_from_logits(logits), -(p * p.log()).sum(-1))
+
+    rewards, values = torch.tensor([[2.0], [0.5]]), torch.tensor([[0.5], [1.0]])
+    adv, ret = compute_gae(rewards, values, torch.ones(2, 1), gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, rewards - values)  # one token: A = r - V
+    torch.testing.assert_close(ret, rewards)
+
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    old = torch.tensor([[-1.2, -1.5, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    _, stats = policy_loss(logp, old, torch.ones(1, 3), mask, 0.2)
+    r = torch.exp(torch.tensor([0.2, -0.5]))
+    torch.testing.assert_close(stats["ratio_var"], ((r - r.mean()) ** 2).mean())  # biased: a 2nd moment
+    torch.testing.assert_close(kl_estimate(logp, old), logp - old)  # k1 by default
+
+    with pytest.raises(ValueError, match=r"^a response has no real token \(mask all zero\); every response must keep >= 1 token$"):
+        compute_rewards(torch.zeros(1), logp, old, torch.zeros(1, 3), 0.1)
+    with pytest.raises(ValueError, match=r"^adaptive KL from beta 0 needs min_beta > 0, or beta could never rise$"):
+        AdaptiveKLController(0.0, 1.0, 10)
+
+    moments = RunningMoments()
+    batches = [torch.tensor([1.0, 2.0, 4.0]), torch.tensor([]), torch.tensor([10.0]), torch.tensor([-3.0, 0.5])]
+    for b in batches:
+        moments.update(b)
+    allx = torch.cat(batches).double()
+    assert moments.count == 6
+    assert moments.mean == pytest.approx(float(allx.mean()), abs=1e-12)
+    assert moments.std == pytest.approx(float(allx.std()), abs=1e-12)  # unbiased, merged batch by batch
+    assert RunningMoments().std == 0.0
+
+
+def test_adaptive_kl_from_beta_zero_takes_over_only_above_target():
+    ctl = AdaptiveKLController(0.0, target=2.0, horizon=10, min_beta=0.5)
+    ctl.update(2.0, 1)  # exactly at target: error 0, nothing moves
+    assert ctl.value == 0.0
+    ctl.update(1.0, 1)  # below target: 0 stays 0
+    assert ctl.value == 0.0
+    ctl.update(2.2, 1)  # above target: raised to min_beta, then scaled by 1 + 0.1 * 1/10
+    assert ctl.value == pytest.approx(0.5 * 1.01)
