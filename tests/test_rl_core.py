@@ -442,3 +442,112 @@ def test_adaptive_kl_from_beta_zero_takes_over_only_above_target():
     assert ctl.value == 0.0
     ctl.update(2.2, 1)  # above target: raised to min_beta, then scaled by 1 + 0.1 * 1/10
     assert ctl.value == pytest.approx(0.5 * 1.01)
+
+
+def _tiny_llama(num_labels: int | None = None, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                      **({"num_labels": num_labels} if num_labels else {}))
+    return (LlamaForSequenceClassification(cfg) if num_labels else LlamaForCausalLM(cfg)).eval()
+
+
+def _tiny_gpt2(num_labels: int | None = None, seed: int = 0):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0, eos_token_id=1,
+                     bos_token_id=2, **({"num_labels": num_labels} if num_labels else {}))
+    return (GPT2ForSequenceClassification(cfg) if num_labels else GPT2LMHeadModel(cfg)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padded_batches_score_like_each_row_alone(arch):
+    """Left-padded prompts of different lengths: log-probs, values and RM scores of a batch equal
+    those of each row run alone (the attention mask and position ids keep the pads out), T = 0.7.
+    GPT-2 too: learned absolute positions, and a pad embedding that is not zero, so a forward that
+    dropped the attention mask would let the pads in (Llama's zero pad rows could hide that)."""
+    from alignline.rl.rollout import response_logprobs, sequence_scores, token_values
+
+    build = _tiny_llama if arch == "llama" else _tiny_gpt2
+    policy, critic = build(), build(num_labels=1, seed=1)
+    prompts = [[2, 7, 8, 9, 10, 11], [2, 12, 13], [2, 14, 15, 16]]
+    responses = torch.tensor([[20, 21, 1, 0], [22, 23, 24, 25], [26, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    ids, attn = left_pad(prompts, 0)
+    qr, full = torch.cat([ids, responses], 1), torch.cat([attn, mask], 1)
+    P = ids.shape[1]
+    with torch.no_grad():
+        logp = response_logprobs(policy, qr, full, P, 0.7)
+        values = token_values(critic, qr, full, P)
+        scores = sequence_scores(critic, qr, full, P, mask)
+        for i, p in enumerate(prompts):
+            n = int(mask[i].sum())
+            one = torch.tensor([p + responses[i, :n].tolist()])
+            ones = torch.ones_like(one)
+            torch.testing.assert_close(logp[i, :n], response_logprobs(policy, one, ones, len(p), 0.7)[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(values[i, :n], token_values(critic, one, ones, len(p))[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(scores[i], sequence_scores(critic, one, ones, len(p), torch.ones(1, n))[0],
+                                       atol=1e-5, rtol=0)
+
+
+def test_response_logits_compute_the_head_only_where_needed(monkeypatch):
+    """logits_to_keep = R + 1 reaches a model whose forward takes it (also through a DDP-like
+    `.module`), and is not passed to one that does not."""
+    from alignline.rl import rollout
+
+    model = _tiny_llama()
+    seen = []
+    real = model.forward
+
+    def spy(*a, **k):
+        seen.append(k.get("logits_to_keep"))
+        return real(*a, **k)
+
+    qr = torch.tensor([[2, 5, 6, 7, 8, 9]])
+    monkeypatch.setattr(model, "forward", spy)
+    monkeypatch.setattr(rollout, "_accepts", lambda m, name: True)
+    with torch.no_grad():
+        full = rollout.response_logits(model, qr, torch.ones_like(qr), 3, 1.0)
+    assert seen == [4] and full.shape == (1, 3, 50)
+    monkeypatch.undo()
+    assert rollout._accepts(_tiny_llama(), "logits_to_keep") and not rollout._accepts(_tiny_llama(), "no_such_arg")
+
+    class Wrapper(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module):  # no process group: only the `.module` lookup is exercised
+            torch.nn.Module.__init__(self)
+            self.module = module
+
+    assert rollout._accepts(Wrapper(_tiny_llama()), "logits_to_keep")
+
+
+def test_disable_dropout_zeroes_every_dropout_and_its_config_keys():
+    """GPT-2 style names (resid_pdrop, embd_pdrop, attn_pdrop modules) and Llama/Qwen ones."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from alignline.rl.rollout import disable_dropout, position_ids_from_mask
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                      resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)).train()
+    for key in ("hidden_dropout", "dropout", "attention_dropout"):
+        setattr(gpt2.config, key, 0.2)
+    disable_dropout(gpt2)
+    assert not gpt2.training
+    assert all(m.p == 0.0 for m in gpt2.modules() if isinstance(m, torch.nn.Dropout))
+    for key in ("resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout", "attention_dropout"):
+        assert getattr(gpt2.config, key) == 0.0, key
+    assert gpt2.config.attn_pdrop == 0.3  # not one of the keys; its modules are zeroed above
+    gpt2.train()  # even in train mode the forward is now deterministic
+    x = torch.tensor([[3, 4, 5, 6]])
+    torch.testing.assert_close(gpt2(x).logits, gpt2(x).logits)
+
+    ids, attn = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.dtype == attn.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and attn.tolist() == [[1, 1, 1], [0, 0, 1]]
+    # absolute positions (GPT-2's learned table): the first real token is position 0, pads clamp to 0
+    assert position_ids_from_mask(attn).tolist() == [[0, 1, 2], [0, 0, 0]]
+    for bad in ([], [[5], []]):
+        with pytest.raises(ValueError, match=r"^left_pad needs a non-empty list of non-empty token sequences$"):
+            left_pad(bad, 0)
