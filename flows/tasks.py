@@ -59,6 +59,7 @@ from alignline.config import (
 )
 from alignline.launch import LaunchError, launch, torchrun_command
 from alignline.report import metrics_path
+from stages import load_stage_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,23 +135,10 @@ def stage_module_name(stage: str, entry: StageEntry) -> str:
     return STAGES[stage]
 
 
-def import_stage(module_name: str, stage: str) -> ModuleType:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"stage {stage!r}: module {module_name} cannot be imported ({exc}); "
-                          f"check `module:` or that {module_name.replace('.', '/')}.py exists") from exc
-    missing = [a for a in ("Config", "run") if not hasattr(module, a)]
-    if missing:
-        raise ConfigError(f"stage {stage!r}: module {module_name} lacks {', '.join(missing)} "
-                          "(a stage module exposes Config, INPUTS, run(config, inputs, run_dir) and main)")
-    return module
-
-
 def resolve_stage(stage: str, entry: StageEntry, where: str = "pipeline") -> ResolvedStage:
     """Load and validate one stage config (file, then `params`, then `set`); ConfigError names the place."""
     module_name = stage_module_name(stage, entry)
-    module = import_stage(module_name, stage)
+    module = load_stage_module(stage, module_name)
     data: dict[str, Any] = {}
     key_lines: dict[tuple[str, ...], int] = {}
     source = f"{where}: stages.{stage} (defaults)"
@@ -388,7 +376,7 @@ def stage_task(
     rlhf stage's algorithms) is cached, resumed and forced on its own; logs name the variant.
     """
     logger = get_run_logger()
-    mod = import_stage(module, stage)
+    mod = load_stage_module(stage, module)
     cfg = mod.Config.model_validate(config)
     rd = Path(run_dir)
     name = stage_dir_name(stage, cfg)

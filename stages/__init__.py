@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from alignline.config import ConfigError
+
 # name -> (module, one-line description shown by `alignline stage --help`)
 STAGES: dict[str, str] = {
     "data": "stages.data",
@@ -42,15 +44,18 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
-class StageNotAvailable(ImportError):
-    """The module of a registered stage is missing or fails to import."""
+class StageNotAvailable(ConfigError, ImportError):
+    """The module of a stage is missing, fails to import or lacks the stage interface (a user error:
+    a wrong `module:` in a pipeline config, or a broken install)."""
 
 
-def load_stage_module(name: str) -> ModuleType:
-    """Import the module of stage `name`, with a clear error when it is unknown, missing or broken."""
-    if name not in STAGES:
+def load_stage_module(name: str, module: str | None = None) -> ModuleType:
+    """Import the module of stage `name` (or `module`, a pipeline entry's own implementation of it),
+    with one clear error when it is unknown, missing or broken. The one stage importer: the CLI,
+    the flows and the tests all come through here."""
+    if module is None and name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
-    modname = STAGES[name]
+    modname = module or STAGES[name]
     try:
         module = importlib.import_module(modname)
     except ModuleNotFoundError as exc:

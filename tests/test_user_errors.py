@@ -233,6 +233,9 @@ PIPELINE_CASES = {
     "unknown-set-key": (["--set", "gates.enabeld=false"], ["gates.enabeld", "unknown key"]),
     "unknown-stage-set-key": (["--set", "sft.train.lr=1e-4"], ["train", "unknown key"]),
     "from-without-earlier-stages": (["--from", "sft"], ["earlier stage 'data'", "manifest.json"]),
+    # stages.load_stage_module, the one stage importer, for a pipeline entry's own `module:`
+    "missing-stage-module": (["--set", "stages.sft.module=stages.sftt"], ["stages.sftt", "does not exist",
+                                                                            "stages/sftt.py"]),
 }
 
 
