@@ -27,26 +27,16 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
-SPECIAL_TOKENS: list[str] = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT]
-ROLE_TOKENS: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-
-# <|bos|><|user|>What is 12+7?<|eos|><|assistant|>19<|eos|>
-# Whitespace control ({%- -%}) keeps the template itself from adding characters.
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '<|assistant|>' -}}"
-    "{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}"
-    "{%- elif message['role'] == 'user' or message['role'] == 'system' -%}"
-    "{{- '<|' + message['role'] + '|>' + message['content'] + eos_token -}}"
-    "{%- else -%}"
-    "{{- raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+from alignline.chat import (  # noqa: F401  (the chat format lives in alignline.chat; re-exported)
+    ASSISTANT,
+    BOS,
+    CHAT_TEMPLATE,
+    EOS,
+    PAD,
+    ROLE_TOKENS,
+    SPECIAL_TOKENS,
+    SYSTEM,
+    USER,
 )
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)

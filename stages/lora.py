@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from alignline.chat import CHATML_TEMPLATE
 from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel, load_config
 from alignline.data.loaders import Columns, DataValidationError, Format, LoaderConfig, load_records
 
@@ -53,22 +54,7 @@ log = logging.getLogger("alignline.stages.lora")
 
 STAGE = "lora"
 
-# ChatML-style layout that needs no new tokens: the base's own eos ends every turn, so generation
-# stops where training taught it to. The assistant's content and eos sit inside {% generation %}.
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- if bos_token and bos_token != eos_token -%}{{- bos_token -}}{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{- raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') -}}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}"
-    "{%- else -%}{{- message['content'] + eos_token -}}{%- endif -%}"
-    "{{- '\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE  # alignline.chat: ChatML-style, the base's own eos ends every turn
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 

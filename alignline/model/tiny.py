@@ -12,22 +12,12 @@ so TRL trainers and chat code can run on it. Real runs use alignline.tokenizer (
 from collections.abc import Iterable
 from typing import Any
 
+from alignline.chat import ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, SYSTEM, USER
 from alignline.model.configuration import AlignlineConfig
 from alignline.model.modeling import AlignlineForCausalLM
 
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|system|>", "<|user|>", "<|assistant|>"]
-
-# Same rendering as the project template: <|bos|><|user|>..<|eos|><|assistant|>..<|eos|>, with the
-# assistant turn inside {% generation %} so TRL's assistant-only loss can find it.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
+# The toy word-level tokenizer needs an unk token; ids 0..6 match tiny_config (pad 0, bos 1, eos 2).
+SPECIAL_TOKENS = [PAD, BOS, EOS, "<|unk|>", SYSTEM, USER, ASSISTANT]
 
 
 def tiny_config(**overrides: Any) -> AlignlineConfig:
