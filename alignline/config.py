@@ -113,7 +113,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         try:
             value = float(value) if any(c in value for c in ".eE") else int(value)
         except ValueError:
-            pass
+            value = str(value)  # not a number: the override is the string as typed
     return key.split("."), value
 
 

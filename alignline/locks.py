@@ -33,6 +33,7 @@ import errno
 import fcntl
 import itertools
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from alignline.config import UserError
+
+log = logging.getLogger("alignline.locks")
 
 LOCK_DIR = ".locks"
 RUN_LOCK = "run"
@@ -235,8 +238,8 @@ def _release(key: str, owner: int) -> None:
     try:
         if held.exclusive:
             os.ftruncate(held.fd, 0)  # no stale holder details once it is free
-    except OSError:
-        pass
+    except OSError as exc:  # cosmetic: the lock is released by the close below either way
+        log.debug("could not clear the holder details of %s: %s", key, exc)
     os.close(held.fd)  # closing the descriptor releases the flock
     if held.token is not None and os.environ.get(TOKEN_ENV) == held.token:
         del os.environ[TOKEN_ENV]

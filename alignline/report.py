@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignline.artifacts import PIPELINE_STAGES
 from alignline.files import write_text
 
-# Stage order of the full pipeline; also the order of rows and columns in the report.
-STAGE_ORDER = ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate", "lora")
+# Rows and columns of the report: the pipeline's stages in run order, then the stand-alone lora stage.
+STAGE_ORDER = (*PIPELINE_STAGES, "lora")
 # Curve kinds: a metrics.jsonl key goes into the first kind whose marker it contains.
 CURVE_KINDS: dict[str, tuple[str, ...]] = {
     "kl": ("kl",),
@@ -338,14 +339,22 @@ def other_variant_records(run_dir: str | Path, records: list[StageRecord]) -> li
                 continue
             what = ("pre-variant output dir, left in place, not used" if d == legacy
                     else f"an earlier result; this run selects {current}")
-            wall = None
-            try:
-                wall = json.loads((d / "manifest.json").read_text(encoding="utf-8")).get("wall_time_s")
-            except (OSError, json.JSONDecodeError):
-                pass
-            out.append(StageRecord(d.name, "kept", wall_s=wall, path=str(d), headline=read_headline(d),
+            out.append(StageRecord(d.name, "kept", wall_s=_wall_time(d), path=str(d), headline=read_headline(d),
                                    message=what, stage=kind))
     return out
+
+
+def _wall_time(stage_dir: Path) -> float | None:
+    """wall_time_s from a stage's manifest; None without one (not finished). A corrupt manifest is said
+    on stderr (the report still renders; `load_stage` is where it is an error)."""
+    path = stage_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("wall_time_s")
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"report: cannot read {path} ({exc}); its wall time is not shown", file=sys.stderr)
+        return None
 
 
 def _with_kept(records: list[StageRecord], kept: list[StageRecord]) -> list[StageRecord]:
@@ -395,11 +404,13 @@ def records_from_run_dir(run_dir: str | Path) -> list[StageRecord]:
 
     run_dir = Path(run_dir)
     evaluated: set[str] = set()
-    try:
-        inputs = json.loads((run_dir / "evaluate" / "manifest.json").read_text(encoding="utf-8")).get("inputs", {})
-        evaluated = {Path(i["path"]).name for i in inputs.values() if isinstance(i, dict) and i.get("path")}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        pass
+    ev_manifest = run_dir / "evaluate" / "manifest.json"
+    if ev_manifest.is_file():  # no evaluate stage yet: no variant is "the evaluated one"
+        try:
+            inputs = json.loads(ev_manifest.read_text(encoding="utf-8")).get("inputs", {})
+            evaluated = {Path(i["path"]).name for i in inputs.values() if isinstance(i, dict) and i.get("path")}
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            print(f"report: cannot read {ev_manifest} ({exc}); listing every variant as ran", file=sys.stderr)
     recs = []
     for name in STAGE_ORDER:
         variants = variant_dirs(run_dir, name)

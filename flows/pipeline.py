@@ -34,7 +34,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from alignline.artifacts import StageError, adopt_legacy_dir, is_complete, load_stage, stage_dir_name
+from alignline.artifacts import (
+    PIPELINE_STAGES,
+    StageError,
+    adopt_legacy_dir,
+    is_complete,
+    load_stage,
+    stage_dir_name,
+)
 from alignline.config import (
     ConfigError,
     StrictModel,
@@ -55,7 +62,7 @@ from flows.tasks import (
     stage_task,
 )
 
-STAGE_SEQUENCE = ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate")
+STAGE_SEQUENCE = PIPELINE_STAGES  # alignline.artifacts: the one definition of the stage order
 
 
 def _entry(stage: str) -> Any:

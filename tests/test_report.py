@@ -118,3 +118,16 @@ def test_rebuilt_report_marks_the_evaluated_variant_current(tmp_path: Path) -> N
     recs = records_from_run_dir(run)
     assert [(r.name, r.status) for r in recs] == [("rlhf-dpo", "ran"), ("rlhf-ppo", "kept"), ("evaluate", "ran")]
     assert "this run selects `rlhf-dpo`" in build_report(run, recs, plots=False).markdown
+
+
+def test_wall_time_of_a_kept_dir_reads_its_manifest_and_says_when_it_cannot(tmp_path, capsys):
+    from alignline.report import _wall_time
+
+    d = tmp_path / "rlhf-dpo"
+    assert _wall_time(d) is None and capsys.readouterr().err == ""  # not finished: nothing to say
+    d.mkdir()
+    (d / "manifest.json").write_text('{"wall_time_s": 12.5}')
+    assert _wall_time(d) == 12.5
+    (d / "manifest.json").write_text('{"wall_time_s": 12')
+    assert _wall_time(d) is None
+    assert f"cannot read {d / 'manifest.json'}" in capsys.readouterr().err
