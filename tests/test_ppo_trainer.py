@@ -529,3 +529,39 @@ def test_rank_statistics_and_no_sync_for_ddp():
     plain = SimpleNamespace(policy_fwd=object(), critic_fwd=object())  # not DDP-wrapped: nothing to enter
     with PPOTrainer._no_sync(plain, True):
         pass
+
+
+def test_step_metrics_are_the_rollouts_statistics_and_a_consistent_time_split():
+    """Every metric of a step, recomputed from the rollout it trained on (non-identity: T = 0.7,
+    reward mean/std 1.3/0.4, critic lr != policy lr), and a time split that adds up."""
+    import time
+
+    from alignline.rl.core import explained_variance, masked_mean
+
+    a = args(temperature=0.7, critic_lr=1e-3, ppo_epochs=2)
+    t = trainer(a, reward_mean=1.3, reward_std=0.4)
+    torch.manual_seed(3)
+    start = time.perf_counter()
+    m = t.step(prompts())
+    wall = time.perf_counter() - start
+    ro = t.last_rollout
+    mask = ro.mask
+    tokens = float(mask.sum())
+    expect = {
+        "rlhf_reward": float(ro.rewards.sum(1).mean()), "score": float(ro.scores.mean()),
+        "score_raw": float(ro.raw_scores.mean()), "kl": float(ro.kl.sum(1).mean()),
+        "entropy": float(masked_mean(ro.entropy, mask)),
+        "explained_variance": explained_variance(ro.values, ro.returns, mask),
+        "eos_rate": float(ro.has_eos.float().mean()), "response_length": tokens / mask.shape[0],
+        "beta": 0.05, "advantage_mean": float(masked_mean(ro.advantages, mask)),
+        "return_mean": float(masked_mean(ro.returns, mask)), "lr": 3e-3, "critic_lr": 1e-3,
+        "reward_mean": 1.3, "reward_std": 0.4, "generation_s": ro.generation_s,
+    }
+    for k, v in expect.items():
+        assert m[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert 0 < m["generation_s"] < m["rollout_s"] and 0 < m["train_s"] and m["rollout_s"] + m["train_s"] <= wall
+    assert m["scoring_s"] == pytest.approx(m["rollout_s"] - m["generation_s"])
+    assert m["rollout_tokens_per_s"] * m["rollout_s"] == pytest.approx(tokens)
+    assert m["generation_tokens_per_s"] * m["generation_s"] == pytest.approx(tokens)
+    assert m["train_tokens_per_s"] * m["train_s"] == pytest.approx(a.ppo_epochs * tokens)  # each token once an epoch
+    assert "_train_tokens" not in m and "score_rm" not in m  # no verifier: no gold metrics
