@@ -565,3 +565,33 @@ def test_step_metrics_are_the_rollouts_statistics_and_a_consistent_time_split():
     assert m["generation_tokens_per_s"] * m["generation_s"] == pytest.approx(tokens)
     assert m["train_tokens_per_s"] * m["train_s"] == pytest.approx(a.ppo_epochs * tokens)  # each token once an epoch
     assert "_train_tokens" not in m and "score_rm" not in m  # no verifier: no gold metrics
+
+
+def test_global_micro_stats_sum_the_ranks_weighted_rows(monkeypatch):
+    """Each rank's weighted micro-batch rows (see _weighted_stats) summed over ranks in one all-reduce,
+    row by row; ratio_var turns back into a variance (E[r^2] - mean^2, never below 0)."""
+    from types import SimpleNamespace
+
+    import alignline.rl.ppo as ppo_mod
+    from alignline.distributed import DistInfo
+
+    other = torch.tensor([[0.5, 0.25, 0.25 * (0.01 + 1.0)], [1.0, 0.3, 0.3 * 1.2]], dtype=torch.float64)
+    sums = []
+
+    def fake_sum(t, d):
+        sums.append(t.clone())
+        return t + other  # what the other rank holds
+
+    monkeypatch.setattr(ppo_mod, "all_reduce_sum", fake_sum)
+    me = SimpleNamespace(dist=DistInfo(rank=0, world_size=2), device="cpu")
+    rows = [{"policy_loss": 1.5, "ratio_mean": 0.75, "ratio_var": 0.75 * (0.04 + 1.0)},
+            {"policy_loss": 2.0, "ratio_mean": 0.7, "ratio_var": 0.7 * 0.8}]
+    out = PPOTrainer._global_micro_stats(me, rows)
+    assert len(sums) == 1 and sums[0].dtype == torch.float64 and sums[0].shape == (2, 3)  # one all-reduce
+    assert out[0]["policy_loss"] == pytest.approx(2.0) and out[0]["ratio_mean"] == pytest.approx(1.0)
+    assert out[0]["ratio_var"] == pytest.approx(0.75 * 1.04 + 0.25 * 1.01 - 1.0)
+    assert out[1]["policy_loss"] == pytest.approx(3.0) and out[1]["ratio_var"] == 0.0  # clamped: 0.92 - 1
+    assert list(out[1]) == ["policy_loss", "ratio_mean", "ratio_var"]
+    single = SimpleNamespace(dist=DistInfo(), device="cpu")
+    assert PPOTrainer._global_micro_stats(single, rows) is rows
+    assert PPOTrainer._global_micro_stats(me, []) == []
