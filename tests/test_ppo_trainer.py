@@ -330,7 +330,9 @@ def test_resume_refuses_a_state_without_every_trainable_weight():
 def test_gather_rollout_builds_the_global_batch_of_all_ranks(monkeypatch):
     """Two ranks (threads over an in-memory collective, so no process group is needed) with different
     prompt and response widths: each gets the concatenation in rank order, prompts re-padded on the
-    left with pad_id (mask 0), responses on the right with zeros, the slowest rank's generation time."""
+    left with pad_id (mask 0), responses on the right with zeros, the slowest rank's generation time.
+    pad_id is 13 here, not 0, so padding with zeros instead of pad_id shows."""
+    pad = 13
     import threading
     from types import SimpleNamespace
 
@@ -357,7 +359,7 @@ def test_gather_rollout_builds_the_global_batch_of_all_ranks(monkeypatch):
         qr = torch.randint(3, V, (b, P + R), generator=g)
         attn = torch.ones(b, P + R, dtype=torch.long)
         attn[0, 0] = 0  # a left-padded prompt
-        qr[0, 0] = PAD
+        qr[0, 0] = pad
         mask = torch.ones(b, R)
         mask[-1, R - 1] = 0
         f = lambda: torch.rand(b, R, generator=g)  # noqa: E731
@@ -371,7 +373,7 @@ def test_gather_rollout_builds_the_global_batch_of_all_ranks(monkeypatch):
     out: dict[int, Rollout] = {}
 
     def run(rank):
-        me = SimpleNamespace(dist=DistInfo(rank=rank, world_size=2, local_rank=rank), pad_id=PAD)
+        me = SimpleNamespace(dist=DistInfo(rank=rank, world_size=2, local_rank=rank), pad_id=pad)
         out[rank] = PPOTrainer.gather_rollout(me, local[rank])
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
@@ -382,8 +384,8 @@ def test_gather_rollout_builds_the_global_batch_of_all_ranks(monkeypatch):
     assert set(out) == {0, 1}
     P, R = 6, 5
     r0, r1 = local
-    expect_qr = torch.cat([torch.cat([torch.full((3, 2), PAD), r0.query_response[:, :4], r0.query_response[:, 4:]], 1),
-                           torch.cat([r1.query_response[:, :6], r1.query_response[:, 6:], torch.full((2, 2), PAD)], 1)])
+    expect_qr = torch.cat([torch.cat([torch.full((3, 2), pad), r0.query_response[:, :4], r0.query_response[:, 4:]], 1),
+                           torch.cat([r1.query_response[:, :6], r1.query_response[:, 6:], torch.full((2, 2), pad)], 1)])
     expect_attn = torch.cat([torch.cat([torch.zeros(3, 2, dtype=torch.long), r0.attention_mask], 1),
                              torch.cat([r1.attention_mask, torch.zeros(2, 2, dtype=torch.long)], 1)])
 
@@ -400,11 +402,11 @@ def test_gather_rollout_builds_the_global_batch_of_all_ranks(monkeypatch):
             assert torch.equal(getattr(g, field), torch.cat([getattr(r0, field), getattr(r1, field)])), field
         assert torch.equal(g.responses[3:, :3], r1.responses)
     # One process: the rollout comes back as is; a rollout with advantages is refused.
-    single = SimpleNamespace(dist=DistInfo(), pad_id=PAD)
+    single = SimpleNamespace(dist=DistInfo(), pad_id=pad)
     assert PPOTrainer.gather_rollout(single, r0) is r0
     r0.advantages = torch.zeros(3, 5)
-    with pytest.raises(ValueError, match="before compute_advantages"):
-        PPOTrainer.gather_rollout(SimpleNamespace(dist=DistInfo(rank=0, world_size=2), pad_id=PAD), r0)
+    with pytest.raises(ValueError, match=r"^gather_rollout takes a scored rollout before compute_advantages$"):
+        PPOTrainer.gather_rollout(SimpleNamespace(dist=DistInfo(rank=0, world_size=2), pad_id=pad), r0)
 
 
 def test_ptx_mixes_in_the_pretraining_loss():
