@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -33,6 +34,11 @@ class UserError(Exception):
     any other exception is a bug and keeps its traceback (exit 1). The message names the file,
     key or line and says how to fix it.
     """
+
+
+def debug_enabled() -> bool:
+    """ALIGNLINE_DEBUG=1 (or `alignline --debug`): user errors keep their traceback everywhere."""
+    return os.environ.get("ALIGNLINE_DEBUG", "") not in ("", "0")
 
 
 class ConfigError(UserError, ValueError):

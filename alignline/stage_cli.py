@@ -55,7 +55,7 @@ from alignline.artifacts import (
     load_stage,
     stage_dir_name,
 )
-from alignline.config import UserError, config_to_dict, load_config
+from alignline.config import UserError, config_to_dict, debug_enabled, load_config
 from alignline.locks import LockHeld
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -221,7 +221,7 @@ def resolve_inputs(specs: Sequence[InputSpec], given: dict[str, Path | None], ru
 
 
 def _debug(args: argparse.Namespace | None) -> bool:
-    return bool(getattr(args, "debug", False)) or os.environ.get("ALIGNLINE_DEBUG", "") not in ("", "0")
+    return bool(getattr(args, "debug", False)) or debug_enabled()
 
 
 def cleanup_failed(stage_dir: Path) -> None:

@@ -41,12 +41,12 @@ for module in (pipeline_cmds, stage_cmds, data_cmds, model_cmds, lora_cmds):
 
 def main() -> None:
     """Run the app; a UserError anywhere below is one `error:` message and exit 2, no traceback."""
-    from alignline.config import UserError
+    from alignline.config import UserError, debug_enabled
 
     try:
         app()
     except UserError as exc:
-        if os.environ.get("ALIGNLINE_DEBUG", "") not in ("", "0"):
+        if debug_enabled():
             traceback.print_exc()
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)

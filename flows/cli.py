@@ -71,7 +71,9 @@ def check_stage_range(from_stage: str | None, to_stage: str | None, run_dir: Pat
 
 
 def _debug() -> bool:
-    return os.environ.get("ALIGNLINE_DEBUG", "") not in ("", "0")
+    from alignline.config import debug_enabled
+
+    return debug_enabled()
 
 
 def run_pipeline_command(

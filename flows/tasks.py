@@ -54,6 +54,7 @@ from alignline.config import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    debug_enabled,
     read_yaml,
     yaml_key_lines,
 )
@@ -295,10 +296,6 @@ class StageUserError(UserError):
     """A stage run as a subprocess exited 2: it reported a user error, whose `error:` lines this carries."""
 
 
-def _debug() -> bool:
-    return os.environ.get("ALIGNLINE_DEBUG", "") not in ("", "0")
-
-
 def not_a_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry crashes, never a user error (the same input fails again)."""
     return not isinstance(getattr(state, "data", None), UserError)
@@ -309,7 +306,7 @@ class _QuietUserErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, UserError) and not _debug():
+        if isinstance(exc, UserError) and not debug_enabled():
             first = str(exc).splitlines()[0] if str(exc) else ""
             record.msg, record.args = f"stopped by a user error ({type(exc).__name__}): {first}", ()
             record.exc_info, record.exc_text = None, None
