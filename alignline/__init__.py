@@ -1,46 +1,29 @@
 """alignline: the library behind the `alignline` command (model, tokenizer, data, training helpers).
 
-Importing the package registers the alignline decoder with transformers' Auto classes, so
+`import alignline` is light: no torch, no transformers, so the config, CLI and stage contract load
+in a fraction of a second. The model lives in `alignline.model`; importing it registers the alignline
+decoder with transformers' Auto classes, so
 
-    import alignline
+    import alignline.model
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("runs/tiny/pretrain/checkpoint")
 
-loads our checkpoints without trust_remote_code. The import pulls in torch and transformers' modeling
-code (needed to register) but never trl, peft or prefect.
+loads our checkpoints without trust_remote_code. `alignline.model` pulls in torch and transformers'
+modeling code (needed to register) but never trl, peft or prefect.
 """
-
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-)
-
-from alignline.model import (
-    AlignlineConfig,
-    AlignlineForCausalLM,
-    AlignlineForSequenceClassification,
-    AlignlineModel,
-)
 
 __version__ = "0.1.0"
 
-
-def _register() -> None:
-    # exist_ok: re-importing (e.g. importlib.reload in tests) must not fail.
-    AutoConfig.register(AlignlineConfig.model_type, AlignlineConfig, exist_ok=True)
-    AutoModel.register(AlignlineConfig, AlignlineModel, exist_ok=True)
-    AutoModelForCausalLM.register(AlignlineConfig, AlignlineForCausalLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(AlignlineConfig, AlignlineForSequenceClassification, exist_ok=True)
+_MODEL_NAMES = ("AlignlineConfig", "AlignlineForCausalLM", "AlignlineForSequenceClassification", "AlignlineModel")
 
 
-_register()
+def __getattr__(name: str):
+    # `alignline.AlignlineConfig` etc. still work: the model package (and the registration) loads on first use.
+    if name in _MODEL_NAMES:
+        import alignline.model
 
-__all__ = [
-    "AlignlineConfig",
-    "AlignlineForCausalLM",
-    "AlignlineForSequenceClassification",
-    "AlignlineModel",
-    "__version__",
-]
+        return getattr(alignline.model, name)
+    raise AttributeError(f"module 'alignline' has no attribute {name!r}")
+
+
+__all__ = [*_MODEL_NAMES, "__version__"]

@@ -8,9 +8,30 @@ Both templates put the assistant's content and its closing eos inside {% generat
 assistant-only loss (and `return_assistant_tokens_mask`) find exactly what the model must learn to
 say, and generation stops at the eos it was trained to emit. Unknown roles raise. The tokenizer
 (alignline.tokenizer), the tiny test models (alignline.model.tiny) and the lora stage build on this.
+
+Assistant masks (which tokens a chat fine-tune learns), for any template a base ships:
+
+    mode = resolve_mask_mode("auto", template, "base")   # "generation" with {% generation %} tags, else "render"
+    rows, dropped = encode_conversations(tok, conversations, template, mode, max_length=512)
+
+`generation` reads the template's tags, as TRL does; `render` finds each assistant turn by
+rendering the conversation up to it, for templates without tags.
 """
 
 from __future__ import annotations
+
+import logging
+import re
+
+from jinja2 import TemplateError
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot render the data or locate the assistant's tokens (a user error)."""
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -50,3 +71,101 @@ CHATML_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+
+
+# --------------------------------------------------------------------------- assistant masks
+
+
+def has_generation_tags(template: str | None) -> bool:
+    """The template marks assistant content with {% generation %} ... {% endgeneration %}."""
+    return bool(template) and _GENERATION_TAG.search(template) is not None
+
+
+def resolve_mask_mode(mode: str, template: str, template_from: str) -> str:
+    """`auto` -> `generation` when the template has generation tags, else `render`; asking for
+    `generation` on a template without tags is an error naming where the template came from."""
+    if mode == "auto":
+        return "generation" if has_generation_tags(template) else "render"
+    if mode == "generation" and not has_generation_tags(template):
+        raise ChatTemplateError(
+            f"chat.mask is 'generation' but the {template_from} chat template has no {{% generation %}} tags, so "
+            "the assistant tokens cannot be found from it. Use chat.mask=render (find turns by rendering "
+            "prefixes) or chat.template_source=config (the ChatML-style default, which has the tags)."
+        )
+    return mode
+
+
+def render(tokenizer, messages, template, add_generation_prompt=False) -> str:
+    """The conversation as text under `template` (not the tokenizer's own, unless they are the same)."""
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode_render(tokenizer, messages: list[dict], template: str) -> tuple[list[int], list[int]]:
+    """Token ids and assistant mask, found by rendering each assistant turn's prefix.
+
+    For assistant turn i, the characters between render(messages[:i], add_generation_prompt=True)
+    and render(messages[:i+1]) are that turn (content plus whatever closes it, e.g. eos). A token
+    is an assistant token when it starts inside such a span (trailing whitespace excluded, so on a
+    tagged template this equals the {% generation %} mask). Needs a prefix-preserving template
+    and a fast tokenizer (character offsets); anything else is an error, not a guess.
+    """
+    if not tokenizer.is_fast:
+        raise ChatTemplateError("chat.mask=render needs a fast tokenizer (character offsets); use chat.mask=generation")
+    full = render(tokenizer, messages, template)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], template, add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[: i + 1], template)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ChatTemplateError(
+                f"the chat template is not prefix-preserving at assistant turn {i} (rendering the conversation up "
+                "to a turn does not give a prefix of the whole), so assistant tokens cannot be located by rendering. "
+                "Use chat.template_source=config (ChatML-style default with {% generation %} tags), or a template "
+                "with generation tags and chat.mask=generation."
+            )
+        # Whitespace a template puts between turns (ChatML's "\n" after <|im_end|>) is not the answer.
+        spans.append((len(before), len(upto.rstrip())))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+def encode_generation(tokenizer, messages: list[dict], template: str) -> tuple[list[int], list[int]]:
+    """Token ids and assistant mask from the template's {% generation %} tags (as TRL does)."""
+    out = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def encode_conversations(tokenizer, conversations, template, mode, max_length, what="train"):
+    """Encode + mask every conversation; truncate to max_length; drop ones left without answer tokens."""
+    fn = encode_generation if mode == "generation" else encode_render
+    rows, dropped = [], 0
+    for i, messages in enumerate(tqdm(conversations, desc=f"tokenizing {what}", disable=len(conversations) < 500)):
+        try:
+            ids, mask = fn(tokenizer, messages, template)
+        except TemplateError as exc:
+            # e.g. a template that rejects a system turn or a non-alternating conversation
+            raise ChatTemplateError(
+                f"{what} conversation {i}: the chat template refused it ({exc}); roles: "
+                f"{[m['role'] for m in messages]}. Fix the data, or use another template (chat.template_source=config)."
+            ) from exc
+        ids, mask = ids[:max_length], mask[:max_length]
+        if sum(mask) == 0:
+            dropped += 1
+            continue
+        rows.append({"input_ids": ids, "assistant_masks": mask})
+    if not rows:
+        raise ChatTemplateError(
+            f"no {what} example has assistant tokens left after masking/truncation to train.max_length={max_length}; "
+            "check that the data has assistant turns and raise train.max_length"
+        )
+    if dropped:
+        log.warning("%d %s example(s) had no assistant tokens within %d tokens and were dropped", dropped, what,
+                    max_length)
+    return rows, dropped

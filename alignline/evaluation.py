@@ -1,8 +1,14 @@
-"""Gold accuracy by greedy decoding and the fixed-prompt sample generations of every stage.
+"""How every stage measures a model, once: greedy decoding, gold accuracy, reward-model scores
+and their normalisation, and the fixed-prompt sample generations.
 
     rows = load_prompts(data_stage_dir, "test", limit=64)     # prompts/test.jsonl of the data stage
     result = gold_eval(model, tokenizer, rows, max_new_tokens=16)
     result.accuracy, result.per_task, result.samples          # samples -> samples.jsonl
+    raw = score_responses(rm, tokenizer, prompts, responses, result.finished)
+    mean, std = reward_normalisation(reward_stage_dir)        # rm_score = (raw - mean) / std
+
+Greedy decoding (`greedy_responses`, `greedy_generate`) and RM scoring (`rm_scores` on token ids,
+`score_conversations`, `score_responses`) live only here; the stages call them.
 
 Prompts are rendered with the tokenizer's chat template (`add_generation_prompt=True`), decoded
 greedily until `<|eos|>`, decoded with special tokens skipped, and scored with
@@ -51,6 +57,7 @@ class GoldResult:
     accuracy: float
     per_task: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)  # per sample: the model emitted eos
 
 
 def load_prompts(data_dir: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -60,45 +67,174 @@ def load_prompts(data_dir: str | Path, split: str = "test", limit: int | None = 
     return read_jsonl(Path(data_dir) / "prompts" / f"{split}.jsonl", limit)
 
 
-@torch.no_grad()
+def prompt_ids(tokenizer, conversations: list[list[dict]], chat_template: str | None = None) -> list[list[int]]:
+    """Token ids of each conversation rendered with the chat template (the tokenizer's, or
+    `chat_template`) and the generation prompt: what the model continues. The template writes any
+    bos itself, so the tokenizer adds no special tokens."""
+    kw = {"chat_template": chat_template} if chat_template is not None else {}
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **kw) for c in conversations]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _eos_set(eos_token_id: int | list[int] | None) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+
+
+@torch.inference_mode()
+def greedy_responses(
+    model,
+    prompts: list[list[int]],
+    *,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Greedy response token ids for each prompt, cut after the first eos (which is kept), in
+    left-padded batches. Plain greedy: nothing of the checkpoint's generation_config.json (repetition
+    penalty, n-gram bans, min length) is applied (`alignline.generation.decoding_config`)."""
+    from alignline.rl.rollout import left_pad
+
+    eos = _eos_set(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)  # masked out either way
+    device = next(model.parameters()).device
+    gen_cfg = decoding_config(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
+                              pad_token_id=pad)
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            ids, attn = left_pad(prompts[i:i + batch_size], pad, device)
+            gen = generate_exactly(model, gen_cfg, input_ids=ids, attention_mask=attn)[:, ids.shape[1]:].tolist()
+            for row in gen:
+                stop = next((j for j, t in enumerate(row) if t in eos), len(row) - 1)
+                out.append(row[: stop + 1])
+    finally:
+        model.train(was_training)
+    return out
+
+
 def greedy_generate(
     model,
     tokenizer,
     conversations: list[list[dict]],
     max_new_tokens: int = 32,
     batch_size: int = 32,
-    device: str | torch.device | None = None,
+    chat_template: str | None = None,
+    eos_token_id: int | list[int] | None = None,
 ) -> list[str]:
-    """Greedy responses (special tokens skipped) for chat prompts, batched with left padding."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush
-    out: list[str] = []
-    # Plain greedy: a checkpoint's repetition penalty, n-gram ban, min length... must not change the scores.
-    gen_cfg = decoding_config(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
+    """Greedy responses as text (special tokens skipped) for chat prompts. Stops at the tokenizer's
+    eos, or at any of `eos_token_id` when given (a released base may end turns with several)."""
+    ids = prompt_ids(tokenizer, conversations, chat_template)
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    responses = greedy_responses(model, ids, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def rm_scores(reward_model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Raw reward-model scores [N] (fp32, on the CPU) of whole token sequences (prompt + response),
+    read from the score head at each sequence's last token, the way PPO scores its rollouts
+    (`alignline.rl.rollout.sequence_scores`). Batches are left-padded with positions counted from the
+    first real token, so a padded row scores as it would alone, whatever the pad id. Normalise with
+    `reward_normalisation` to get `rm_score`."""
+    from alignline.rl.rollout import left_pad, sequence_scores
+
+    device = next(reward_model.parameters()).device
+    was_training = reward_model.training
+    reward_model.eval()
+    out = []
     try:
-        for i in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                     for c in conversations[i:i + batch_size]]
-            # The template already writes <|bos|>; don't let the tokenizer add another.
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = generate_exactly(model, gen_cfg, **enc)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        for i in range(0, len(sequences), batch_size):
+            ids, attn = left_pad(sequences[i:i + batch_size], pad_token_id, device)
+            last = torch.ones((len(ids), 1), dtype=torch.long, device=device)  # the last column is real
+            out.append(sequence_scores(reward_model, ids, attn, ids.shape[1] - 1, last).float().cpu())
     finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return out
+        reward_model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score_conversations(reward_model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
+                        max_length: int | None = None) -> list[float]:
+    """Raw RM scores of whole conversations (their last turn is the answer being judged), rendered
+    with the chat template, which closes the answer with eos; cut to the first `max_length` tokens."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    return rm_scores(reward_model, seqs, tokenizer.pad_token_id, batch_size).tolist()
+
+
+def score_responses(reward_model, tokenizer, prompts: list[list[dict]], responses: list[str], finished: list[bool],
+                    batch_size: int = 32) -> list[float]:
+    """Raw RM scores of generated answers: the templated prompt, the answer's tokens, and eos only
+    where the model emitted one (`finished`). An answer cut at max_new_tokens is scored as cut, as
+    PPO scores it, not closed by the template as if finished."""
+    eos = tokenizer.eos_token_id
+    seqs = [p + tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if f else [])
+            for p, r, f in zip(prompt_ids(tokenizer, prompts), responses, finished, strict=True)]
+    return rm_scores(reward_model, seqs, tokenizer.pad_token_id, batch_size).tolist()
+
+
+def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
+    """Share of prompts where `scores` beat `baseline` (same prompts, same order); a tie counts half."""
+    return float(((scores > baseline).float() + 0.5 * (scores == baseline).float()).mean())
+
+
+def overoptimised(rm_score_gain: float, gold_accuracy_gain: float) -> bool:
+    """Reward hacking signature: the proxy (RM) improved while the true objective (gold) got worse."""
+    return bool(rm_score_gain > 0 and gold_accuracy_gain < 0)
+
+
+@torch.inference_mode()
+def kl_to_reference(
+    policy,
+    reference,
+    prompts: list[list[int]],
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    temperature: float = 1.0,
+    samples: int = 1,
+) -> float:
+    """Mean over prompts of the exact sum_t KL(pi(.|x,y<t) || ref(.|x,y<t)) along `samples` answers
+    per prompt sampled from softmax(policy logits / T). `reference=None` means the policy is a PEFT
+    model whose reference is its own base (adapters disabled)."""
+    from contextlib import nullcontext
+
+    from alignline.rl.rollout import generate, left_pad, response_logits, truncate_after_eos
+
+    device = next(policy.parameters()).device
+    total, n = 0.0, 0
+    for _ in range(samples):
+        for i in range(0, len(prompts), batch_size):
+            ids, attn = left_pad(prompts[i:i + batch_size], pad_token_id, device)
+            resp = generate(policy, ids, attn, max_new_tokens=max_new_tokens, temperature=temperature,
+                            eos_id=eos_token_id, pad_id=pad_token_id)
+            resp, mask, _ = truncate_after_eos(resp, eos_token_id, pad_token_id)
+            qr, full = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
+            P = ids.shape[1]
+            lp = torch.log_softmax(response_logits(policy, qr, full, P, temperature), -1)
+            with policy.disable_adapter() if reference is None else nullcontext():
+                lq = torch.log_softmax(response_logits(policy if reference is None else reference, qr, full, P, temperature), -1)
+            kl = (lp.exp() * (lp - lq)).sum(-1)
+            total += float((kl * mask).sum())
+            n += len(ids)
+    return total / max(n, 1)
 
 
 def gold_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 32) -> GoldResult:
     """Greedy-decode each prompt row and score it against its gold answer."""
     from alignline.data.tasks import gold_score
 
-    responses = greedy_generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    ids = greedy_responses(model, prompt_ids(tokenizer, [r["prompt"] for r in rows]),
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+    responses = tokenizer.batch_decode(ids, skip_special_tokens=True)
     by_task: dict[str, list[float]] = defaultdict(list)
     samples = []
     for row, resp in zip(rows, responses, strict=True):
@@ -109,4 +245,4 @@ def gold_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batc
     total = [s for v in by_task.values() for s in v]
     acc = sum(total) / len(total) if total else math.nan
     return GoldResult(accuracy=acc, per_task={k: sum(v) / len(v) for k, v in sorted(by_task.items())},
-                      samples=samples)
+                      samples=samples, finished=[bool(x) and x[-1] == tokenizer.eos_token_id for x in ids])

@@ -132,7 +132,7 @@ def load_model(checkpoint: str | Path, device: str | None = None, dtype: str = "
     """(model, tokenizer) from a save_pretrained dir holding both; model in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import alignline  # noqa: F401  (registers model_type "alignline")
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.distributed import pick_device
 
     path = Path(checkpoint)

@@ -86,7 +86,7 @@ def load_models(run_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    import alignline  # noqa: F401  (registers the alignline architecture)
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
 
     sft, rm = run_dir / "sft" / "checkpoint", run_dir / "reward" / "checkpoint"
     tok = AutoTokenizer.from_pretrained(str(sft))
@@ -103,7 +103,7 @@ def score_policy(policy_dir: Path, run_dir: Path, n_prompts: int, seed: int) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    import alignline  # noqa: F401
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.rl.rollout import generate, left_pad, sequence_scores, truncate_after_eos
 
     tok = AutoTokenizer.from_pretrained(str(run_dir / "sft" / "checkpoint"))

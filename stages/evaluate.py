@@ -54,35 +54,12 @@ class Config(StrictModel):
     seed: int = 0
 
 
-def rm_scores(model, tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int = 32) -> list[float]:
-    """Scalar reward of each (prompt conversation, response) under a sequence-classification RM."""
-    import torch
-
-    device = next(model.parameters()).device
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"  # HF sequence classifiers score the last non-pad token
-    out: list[float] = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(prompts), batch_size):
-                texts = [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-                         for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size], strict=True)]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                                truncation=True, max_length=getattr(model.config, "max_position_embeddings", 512))
-                logits = model(**enc.to(device)).logits
-                out.extend(float(x) for x in logits[:, 0].float().cpu())
-    finally:
-        tokenizer.padding_side = old_side
-    return out
-
-
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    import alignline  # noqa: F401 - registers the alignline model with the Auto* classes
-    from alignline.evaluation import gold_eval, load_prompts, reward_normalisation
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
+    from alignline.evaluation import gold_eval, load_prompts, reward_normalisation, score_responses
     from alignline.tokenizer import load_tokenizer
     from alignline.training import seed_everything
 
@@ -125,7 +102,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
                           "dir": src.path.name, **({"variant": src.manifest["variant"]}
                                                    if src.manifest.get("variant") else {})}
         if rm is not None:
-            raw = rm_scores(rm, rm_tok, conversations, responses[stage], config.batch_size)
+            raw = score_responses(rm, rm_tok, conversations, responses[stage], gold.finished, config.batch_size)
             rms[stage] = [(x - rm_mean) / rm_std for x in raw]
             results[stage]["rm_score"] = sum(rms[stage]) / len(rms[stage])
             results[stage]["rm_score_raw"] = sum(raw) / len(raw)

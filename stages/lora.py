@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from alignline.chat import CHATML_TEMPLATE
+from alignline.chat import CHATML_TEMPLATE, ChatTemplateError, encode_conversations, resolve_mask_mode
 from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel, load_config
 from alignline.data.loaders import Columns, DataValidationError, Format, LoaderConfig, load_records
 
@@ -56,7 +55,6 @@ STAGE = "lora"
 
 DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE  # alignline.chat: ChatML-style, the base's own eos ends every turn
 
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class LoraInputError(ValueError):
@@ -308,10 +306,6 @@ def load_base_tokenizer(cfg: LoraStageConfig, base: BaseInfo):
 # --------------------------------------------------------------------------- chat template + masks
 
 
-def has_generation_tags(template: str | None) -> bool:
-    return bool(template) and _GENERATION_TAG.search(template) is not None
-
-
 def resolve_chat_template(cfg: ChatConfig, tokenizer, config_dir: Path | None = None) -> tuple[str, str]:
     """(template text, where it came from: 'base' | 'config' | 'default')."""
     base_template = tokenizer.chat_template
@@ -335,96 +329,6 @@ def resolve_chat_template(cfg: ChatConfig, tokenizer, config_dir: Path | None = 
             raise LoraInputError(f"chat.template: {text!r} is neither Jinja text nor an existing .jinja file")
         text = p.read_text(encoding="utf-8")
     return text, "config"
-
-
-def resolve_mask_mode(mode: str, template: str, template_from: str) -> str:
-    if mode == "auto":
-        return "generation" if has_generation_tags(template) else "render"
-    if mode == "generation" and not has_generation_tags(template):
-        raise LoraInputError(
-            f"chat.mask is 'generation' but the {template_from} chat template has no {{% generation %}} tags, so "
-            "the assistant tokens cannot be found from it. Use chat.mask=render (find turns by rendering "
-            "prefixes) or chat.template_source=config (the ChatML-style default, which has the tags)."
-        )
-    return mode
-
-
-def _render(tokenizer, messages, template, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
-def encode_render(tokenizer, messages: list[dict], template: str) -> tuple[list[int], list[int]]:
-    """Token ids and assistant mask, found by rendering each assistant turn's prefix.
-
-    For assistant turn i, the characters between render(messages[:i], add_generation_prompt=True)
-    and render(messages[:i+1]) are that turn (content plus whatever closes it, e.g. eos). A token
-    is an assistant token when it starts inside such a span (trailing whitespace excluded, so on a
-    tagged template this equals the {% generation %} mask). Needs a prefix-preserving template
-    and a fast tokenizer (character offsets); anything else is an error, not a guess.
-    """
-    if not tokenizer.is_fast:
-        raise LoraInputError("chat.mask=render needs a fast tokenizer (character offsets); use chat.mask=generation")
-    full = _render(tokenizer, messages, template)
-    spans = []
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], template, add_generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1], template)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise LoraInputError(
-                f"the chat template is not prefix-preserving at assistant turn {i} (rendering the conversation up "
-                "to a turn does not give a prefix of the whole), so assistant tokens cannot be located by rendering. "
-                "Use chat.template_source=config (ChatML-style default with {% generation %} tags), or a template "
-                "with generation tags and chat.mask=generation."
-            )
-        # Whitespace a template puts between turns (ChatML's "\n" after <|im_end|>) is not the answer.
-        spans.append((len(before), len(upto.rstrip())))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
-    return list(enc["input_ids"]), mask
-
-
-def encode_generation(tokenizer, messages: list[dict], template: str) -> tuple[list[int], list[int]]:
-    """Token ids and assistant mask from the template's {% generation %} tags (as TRL does)."""
-    out = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return list(out["input_ids"]), list(out["assistant_masks"])
-
-
-def encode_conversations(tokenizer, conversations, template, mode, max_length, what="train"):
-    """Encode + mask every conversation; truncate to max_length; drop ones left without answer tokens."""
-    from jinja2 import TemplateError
-    from tqdm.auto import tqdm
-
-    fn = encode_generation if mode == "generation" else encode_render
-    rows, dropped = [], 0
-    for i, messages in enumerate(tqdm(conversations, desc=f"tokenizing {what}", disable=len(conversations) < 500)):
-        try:
-            ids, mask = fn(tokenizer, messages, template)
-        except TemplateError as exc:
-            # e.g. a template that rejects a system turn or a non-alternating conversation
-            raise LoraInputError(
-                f"{what} conversation {i}: the chat template refused it ({exc}); roles: "
-                f"{[m['role'] for m in messages]}. Fix the data, or use another template (chat.template_source=config)."
-            ) from exc
-        ids, mask = ids[:max_length], mask[:max_length]
-        if sum(mask) == 0:
-            dropped += 1
-            continue
-        rows.append({"input_ids": ids, "assistant_masks": mask})
-    if not rows:
-        raise LoraInputError(
-            f"no {what} example has assistant tokens left after masking/truncation to train.max_length={max_length}; "
-            "check that the data has assistant turns and raise train.max_length"
-        )
-    if dropped:
-        log.warning("%d %s example(s) had no assistant tokens within %d tokens and were dropped", dropped, what,
-                    max_length)
-    return rows, dropped
 
 
 # --------------------------------------------------------------------------- data
@@ -535,24 +439,15 @@ def sample_prompts(val: list[list[dict]], n: int) -> list[dict]:
 
 
 def generate_samples(model, tokenizer, template, prompts, max_new_tokens) -> list[str]:
-    import torch
+    """Greedy answers to the sample prompts; a turn ends at the tokenizer's eos or any eos the base's
+    generation_config names (instruct bases often end turns with a token of their own)."""
+    from alignline.evaluation import greedy_generate
 
-    device = next(model.parameters()).device
     eos = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    outs = []
-    model.eval()
-    for p in prompts:
-        text = _render(tokenizer, p["messages"], template, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id,
-            )
-        outs.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
-    return outs
+    return greedy_generate(model, tokenizer, [p["messages"] for p in prompts], max_new_tokens, batch_size=8,
+                           chat_template=template, eos_token_id=sorted(e for e in eos if e is not None))
 
 
 def _logits(model, rows, pad_id):
@@ -870,7 +765,7 @@ def cli(base, data, out, config=None, overrides=(), print_config=False) -> Path 
         return None
     try:
         out_path = run(cfg, None, out, Path(config).parent)
-    except (LoraInputError, StageError) as exc:
+    except (LoraInputError, ChatTemplateError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"lora: wrote {out_path}")

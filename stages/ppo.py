@@ -49,7 +49,15 @@ from pydantic import Field, field_validator
 
 from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel
 from alignline.distributed import pick_device
-from alignline.evaluation import reward_normalisation
+from alignline.evaluation import (
+    greedy_responses,
+    kl_to_reference,
+    overoptimised,
+    prompt_ids,
+    reward_normalisation,
+    rm_scores,
+    win_rate,
+)
 from alignline.files import read_jsonl
 from alignline.rl.ppo import PPOArgs, PPOTrainer
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
@@ -207,17 +215,15 @@ def find_data_stage(start: Path, max_depth: int = 6) -> Path:
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_tokens: int, source: Path) -> list[list[int]]:
-    """Chat-template each `prompt` (add_generation_prompt) into token ids; the template adds <|bos|>."""
-    out = []
-    for i, row in enumerate(rows):
-        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Each row's chat-templated `prompt` as token ids (`alignline.evaluation.prompt_ids`), each at
+    most `max_tokens` long."""
+    out = prompt_ids(tokenizer, [row["prompt"] for row in rows])
+    for i, ids in enumerate(out):
         if len(ids) > max_tokens:
             raise ValueError(
                 f"{source}:{i + 1}: prompt has {len(ids)} tokens > prompts.max_prompt_tokens={max_tokens}; "
                 "raise prompts.max_prompt_tokens"
             )
-        out.append(ids)
     return out
 
 
@@ -225,7 +231,7 @@ def load_models(cfg: RLHFConfig, sft_ckpt: Path, reward_ckpt: Path, device: torc
     """(tokenizer, policy, ref or None, value or None, reward model), dropout off everywhere."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    import alignline  # noqa: F401  (registers the alignline architecture with the Auto classes)
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.rl.rollout import disable_dropout
 
     tok = AutoTokenizer.from_pretrained(str(sft_ckpt))
@@ -303,68 +309,7 @@ def prompt_batch(n_prompts: int, batch: int, step: int, seed: int) -> list[int]:
 # --------------------------------------------------------------------------- evaluation
 
 
-@torch.inference_mode()
-def _greedy(model, tok, prompt_ids: list[list[int]], max_new: int, bs: int, device) -> list[torch.Tensor]:
-    from alignline.rl.rollout import generate, left_pad, truncate_after_eos
-
-    outs = []
-    for i in range(0, len(prompt_ids), bs):
-        ids, attn = left_pad(prompt_ids[i : i + bs], tok.pad_token_id, device)
-        resp = generate(model, ids, attn, max_new_tokens=max_new, temperature=1.0, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id, do_sample=False)
-        resp, mask, _ = truncate_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
-        outs += [r[: int(m.sum())] for r, m in zip(resp, mask)]
-    return outs
-
-
-@torch.inference_mode()
-def _rm_scores(rm, tok, prompt_ids, responses, mean, std, bs, device) -> torch.Tensor:
-    from alignline.rl.rollout import left_pad, sequence_scores
-
-    scores = []
-    for i in range(0, len(prompt_ids), bs):
-        p = prompt_ids[i : i + bs]
-        r = [x.tolist() for x in responses[i : i + bs]]
-        ids, attn = left_pad(p, tok.pad_token_id, device)
-        R = max(len(x) for x in r)
-        resp = torch.full((len(r), R), tok.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(r), R), dtype=torch.long, device=device)
-        for j, x in enumerate(r):
-            resp[j, : len(x)] = torch.tensor(x, device=device)
-            mask[j, : len(x)] = 1
-        qr, full = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
-        scores.append(sequence_scores(rm, qr, full, ids.shape[1], mask))
-    return (torch.cat(scores).cpu() - mean) / std
-
-
-def overoptimised(rm_score_gain: float, gold_accuracy_gain: float) -> bool:
-    """Reward hacking signature: the proxy (RM) improved while the true objective (gold) got worse."""
-    return bool(rm_score_gain > 0 and gold_accuracy_gain < 0)
-
-
-@torch.inference_mode()
-def _kl_to_ref(policy, ref_fn, tok, prompt_ids, cfg: EvalConfig, temperature: float, device) -> float:
-    """Mean over prompts of sum_t KL(pi(.|x,y<t) || ref(.|x,y<t)) along answers sampled from pi."""
-    from alignline.rl.rollout import generate, left_pad, response_logits, truncate_after_eos
-
-    total, n = 0.0, 0
-    for _ in range(cfg.kl_samples):
-        for i in range(0, len(prompt_ids), cfg.batch_size):
-            ids, attn = left_pad(prompt_ids[i : i + cfg.batch_size], tok.pad_token_id, device)
-            resp = generate(policy, ids, attn, max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-            resp, mask, _ = truncate_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
-            qr, full = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
-            P = ids.shape[1]
-            lp = torch.log_softmax(response_logits(policy, qr, full, P, temperature), -1)
-            lq = torch.log_softmax(ref_fn(qr, full, P, temperature), -1)
-            kl = (lp.exp() * (lp - lq)).sum(-1)
-            total += float((kl * mask).sum())
-            n += len(ids)
-    return total / max(n, 1)
-
-
-def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, device, temperature):
+def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, temperature):
     """SFT vs trained policy on held-out prompts -> (eval dict, samples of the trained policy).
 
     `ref` is the frozen SFT model, or None when the policy is a PEFT model (then SFT = the policy
@@ -372,11 +317,7 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, device, temper
     from contextlib import nullcontext
 
     e = cfg.eval
-    prompt_ids = [
-        tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
-            add_special_tokens=False)["input_ids"]
-        for r in rows
-    ]
+    prompts = prompt_ids(tok, [r["prompt"] for r in rows])
     result: dict[str, Any] = {}
     samples = []
     per_model: dict[str, torch.Tensor] = {}
@@ -384,8 +325,10 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, device, temper
         model = ref if (name == "sft" and ref is not None) else policy
         ctx = policy.disable_adapter() if (name == "sft" and ref is None) else nullcontext()
         with ctx:
-            responses = _greedy(model, tok, prompt_ids, e.max_new_tokens, e.batch_size, device)
-        scores = _rm_scores(rm, tok, prompt_ids, responses, mean, std, e.batch_size, device)
+            responses = greedy_responses(model, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+        raw = rm_scores(rm, [p + r for p, r in zip(prompts, responses, strict=True)], tok.pad_token_id, e.batch_size)
+        scores = (raw - mean) / std
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         gold = gold_scores(texts, rows)
         by_task: dict[str, list[float]] = {}
@@ -405,28 +348,15 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, device, temper
                  "score": g, "rm_score": float(s)}
                 for r, t, g, s in zip(rows, texts, gold, scores.tolist())
             ]
-    pol, sft = per_model["policy"], per_model["sft"]
-    wins = (pol > sft).float() + 0.5 * (pol == sft).float()
-    result["kl_to_ref"] = _kl_to_ref(policy, _ref_logits_fn(policy, ref), tok, prompt_ids, e, temperature, device)
-    result["win_rate"] = float(wins.mean())
+    result["kl_to_ref"] = kl_to_reference(policy, ref, prompts, eos_token_id=tok.eos_token_id,
+                                          pad_token_id=tok.pad_token_id, max_new_tokens=e.max_new_tokens,
+                                          batch_size=e.batch_size, temperature=temperature, samples=e.kl_samples)
+    result["win_rate"] = win_rate(per_model["policy"], per_model["sft"])
     result["rm_score_gain"] = result["policy"]["rm_score"] - result["sft"]["rm_score"]
     result["gold_accuracy_gain"] = result["policy"]["gold_accuracy"] - result["sft"]["gold_accuracy"]
     result["overoptimisation"] = overoptimised(result["rm_score_gain"], result["gold_accuracy_gain"])
     result["num_prompts"] = len(rows)
     return result, samples
-
-
-def _ref_logits_fn(policy, ref):
-    from alignline.rl.rollout import response_logits
-
-    if ref is not None:
-        return lambda qr, m, P, T: response_logits(ref, qr, m, P, T)
-
-    def fn(qr, m, P, T):
-        with policy.disable_adapter():
-            return response_logits(policy, qr, m, P, T)
-
-    return fn
 
 
 # --------------------------------------------------------------------------- outputs
@@ -575,7 +505,7 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
     # The final iteration's state is saved above, before evaluating: a failure (OOM, bug) from here on
     # costs a re-run the evaluation only, not the training.
     rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
-    ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, device, cfg.ppo.temperature)
+    ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, cfg.ppo.temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2),
                    "final": {k: last.get(k) for k in ("score", "kl", "eos_rate", "response_length", "beta")}}
     if dist.enabled:
@@ -596,28 +526,17 @@ class RMReward:
     PPO scores its rollouts. Re-templating prompt + completion text would close every completion with
     EOS, so a truncated one would be scored as a finished answer and escape the penalty."""
 
-    def __init__(self, rm, tok, mean: float, std: float, device, missing_eos_penalty: float = 0.0):
-        self.rm, self.tok, self.mean, self.std, self.device = rm, tok, mean, std, device
+    def __init__(self, rm, tok, mean: float, std: float, missing_eos_penalty: float = 0.0):
+        self.rm, self.tok, self.mean, self.std = rm, tok, mean, std
         self.missing_eos_penalty = float(missing_eos_penalty)
         self.__name__ = "reward_model"
 
-    @torch.inference_mode()
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
-        from alignline.rl.rollout import left_pad, sequence_scores
-
-        seqs, has_eos = [], []
-        for p, c in zip(prompts, completion_ids, strict=True):
-            text = self.tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-            c = list(c)
-            has_eos.append(bool(c) and c[-1] == self.tok.eos_token_id)
-            seqs.append(ids + c)
-        # Score at the last real token: right-align by left padding, then the last column is real.
-        ids, attn = left_pad(seqs, self.tok.pad_token_id, self.device)
-        ctx = ids.shape[1] - 1
-        s = sequence_scores(self.rm, ids, attn, ctx, torch.ones((len(seqs), 1), dtype=torch.long, device=self.device))
-        penalty = self.missing_eos_penalty * (~torch.tensor(has_eos)).double()
-        return ((s.cpu().double() - self.mean) / self.std - penalty).tolist()
+        completion_ids = [list(c) for c in completion_ids]
+        seqs = [p + c for p, c in zip(prompt_ids(self.tok, prompts), completion_ids, strict=True)]
+        has_eos = torch.tensor([bool(c) and c[-1] == self.tok.eos_token_id for c in completion_ids])
+        raw = rm_scores(self.rm, seqs, self.tok.pad_token_id, batch_size=len(seqs)).double()
+        return ((raw - self.mean) / self.std - self.missing_eos_penalty * (~has_eos).double()).tolist()
 
 
 def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
@@ -659,7 +578,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         rows = read_jsonl(data_dir / "prompts" / "train.jsonl", cfg.prompts.max_train)
         ds = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "match": r.get("match", "exact")}
                                 for r in rows])
-        funcs: list = [RMReward(rm, tok, mean, std, device, g.missing_eos_penalty)]
+        funcs: list = [RMReward(rm, tok, mean, std, g.missing_eos_penalty)]
         weights = [1.0]
         if g.gold_reward:
             funcs.append(gold_reward)
@@ -688,7 +607,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         raise RuntimeError("internal: no reference model for evaluation")
     rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
     temperature = 1.0 if algo == "dpo" else (cfg.grpo if algo == "grpo" else cfg.rloo).temperature
-    ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, device, temperature)
+    ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2)}
     save_policy(policy, tok, run.staging, cfg.lora.enabled)
     return ev, samples, {}

@@ -32,6 +32,7 @@ from pydantic import Field
 from alignline.artifacts import StageRun, model_dir
 from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
 from alignline.distributed import pick_device
+from alignline.evaluation import score_conversations
 from alignline.files import read_jsonl
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
@@ -90,28 +91,6 @@ class Config(StrictModel):
     onpolicy: OnPolicyConfig = OnPolicyConfig()
 
 
-@torch.no_grad()
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 64,
-                        max_length: int = 256) -> list[float]:
-    """Scalar rewards for full conversations (rendered with the chat template, right-padded)."""
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    out: list[float] = []
-    try:
-        for i in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                            add_special_tokens=False).to(device)
-            out.extend(model(**enc).logits[:, 0].float().tolist())
-    finally:
-        tokenizer.padding_side = old
-        model.train(was)
-    return out
-
-
 def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]:
     n = len(chosen)
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
@@ -155,7 +134,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    import alignline  # noqa: F401  (registers the alignline model with the Auto classes)
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
         build_optimizer,

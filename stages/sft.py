@@ -87,7 +87,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    import alignline  # noqa: F401  (registers the alignline model with the Auto classes)
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.distributed import pick_device
     from alignline.evaluation import gold_eval, load_prompts
     from alignline.peft_utils import attach_lora, merge_lora

@@ -15,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 LLAMA_TEMPLATE = (
@@ -34,11 +35,11 @@ CHATML_TAGGED = (
 ARCHS = ("llama", "qwen2", "gpt2", "alignline")
 
 
-def single_thread():
-    """Generator for a module fixture: one torch thread while the module runs.
-
-    Tiny matmuls on a shared 2-core box: extra torch threads only contend (measured 10x slower).
-    """
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_module():
+    """One torch thread while a test module runs, module-scoped fixtures included; a test module
+    turns it on by importing it. Tiny matmuls on a shared 2-core box: extra torch threads only
+    contend (measured 10x slower)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -51,7 +51,7 @@ def load_like_the_stages(path: Path):
     """AutoModelForCausalLM.from_pretrained, as stages/ppo.py's load_models does (reads generation_config.json)."""
     from transformers import AutoModelForCausalLM
 
-    import alignline  # noqa: F401  (registers the alignline architecture)
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     assert model.generation_config.top_k == LEAKY_GENERATION["top_k"]  # the checkpoint's config was loaded

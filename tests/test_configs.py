@@ -137,3 +137,25 @@ def test_alignline_stage_command_forwards_to_the_stage_parser(tmp_path):
     assert "max_steps: 7" in res.output
     res = runner.invoke(app, ["stage", "reward", "--run-dir", str(tmp_path), "--set", "train.nope=1"])
     assert res.exit_code == 2 and "train.nope: unknown key" in res.output
+
+
+LIGHT = ["alignline", "alignline.config", "alignline.files", "alignline.artifacts", "alignline.stage_cli",
+         "alignline.locks", "stages", "stages.tokenizer", "stages.data", "stages.evaluate", "stages.lora"]
+
+
+def test_the_library_spine_imports_without_torch():
+    """`import alignline` and the config, contract and CLI modules load without torch or transformers
+    (a config check, `--print-config` or a light stage's `--help` must not pay torch's import); the
+    model registers with the Auto classes where it is imported, in alignline.model."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys\n"
+            f"for m in {LIGHT!r}: importlib.import_module(m)\n"
+            "heavy = sorted(k for k in ('torch', 'transformers', 'trl', 'peft', 'prefect') if k in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "import alignline.model\n"
+            "from transformers import AutoConfig\n"
+            "assert type(AutoConfig.for_model('alignline')).__name__ == 'AlignlineConfig'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -26,7 +26,7 @@ from tests.lora_fixtures import (
     build_base,
     conversations,
     lora_overrides,
-    single_thread,
+    one_thread_per_module,  # noqa: F401 - autouse
     write_jsonl,
 )
 
@@ -35,11 +35,6 @@ pytestmark = pytest.mark.slow  # trains with TRL/PEFT: out of `make test-fast`
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = REPO.parent / "shared" / "data" / "sft" / "alpaca_en_demo.json"
 PROBE_IDS = [[3, 17, 42, 5, 99, 7, 250, 11, 64, 2]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def fresh_logits(runs, tmp_path_factory):
     """Logits of every merged checkpoint computed in ONE fresh interpreter with plain transformers.
 
     The non-alignline checkpoints load first and the child asserts alignline was never imported;
-    only then does it import alignline (which registers the model type) for the alignline one.
+    only then does it import alignline.model (which registers the model type) for the alignline one.
     """
     dump = tmp_path_factory.mktemp("fresh") / "logits.pt"
     plain = {a: str(runs[a][1] / "checkpoint") for a in ARCHS if a != "alignline"}
@@ -76,7 +71,7 @@ for arch, path in {plain!r}.items():
     with torch.no_grad():
         out[arch] = m(torch.tensor({PROBE_IDS!r})).logits
 assert not any(k == "alignline" or k.startswith("alignline.") for k in sys.modules), "alignline was imported"
-import alignline  # registers model_type alignline
+import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
 m = AutoModelForCausalLM.from_pretrained({str(runs['alignline'][1] / 'checkpoint')!r}, dtype=torch.float32).eval()
 with torch.no_grad():
     out["alignline"] = m(torch.tensor({PROBE_IDS!r})).logits
@@ -121,7 +116,7 @@ def test_merged_checkpoint_reproduces_adapter_model(runs, fresh_logits, arch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import alignline  # noqa: F401  (the alignline base needs the registration here)
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
 
     base, out = runs[arch]
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
@@ -165,7 +160,7 @@ def test_checkpoint_loads_as_reward_model_init(runs, arch):
     # The reward stage builds AutoModelForSequenceClassification(num_labels=1) from `--init <stage>/checkpoint`.
     from transformers import AutoModelForSequenceClassification
 
-    import alignline  # noqa: F401
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
 
     ckpt = runs[arch][1] / "checkpoint"
     rm = AutoModelForSequenceClassification.from_pretrained(str(ckpt), num_labels=1, dtype=torch.float32)

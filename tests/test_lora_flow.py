@@ -9,15 +9,16 @@ import json
 
 import pytest
 
-from tests.lora_fixtures import build_base, conversations, lora_overrides, single_thread, write_jsonl
+from tests.lora_fixtures import (
+    build_base,
+    conversations,
+    lora_overrides,
+    one_thread_per_module,  # noqa: F401 - autouse: one torch thread
+    write_jsonl,
+)
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
 
 
 def test_lora_flow_runs_then_reuses(tmp_path):

@@ -24,14 +24,9 @@ from tests.lora_fixtures import (
     build_base,
     conversations,
     lora_overrides,
-    single_thread,
+    one_thread_per_module,  # noqa: F401 - autouse
     write_jsonl,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +41,11 @@ def env(tmp_path_factory):
 
 
 def _run_expecting_error(env, base, data, tmp_path, *extra, match):
+    from alignline.chat import ChatTemplateError
     from stages.lora import LoraInputError, build_config, run
 
     cfg = build_config(None, str(base), str(data), lora_overrides() + list(extra))
-    with pytest.raises(LoraInputError, match=match) as info:
+    with pytest.raises((LoraInputError, ChatTemplateError), match=match) as info:
         run(cfg, None, tmp_path / "run")
     assert not (tmp_path / "run" / "lora").exists(), "a stage dir was created before the input was checked"
     return str(info.value)
@@ -174,7 +170,7 @@ def _masked_text(tok, ids, mask) -> str:
 def test_render_mask_equals_generation_tag_mask(env):
     from transformers import AutoTokenizer
 
-    from stages.lora import encode_generation, encode_render
+    from alignline.chat import encode_generation, encode_render
 
     tok = AutoTokenizer.from_pretrained(str(env["qwen2"]))
     for rec in conversations(12):
@@ -189,7 +185,7 @@ def test_render_mask_equals_generation_tag_mask(env):
 def test_render_mask_on_a_tagless_template_is_exactly_the_answers(env):
     from transformers import AutoTokenizer
 
-    from stages.lora import encode_render
+    from alignline.chat import encode_render
 
     tok = AutoTokenizer.from_pretrained(str(env["llama"]))
     assert tok.chat_template == LLAMA_TEMPLATE
@@ -204,7 +200,8 @@ def test_render_mask_on_a_tagless_template_is_exactly_the_answers(env):
 def test_default_template_masks_answer_and_eos(env):
     from transformers import AutoTokenizer
 
-    from stages.lora import DEFAULT_CHAT_TEMPLATE, encode_generation, encode_render
+    from alignline.chat import encode_generation, encode_render
+    from stages.lora import DEFAULT_CHAT_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(str(env["llama"]))
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},

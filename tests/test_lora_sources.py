@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.lora_fixtures import build_base, conversations, lora_overrides, single_thread, write_jsonl
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
+from tests.lora_fixtures import (
+    build_base,
+    conversations,
+    lora_overrides,
+    one_thread_per_module,  # noqa: F401 - autouse: one torch thread
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import alignline  # noqa: F401  (registers the Auto classes)
+import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
 from alignline.model import AlignlineConfig, AlignlineForCausalLM, AlignlineForSequenceClassification
 from alignline.model.convert import to_llama
 from alignline.model.modeling import CACHE_OUTPUT_FIELD

@@ -21,13 +21,7 @@ from alignline.peft_utils import (
     lora_config_from_args,
     merge_lora,
 )
-from tests.lora_fixtures import single_thread
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
-
+from tests.lora_fixtures import one_thread_per_module  # noqa: F401 - autouse: one torch thread
 
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

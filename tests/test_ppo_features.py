@@ -17,10 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from alignline.rl.core import AdaptiveKLController, RunningMoments
 from alignline.rl.ppo import KLArgs, PPOArgs, PPOTrainer
+from tests.ppo_fixtures import llama_config
 
 PAD, EOS, BOS, V = 0, 1, 2, 16
 
@@ -31,9 +32,7 @@ def _one_thread(one_thread):
 
 
 def tiny_cfg(**kw):
-    return LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                       pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, tie_word_embeddings=False, **kw)
+    return llama_config(V, PAD, EOS, BOS, hidden_size=16, layers=1, heads=2, kv_heads=1, **kw)
 
 
 def make_trainer(seed=0, **kw):
@@ -304,7 +303,7 @@ def test_group_reward_scores_the_generated_tokens_and_penalises_missing_eos():
     torch.manual_seed(0)
     rm = LlamaForSequenceClassification(tiny_cfg(num_labels=1)).eval()
     tok = _CharTok()
-    reward = RMReward(rm, tok, mean=0.5, std=2.0, device="cpu", missing_eos_penalty=1.0)
+    reward = RMReward(rm, tok, mean=0.5, std=2.0, missing_eos_penalty=1.0)
     prompt = [{"role": "user", "content": "1+2"}]
     done, cut = [5, 7, EOS], [5, 7, 9]  # the second hit max_completion_length
     got = reward(prompts=[prompt, prompt], completions=[[{"role": "assistant", "content": "x"}]] * 2,

@@ -19,11 +19,12 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from alignline.rl.core import FixedKLController
 from alignline.rl.ppo import KLArgs, PPOArgs, PPOTrainer, Rollout
 from alignline.rl.rollout import response_logprobs, token_values
+from tests import ppo_fixtures
+from tests.ppo_fixtures import llama_config
 
 PAD, EOS, BOS, V = 0, 1, 2, 64
 T_ROLL, MEAN, STD = 0.7, 1.3, 0.4
@@ -35,16 +36,11 @@ def _one_thread(one_thread):
 
 
 def tiny_cfg(**kw):
-    return LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, tie_word_embeddings=False, **kw)
+    return llama_config(V, PAD, EOS, BOS, **kw)
 
 
 def make_models(seed=0):
-    torch.manual_seed(seed)
-    policy = LlamaForCausalLM(tiny_cfg())
-    rm = LlamaForSequenceClassification(tiny_cfg(num_labels=1))
-    return policy, copy.deepcopy(policy), copy.deepcopy(rm), rm
+    return ppo_fixtures.make_models(tiny_cfg, seed)
 
 
 def prompts(n=16, seed=0):

@@ -72,7 +72,7 @@ def _verbose_answers(stage_dir: Path) -> int:
     (-0.1, -0.05, False),  # everything worse is a failed run, not overoptimisation
 ])
 def test_overoptimisation_flag_is_rm_up_while_gold_down(rm_gain, gold_gain, flag):
-    from stages.ppo import overoptimised
+    from alignline.evaluation import overoptimised
 
     assert overoptimised(rm_gain, gold_gain) is flag
 
@@ -277,16 +277,13 @@ def test_interrupted_dpo_resumes_from_its_trainer_checkpoint(tiny_chain, tmp_pat
 def test_eval_kl_and_greedy_ignore_the_checkpoint_generation_config(tmp_path, monkeypatch):
     """The evaluation's KL samples come from softmax(logits / T), the distribution the KL is computed
     under, and its greedy answers are plain greedy, whatever the checkpoint's generation_config.json says."""
-    from stages.ppo import EvalConfig, _greedy, _kl_to_ref, _ref_logits_fn
+    from alignline.evaluation import greedy_responses, kl_to_reference
     from tests.sampling_checks import leaky_checkpoint, load_like_the_stages, spy_processors
-
-    class Tok:
-        pad_token_id, eos_token_id = 0, 2
 
     policy = load_like_the_stages(leaky_checkpoint(tmp_path / "ckpt", vocab_size=64))
     seen = spy_processors(monkeypatch, policy)
     prompts = [[1, 5, 9], [1, 7]]
-    kl = _kl_to_ref(policy, _ref_logits_fn(policy, policy), Tok, prompts, EvalConfig(max_new_tokens=3), 0.7, "cpu")
+    kl = kl_to_reference(policy, policy, prompts, eos_token_id=2, pad_token_id=0, max_new_tokens=3, temperature=0.7)
     assert kl == pytest.approx(0.0, abs=1e-6)  # policy == ref
-    _greedy(policy, Tok, prompts, 3, 8, "cpu")
+    greedy_responses(policy, prompts, eos_token_id=2, pad_token_id=0, max_new_tokens=3, batch_size=8)
     assert [[type(p).__name__ for p in s] for s in seen] == [["TemperatureLogitsWarper"], []]

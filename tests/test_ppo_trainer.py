@@ -15,10 +15,12 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from alignline.rl.ppo import KLArgs, PPOArgs, PPOTrainer
 from alignline.rl.rollout import response_logits, response_logprobs
+from tests import ppo_fixtures
+from tests.ppo_fixtures import ThreadCollective, llama_config
 
 PAD, EOS, BOS, V = 0, 1, 2, 16
 
@@ -29,27 +31,11 @@ def _one_thread(one_thread):
 
 
 def tiny_cfg(**kw):
-    return LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=BOS,
-        tie_word_embeddings=False,
-        **kw,
-    )
+    return llama_config(V, PAD, EOS, BOS, **kw)
 
 
 def make_models(seed=0):
-    torch.manual_seed(seed)
-    policy = LlamaForCausalLM(tiny_cfg())
-    rm = LlamaForSequenceClassification(tiny_cfg(num_labels=1))
-    return policy, copy.deepcopy(policy), copy.deepcopy(rm), rm
+    return ppo_fixtures.make_models(tiny_cfg, seed)
 
 
 def prompts(n=16, seed=0):
@@ -342,17 +328,7 @@ def test_gather_rollout_builds_the_global_batch_of_all_ranks(monkeypatch):
     from alignline.distributed import DistInfo
     from alignline.rl.ppo import Rollout
 
-    barrier, slots = threading.Barrier(2), {}
-
-    def exchange(rank, value):
-        call = slots.setdefault(("n", rank), 0)
-        slots[("n", rank)] = call + 1
-        slots[(call, rank)] = value
-        barrier.wait()
-        out = [slots[(call, r)] for r in range(2)]
-        barrier.wait()
-        return out
-
+    exchange = ThreadCollective(2).exchange
     monkeypatch.setattr(ppo_mod, "all_reduce_max", lambda x, d: max(exchange(d.rank, x)))
     monkeypatch.setattr(ppo_mod, "all_gather_cat", lambda t, d: torch.cat(exchange(d.rank, t)))
 
@@ -599,3 +575,75 @@ def test_global_micro_stats_sum_the_ranks_weighted_rows(monkeypatch):
     single = SimpleNamespace(dist=DistInfo(), device="cpu")
     assert PPOTrainer._global_micro_stats(single, rows) is rows
     assert PPOTrainer._global_micro_stats(me, []) == []
+
+
+def test_two_ranks_update_like_one_process(monkeypatch):
+    """optimize()'s multi-rank branch, which a single process never runs, on two ranks simulated as
+    threads over an in-memory collective: gradients averaged where DDP averages them (before
+    clipping), statistics and token counts summed, the shuffling seed broadcast from rank 0. Each rank
+    trains on its half of every micro-batch, weighted by its token share; the update, the statistics
+    and the token count must equal one process training on the whole batch with that seed (T = 0.7,
+    ragged lengths, 2 micro-batches of 4 per minibatch, 2 epochs)."""
+    import threading
+
+    import alignline.rl.ppo as ppo_mod
+    from alignline.distributed import DistInfo
+
+    t = trainer(args(temperature=0.7), seed=3, reward_mean=1.3, reward_std=0.4)
+    torch.manual_seed(3)
+    ro = t.rollout(prompts(16, seed=3))
+    t.compute_advantages(ro)
+    assert len(set(ro.mask.sum(1).tolist())) > 1  # ragged: the ranks' token weights differ
+    ranks = [copy.deepcopy(t) for _ in range(2)]
+
+    collective, seeds = ThreadCollective(2), []
+    exchange = collective.exchange
+
+    def broadcast(obj, d):
+        got = exchange(d.rank, obj)[0]
+        seeds.append(got)
+        return got
+
+    me = threading.local()
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def ddp_average_then_clip(params, max_norm):
+        params = list(params)
+        grads = exchange(me.rank, [p.grad.clone() for p in params])
+        for i, p in enumerate(params):
+            p.grad = (grads[0][i] + grads[1][i]) / 2
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ddp_average_then_clip)
+    monkeypatch.setattr(ppo_mod, "all_reduce_sum", lambda v, d: sum(exchange(d.rank, v)))
+    monkeypatch.setattr(ppo_mod, "broadcast_object", broadcast)
+    out, errors = [None, None], []
+
+    def run(rank):
+        me.rank = rank
+        ranks[rank].dist = DistInfo(rank=rank, world_size=2)
+        try:
+            out[rank] = ranks[rank].optimize(ro)
+        except BaseException as e:  # re-raised in the test's thread below
+            errors.append(e)
+            collective.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    monkeypatch.undo()
+    assert len(seeds) == 2 and seeds[0] == seeds[1]
+    single = t.optimize(ro, torch.Generator().manual_seed(seeds[0]))
+    for r in ranks:
+        for model in ("policy", "value_model"):
+            for (n, p), q in zip(getattr(t, model).named_parameters(), getattr(r, model).parameters(), strict=True):
+                torch.testing.assert_close(q, p, atol=1e-5, rtol=0, msg=f"{model}.{n}")
+    for o in out:
+        assert o["_train_tokens"] == single["_train_tokens"]
+        assert o.keys() == single.keys()
+        for k, v in single.items():
+            assert o[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k

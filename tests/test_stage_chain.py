@@ -111,16 +111,17 @@ def test_reward_stage_adds_pairs_from_the_policys_own_samples(tiny_chain):
 def test_reward_checkpoint_reloads_with_same_scores(tiny_chain):
     from transformers import AutoTokenizer
 
+    from alignline.evaluation import score_conversations
     from alignline.model import AlignlineForSequenceClassification
-    from stages.reward import pair_metrics, score_conversations
+    from stages.reward import pair_metrics
 
     ckpt = load_stage(tiny_chain.reward).checkpoint
     model = AlignlineForSequenceClassification.from_pretrained(ckpt)
     tok = AutoTokenizer.from_pretrained(ckpt)
     rows = read_jsonl(tiny_chain.data / "preference" / "val.jsonl")
-    chosen = score_conversations(model, tok, [r["prompt"] + r["chosen"] for r in rows])
-    rejected = score_conversations(model, tok, [r["prompt"] + r["rejected"] for r in rows])
+    saved = yaml.safe_load((tiny_chain.reward / "config.yaml").read_text())["train"]["max_length"]
+    chosen = score_conversations(model, tok, [r["prompt"] + r["chosen"] for r in rows], max_length=saved)
+    rejected = score_conversations(model, tok, [r["prompt"] + r["rejected"] for r in rows], max_length=saved)
     ev = json.loads((tiny_chain.reward / "eval.json").read_text())
     assert pair_metrics(chosen, rejected)["accuracy"] == pytest.approx(ev["accuracy"])
-    saved = yaml.safe_load((tiny_chain.reward / "config.yaml").read_text())["train"]["max_length"]
     assert saved == load_config(load_stage_module("reward").Config, REPO / "configs/reward/tiny.yaml").train.max_length

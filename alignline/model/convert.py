@@ -132,7 +132,7 @@ def convert_checkpoint(
     """
     from transformers import AutoConfig
 
-    import alignline  # noqa: F401  (registers model_type "alignline" with AutoConfig)
+    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
 
     src, out = Path(src_dir), Path(out_dir)
     if not (src / "config.json").is_file():

@@ -1,6 +1,6 @@
 """The alignline decoder: a LLaMA-style transformer written as one readable file (nanoGPT spirit).
 
-    import alignline                                   # registers "alignline" with the Auto* classes
+    import alignline.model                             # registers "alignline" with the Auto* classes
     from alignline.model import AlignlineConfig, AlignlineForCausalLM
     model = AlignlineForCausalLM(AlignlineConfig(vocab_size=512, hidden_size=64, intermediate_size=176,
                                                  num_hidden_layers=2, num_attention_heads=4))

@@ -26,7 +26,7 @@ import pytest
 import torch
 from transformers.models.auto import modeling_auto
 
-import alignline  # noqa: F401  (registers the Auto classes, as users get them)
+import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
 from alignline.model import (
     AlignlineConfig,
     AlignlineForCausalLM,
@@ -90,7 +90,7 @@ class AlignlineModelTester:
 
 
 # The battery finds a model's role (base model, causal LM head, classifier) by class name in transformers'
-# static name tables, which list in-tree models only; `AutoModel.register` (done by `import alignline`)
+# static name tables, which list in-tree models only; `AutoModel.register` (done by `import alignline.model`)
 # does not add to them. Listing our classes there for the battery's run makes it treat alignline like an
 # in-tree model: labels for the heads, the base model left out of training checks, the RoPE tests run.
 NAME_TABLES = (
