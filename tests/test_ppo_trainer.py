@@ -647,3 +647,72 @@ def test_two_ranks_update_like_one_process(monkeypatch):
         assert o.keys() == single.keys()
         for k, v in single.items():
             assert o[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_trainer_checks_its_arguments_and_keeps_its_defaults():
+    """What the constructor promises: its defaults (reward scale 0/1, a fixed KL, step 0, frozen RM
+    and reference), one exact message per bad argument, and the KL / schedule settings wired through."""
+    from alignline.rl.core import AdaptiveKLController, FixedKLController
+
+    policy, ref, value, rm = make_models(0)
+
+    def build(a=None, **kw):
+        kw.setdefault("ref_policy", ref)
+        return PPOTrainer(a or args(), policy, value, rm, eos_id=EOS, pad_id=PAD, **kw)
+
+    t = build()
+    assert (t.reward_mean, t.reward_std, t.step_count, t.value_norm) == (0.0, 1.0, 0, None)
+    assert type(t.kl_ctl) is FixedKLController and t.kl_ctl.value == 0.05
+    assert not any(p.requires_grad for m in (rm, ref) for p in m.parameters())
+    assert all(p.requires_grad for m in (policy, value) for p in m.parameters())
+    with pytest.raises(ValueError, match=r"^ref_policy is None but the policy is not a PEFT model; pass a frozen "
+                       r"copy of the SFT model as ref_policy \(or train LoRA so the reference is the base with "
+                       r"adapters off\)$"):
+        build(ref_policy=None)
+    with pytest.raises(ValueError, match=r"^ppo\.ptx_coef > 0 needs a ptx_sampler returning pretraining token "
+                       r"batches$"):
+        build(args(ptx_coef=0.1))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"^reward_std must be a positive number \(got {bad}\); check the "
+                           r"reward eval\.json$"):
+            build(reward_std=bad)
+    with pytest.raises(ValueError, match=r"^ppo\.lr_schedule=linear decays over ppo\.decay_iterations or the run's "
+                       r"total iterations; pass total_iterations or set ppo\.decay_iterations$"):
+        build(args(lr_schedule="linear"))
+    build(args(lr_schedule="linear", decay_iterations=4))  # either horizon will do
+    adaptive = build(args(kl=KLArgs(beta=0.0, adaptive=True, target=1.0, horizon=100, min_beta=0.02)))
+    assert type(adaptive.kl_ctl) is AdaptiveKLController and adaptive.kl_ctl.min_beta == 0.02
+    # min_lr_ratio reaches both schedules: after the whole horizon the lr is min_lr_ratio x its peak
+    s = build(args(lr_schedule="linear", min_lr_ratio=0.25, critic_lr=1e-2), total_iterations=2)
+    for _ in range(2):
+        s.optimizer.step()  # no gradients: only keeps the optimizer-before-scheduler order
+        s.critic_optimizer.step()
+        s.scheduler.step()
+        s.critic_scheduler.step()
+    assert s.optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * 3e-3)
+    assert s.critic_optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * 1e-2)
+
+
+def test_batch_sizes_must_split_over_the_ranks():
+    """PPOArgs.check on N torchrun ranks: each rank rolls out 1/N of the prompts and trains on 1/N of
+    every micro-batch, so both must divide; one exact message for each."""
+    from alignline.config import ConfigError
+
+    a = args(rollout_batch_size=16, mini_batch_size=8, grad_accum_steps=2)  # micro-batches of 4
+    for world in (1, 2, 4):
+        a.check(world)
+    with pytest.raises(ConfigError, match=r"^ppo\.rollout_batch_size=16 does not split evenly over 3 processes "
+                       r"\(torchrun --nproc_per_node / WORLD_SIZE=3\): each rank rolls out rollout_batch_size / 3 "
+                       r"prompts\. Make it a multiple of 3$"):
+        a.check(3)
+    odd = args(rollout_batch_size=12, mini_batch_size=6, grad_accum_steps=2)  # micro-batches of 3
+    odd.check(1)
+    with pytest.raises(ConfigError, match=r"^a micro-batch of ppo\.mini_batch_size / ppo\.grad_accum_steps = 6 / 2 "
+                       r"= 3 rollouts does not split evenly over 2 processes \(WORLD_SIZE=2\): each rank trains on "
+                       r"1/2 of every micro-batch\. Make mini_batch_size a multiple of grad_accum_steps x 2$"):
+        odd.check(2)
+    with pytest.raises(ConfigError, match=r"^ppo\.rollout_batch_size=16 must be a multiple of "
+                       r"ppo\.mini_batch_size=6$"):
+        args(rollout_batch_size=16, mini_batch_size=6, grad_accum_steps=1).check()
+    with pytest.raises(ConfigError, match=r"^ppo\.mini_batch_size=8 must be a multiple of ppo\.grad_accum_steps=3$"):
+        args(rollout_batch_size=16, mini_batch_size=8, grad_accum_steps=3).check()
