@@ -165,13 +165,14 @@ def test_verifier_adds_its_weighted_score_and_logs_rollout_gold():
     seen = {}
 
     def verifier(responses, mask):  # "correct" = the first response token is even
-        seen["shape"] = tuple(responses.shape)
+        seen["shape"], seen["mask"] = tuple(responses.shape), mask.clone()
         return (responses[:, 0] % 2 == 0).float()
 
     m = t.step(prompts(), verifier=verifier)
     ro = t.last_rollout
     v = (ro.responses[:, 0] % 2 == 0).float()
     assert seen["shape"] == tuple(ro.responses.shape)
+    torch.testing.assert_close(seen["mask"], ro.mask)  # the verifier is told where each response ends
     torch.testing.assert_close(ro.verified, v)
     rm_only = (ro.raw_scores - t.reward_mean) / t.reward_std - 0.5 * (~ro.has_eos).float()
     torch.testing.assert_close(ro.scores, rm_only + 2.0 * v)
@@ -716,3 +717,37 @@ def test_batch_sizes_must_split_over_the_ranks():
         args(rollout_batch_size=16, mini_batch_size=6, grad_accum_steps=1).check()
     with pytest.raises(ConfigError, match=r"^ppo\.mini_batch_size=8 must be a multiple of ppo\.grad_accum_steps=3$"):
         args(rollout_batch_size=16, mini_batch_size=8, grad_accum_steps=3).check()
+
+
+@pytest.mark.parametrize("cut", [{"top_k": 2}, {"top_p": 0.3}])
+def test_rollout_samples_only_inside_the_configured_top_k_or_top_p(cut):
+    """ppo.top_k / ppo.top_p reach the sampler: every sampled token lies in the top-k, or in the
+    nucleus (the smallest set of the tempered distribution's most likely tokens whose mass reaches
+    top_p). Near-uniform tiny-model logits over 16 tokens put most samples outside either cut."""
+    t = trainer(args(temperature=0.7, max_new_tokens=6, **cut), seed=2)
+    torch.manual_seed(2)
+    ro = t.rollout(prompts(16, seed=2))
+    with torch.no_grad():
+        logits = response_logits(t.policy, ro.query_response, ro.attention_mask, ro.context_len, 0.7)
+    probs = torch.softmax(logits, -1)
+    order = probs.argsort(-1, descending=True)
+    rank = (order == ro.responses[..., None]).float().argmax(-1)  # rank of each sampled token
+    if "top_k" in cut:
+        allowed = rank < cut["top_k"]
+    else:
+        sorted_p = probs.gather(-1, order)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above
+        allowed = before.gather(-1, rank[..., None]).squeeze(-1) < cut["top_p"]
+    assert bool(allowed[ro.mask.bool()].all())
+    assert int(ro.mask.sum()) > 40
+
+
+def test_step_shuffles_minibatches_with_the_generator_it_is_given(monkeypatch):
+    """A resumed run reproduces its minibatch order only if step() hands its generator to optimize()."""
+    t = trainer(args())
+    seen = []
+    real = t.optimize
+    monkeypatch.setattr(t, "optimize", lambda ro, generator=None: seen.append(generator) or real(ro, generator))
+    g = torch.Generator().manual_seed(3)
+    t.step(prompts(), generator=g)
+    assert seen == [g]
