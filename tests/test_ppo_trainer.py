@@ -751,3 +751,42 @@ def test_step_shuffles_minibatches_with_the_generator_it_is_given(monkeypatch):
     g = torch.Generator().manual_seed(3)
     t.step(prompts(), generator=g)
     assert seen == [g]
+
+
+def test_optimize_reports_the_mean_over_its_minibatches(monkeypatch):
+    """optimize()'s statistics: each minibatch's is the mean of its micro-batches' plus the two
+    gradient norms (policy and critic clipped apart); the update reports the mean over minibatches
+    and keeps the first minibatch's (16 rollouts, minibatches of 8 in 2 micro-batches, 2 epochs)."""
+    t = trainer(args(), seed=4)
+    torch.manual_seed(4)
+    ro = t.rollout(prompts())
+    t.compute_advantages(ro)
+    norms, micro = [], []
+    clip, real = torch.nn.utils.clip_grad_norm_, t._micro_loss
+
+    def spy_clip(params, max_norm):
+        n = clip(params, max_norm)
+        norms.append(float(n))
+        return n
+
+    def spy_micro(r, idx):
+        loss, stats, ntok = real(r, idx)
+        micro.append({k: float(v) for k, v in stats.items()})
+        return loss, stats, ntok
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(t, "_micro_loss", spy_micro)
+    out = t.optimize(ro, torch.Generator().manual_seed(0))
+    assert len(norms) == 2 * 4 and len(micro) == 2 * 4  # 4 optimizer steps, 2 micro-batches each
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    assert out["policy_grad_norm"] == pytest.approx(mean(norms[0::2]))
+    assert out["critic_grad_norm"] == pytest.approx(mean(norms[1::2]))
+    assert t.first_minibatch_stats["policy_grad_norm"] == pytest.approx(norms[0])
+    assert t.first_minibatch_stats["critic_grad_norm"] == pytest.approx(norms[1])
+    for k in micro[0]:
+        assert out[k] == pytest.approx(mean([m[k] for m in micro]), rel=1e-6, abs=1e-9), k
+        assert t.first_minibatch_stats[k] == pytest.approx(mean([m[k] for m in micro[:2]]), rel=1e-6, abs=1e-9), k
+    assert set(out) == set(micro[0]) | {"policy_grad_norm", "critic_grad_norm", "_train_tokens"}
