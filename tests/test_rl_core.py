@@ -551,3 +551,18 @@ def test_disable_dropout_zeroes_every_dropout_and_its_config_keys():
     for bad in ([], [[5], []]):
         with pytest.raises(ValueError, match=r"^left_pad needs a non-empty list of non-empty token sequences$"):
             left_pad(bad, 0)
+
+
+def test_left_pad_refuses_empty_input_and_positions_start_at_zero():
+    """Each row's positions count from its first real token (0), as HF generate counts them; an
+    empty batch, or an empty sequence in one, is refused with one message."""
+    from alignline.rl.rollout import left_pad, position_ids_from_mask
+
+    for bad in ([], [[5, 6], []]):
+        with pytest.raises(ValueError, match=r"^left_pad needs a non-empty list of non-empty token sequences$"):
+            left_pad(bad, 0)
+    ids, attn = left_pad([[7, 8, 9], [4]], pad_id=3)
+    assert ids.tolist() == [[7, 8, 9], [3, 3, 4]] and attn.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == attn.dtype == torch.long
+    assert position_ids_from_mask(attn).tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert position_ids_from_mask(torch.tensor([[0, 1, 1, 1]])).tolist() == [[0, 0, 1, 2]]
