@@ -707,7 +707,7 @@ def test_batch_sizes_must_split_over_the_ranks():
                        r"prompts\. Make it a multiple of 3$"):
         a.check(3)
     odd = args(rollout_batch_size=12, mini_batch_size=6, grad_accum_steps=2)  # micro-batches of 3
-    odd.check(1)
+    odd.check()  # the default is one process
     with pytest.raises(ConfigError, match=r"^a micro-batch of ppo\.mini_batch_size / ppo\.grad_accum_steps = 6 / 2 "
                        r"= 3 rollouts does not split evenly over 2 processes \(WORLD_SIZE=2\): each rank trains on "
                        r"1/2 of every micro-batch\. Make mini_batch_size a multiple of grad_accum_steps x 2$"):
