@@ -95,11 +95,18 @@ def resolve_mask_mode(mode: str, template: str, template_from: str) -> str:
     return mode
 
 
-def render(tokenizer, messages, template, add_generation_prompt=False) -> str:
-    """The conversation as text under `template` (not the tokenizer's own, unless they are the same)."""
+def render(tokenizer, messages, template: str | None = None, add_generation_prompt: bool = False) -> str:
+    """The conversation as text under `template` (None: the tokenizer's own)."""
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def prompt_ids(tokenizer, conversations: list[list[dict]], template: str | None = None) -> list[list[int]]:
+    """Token ids of each conversation rendered with the generation prompt: what the model continues.
+    The template writes any bos itself, so the tokenizer adds no special tokens."""
+    return [tokenizer(render(tokenizer, c, template, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            for c in conversations]
 
 
 def encode_render(tokenizer, messages: list[dict], template: str) -> tuple[list[int], list[int]]:

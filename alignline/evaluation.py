@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from alignline.chat import prompt_ids, render
 from alignline.generation import decoding_config, generate_exactly
 
 
@@ -65,15 +66,6 @@ def load_prompts(data_dir: str | Path, split: str = "test", limit: int | None = 
     from alignline.files import read_jsonl
 
     return read_jsonl(Path(data_dir) / "prompts" / f"{split}.jsonl", limit)
-
-
-def prompt_ids(tokenizer, conversations: list[list[dict]], chat_template: str | None = None) -> list[list[int]]:
-    """Token ids of each conversation rendered with the chat template (the tokenizer's, or
-    `chat_template`) and the generation prompt: what the model continues. The template writes any
-    bos itself, so the tokenizer adds no special tokens."""
-    kw = {"chat_template": chat_template} if chat_template is not None else {}
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **kw) for c in conversations]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def _eos_set(eos_token_id: int | list[int] | None) -> list[int]:
@@ -162,8 +154,7 @@ def score_conversations(reward_model, tokenizer, conversations: list[list[dict]]
                         max_length: int | None = None) -> list[float]:
     """Raw RM scores of whole conversations (their last turn is the answer being judged), rendered
     with the chat template, which closes the answer with eos; cut to the first `max_length` tokens."""
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    seqs = [tokenizer(render(tokenizer, c), add_special_tokens=False)["input_ids"][:max_length] for c in conversations]
     return rm_scores(reward_model, seqs, tokenizer.pad_token_id, batch_size).tolist()
 
 
@@ -208,6 +199,7 @@ def kl_to_reference(
 
     from alignline.rl.rollout import generate, left_pad, response_logits, truncate_after_eos
 
+    ref, adapters_off = (policy, policy.disable_adapter) if reference is None else (reference, nullcontext)
     device = next(policy.parameters()).device
     total, n = 0.0, 0
     for _ in range(samples):
@@ -219,8 +211,8 @@ def kl_to_reference(
             qr, full = torch.cat([ids, resp], 1), torch.cat([attn, mask], 1)
             P = ids.shape[1]
             lp = torch.log_softmax(response_logits(policy, qr, full, P, temperature), -1)
-            with policy.disable_adapter() if reference is None else nullcontext():
-                lq = torch.log_softmax(response_logits(policy if reference is None else reference, qr, full, P, temperature), -1)
+            with adapters_off():
+                lq = torch.log_softmax(response_logits(ref, qr, full, P, temperature), -1)
             kl = (lp.exp() * (lp - lq)).sum(-1)
             total += float((kl * mask).sum())
             n += len(ids)

@@ -443,11 +443,10 @@ def generate_samples(model, tokenizer, template, prompts, max_new_tokens) -> lis
     generation_config names (instruct bases often end turns with a token of their own)."""
     from alignline.evaluation import greedy_generate
 
-    eos = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    eos = [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]
     return greedy_generate(model, tokenizer, [p["messages"] for p in prompts], max_new_tokens, batch_size=8,
-                           chat_template=template, eos_token_id=sorted(e for e in eos if e is not None))
+                           chat_template=template, eos_token_id=[e for e in eos if e is not None])
 
 
 def _logits(model, rows, pad_id):

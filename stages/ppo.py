@@ -47,13 +47,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
+from alignline.chat import prompt_ids
 from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel
 from alignline.distributed import pick_device
 from alignline.evaluation import (
     greedy_responses,
     kl_to_reference,
     overoptimised,
-    prompt_ids,
     reward_normalisation,
     rm_scores,
     win_rate,
@@ -215,7 +215,7 @@ def find_data_stage(start: Path, max_depth: int = 6) -> Path:
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_tokens: int, source: Path) -> list[list[int]]:
-    """Each row's chat-templated `prompt` as token ids (`alignline.evaluation.prompt_ids`), each at
+    """Each row's chat-templated `prompt` as token ids (`alignline.chat.prompt_ids`), each at
     most `max_tokens` long."""
     out = prompt_ids(tokenizer, [row["prompt"] for row in rows])
     for i, ids in enumerate(out):

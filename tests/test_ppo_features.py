@@ -288,7 +288,7 @@ class _CharTok:
 
     pad_token_id, eos_token_id = PAD, EOS
 
-    def apply_chat_template(self, msgs, tokenize=False, add_generation_prompt=False):
+    def apply_chat_template(self, msgs, chat_template=None, tokenize=False, add_generation_prompt=False):
         text = "".join(f"{m['role'][0]}:{m['content']}\x01" for m in msgs)
         return text + ("a:" if add_generation_prompt else "")
 
