@@ -1,4 +1,4 @@
-"""The stage-directory contract: manifest, atomic finalize, checked loading, resumable state.
+"""The stage-directory contract: manifest, atomic finalize, checked loading, the state/ directory.
 
 Every stage (`stages/<name>.py`) writes one self-describing directory `<run_dir>/<stage>/`, or
 `<run_dir>/<stage>-<variant>/` for a stage whose config selects a variant (`stage_dir_name`: the
@@ -58,8 +58,9 @@ the run dir (`data=`, from the stage module's `data_files(config)`): content sha
 over LARGE_FILE_BYTES (256 MiB) size + mtime + a sampled hash. The flow reuses a finished stage and
 StageRun resumes `state/` only under the same key.
 
-Resume: `save_state` writes `state/step_<N>/` (model.safetensors, optimizer.pt,
-scheduler.pt, rng.pt, meta.json) through a temp dir (fsynced, then renamed), then points
+Resume: `save_state` writes `state/step_<N>/` (alignline.checkpointing: model.safetensors,
+optimizer.pt, scheduler.pt, trainer.pt, rng.pt, meta.json; FSDP2 shards gathered first) through a
+temp dir (fsynced, then renamed), then points
 `state/latest` at it by a rename: a failed save leaves the previous step and `latest` intact and no
 temp files (a full disk raises `DiskFull`, a UserError naming the path). All
 torch files hold plain tensors/containers and are read with `torch.load(weights_only=True)`;
@@ -81,7 +82,6 @@ import json
 import logging
 import os
 import platform
-import random
 import re
 import shutil
 import subprocess
@@ -96,7 +96,14 @@ from typing import Any
 import yaml
 
 from alignline.config import UserError, config_sha256, config_to_dict, save_config
-from alignline.files import read_json, read_jsonl, write_json, write_jsonl  # noqa: F401  (read_jsonl: re-exported)
+from alignline.files import (  # noqa: F401  (read_jsonl: re-exported)
+    fsync_tree,
+    read_json,
+    read_jsonl,
+    remove_path,
+    write_json,
+    write_jsonl,
+)
 from alignline.locks import StageLock
 
 log = logging.getLogger("alignline.artifacts")
@@ -153,19 +160,6 @@ def is_disk_full(exc: BaseException, path: str | Path | None = None) -> bool:
         except OSError:
             return False
     return False
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under `root` and the directories themselves, so a rename publishes complete data."""
-    for p in sorted(root.rglob("*"), reverse=True) + [root]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EBADF):  # a file system without fsync on dirs
-                raise
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -398,14 +392,7 @@ def _remove_temps(state_dir: Path) -> None:
     lock guarantees no other process is writing there."""
     for p in state_dir.glob(".*.tmp*"):
         log.info("removing %s left by an interrupted save", p)
-        _remove(p)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+        remove_path(p)
 
 
 # --------------------------------------------------------------------------- output directory names
@@ -832,61 +819,46 @@ class StageRun:
         model=None,
         optimizer=None,
         scheduler=None,
+        trainer=None,
         data_position: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
-        model_state: dict | None = None,
-        optimizer_state: dict | None = None,
+        dist=None,
+        parallel: str = "ddp",
     ) -> Path | None:
         """Write `state/step_<step>/` atomically (rank 0) and point `state/latest` at it.
 
-        Pass `model`/`optimizer` modules, or already-gathered `model_state`/`optimizer_state`
-        dicts (FSDP). `data_position` and `extra` must be JSON-serialisable.
+        `model`/`optimizer` may be DDP- or FSDP2-wrapped: under FSDP (`dist` enabled, `parallel`
+        "fsdp") their shards are gathered first, a collective, so every rank calls this. `trainer`:
+        an object with `state_dict()` / `load_state_dict()` holding its own models and optimizers
+        (e.g. PPOTrainer). `data_position` and `extra` must be JSON-serialisable.
+        See alignline.checkpointing for the files.
         """
-        import torch
-        from safetensors.torch import save_file
+        from alignline.checkpointing import gather_states, write_state
 
+        model_state, optimizer_state = gather_states(model, optimizer, dist, parallel)
         if not self.is_main:
             return None
         name = f"step_{step:08d}"
         final = self.state_dir / name
-        tmp = self.state_dir / f".{name}.tmp-{os.getpid()}"
         pointer_tmp = self.state_dir / ".latest.tmp"
-        # Everything goes to a temp dir that is renamed into place, then `latest` is switched by a rename:
-        # a failure at any point (disk full, kill) leaves the previous step and `latest` as they were.
+        # The step goes to a temp dir renamed into place, then `latest` is switched by a rename: a failure
+        # at any point (disk full, kill) leaves the previous step and `latest` as they were.
         try:
             self.mark_state()
-            _remove(tmp)
-            tmp.mkdir(parents=True)
-            if model_state is None and model is not None:
-                model_state = _unwrap(model).state_dict()
-            if model_state is not None:
-                # clone() breaks storage sharing (tied embeddings) so safetensors accepts it.
-                save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()},
-                          str(tmp / "model.safetensors"))
-            if optimizer_state is None and optimizer is not None:
-                optimizer_state = optimizer.state_dict()
-            if optimizer_state is not None:
-                torch.save(optimizer_state, tmp / "optimizer.pt")
-            if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            write_json(tmp / "meta.json", {
-                "step": step, "data_position": data_position or {}, "extra": extra or {},
-                "config_sha256": self.config_sha256,
-                "key_sha256": self.state_key["sha256"] if self.state_key else None, "time": time.time(),
-            })
-            _fsync_tree(tmp)
-            _remove(final)
-            os.replace(tmp, final)
+            write_state(final, model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler,
+                        trainer=trainer, meta={
+                            "step": step, "data_position": data_position or {}, "extra": extra or {},
+                            "config_sha256": self.config_sha256,
+                            "key_sha256": self.state_key["sha256"] if self.state_key else None, "time": time.time(),
+                        })
             pointer_tmp.write_text(name)
             os.replace(pointer_tmp, self.state_dir / "latest")
         except BaseException as exc:
             full = isinstance(exc, Exception) and is_disk_full(exc, self.state_dir)
-            for leftover in (tmp, pointer_tmp):
-                try:
-                    _remove(leftover)
-                except OSError:
-                    log.warning("could not remove %s after a failed save", leftover)
+            try:
+                remove_path(pointer_tmp)
+            except OSError:
+                log.warning("could not remove %s after a failed save", pointer_tmp)
             if not full:
                 raise
             prev = self.latest_state()
@@ -900,14 +872,12 @@ class StageRun:
             shutil.rmtree(old)
         return final
 
-    def load_state(self, *, model=None, optimizer=None, scheduler=None, restore_rng: bool = True,
-                   map_location: str = "cpu") -> dict[str, Any] | None:
-        """Load the latest state into the given objects; returns meta (step, data_position, extra).
-
-        Returns None when there is no state to resume from. Every rank loads.
-        """
-        import torch
-        from safetensors.torch import load_file
+    def load_state(self, *, model=None, optimizer=None, scheduler=None, trainer=None, restore_rng: bool = True,
+                   map_location: str = "cpu", dist=None, parallel: str = "ddp") -> dict[str, Any] | None:
+        """Load the latest state into the given objects (as `save_state` took them; under FSDP every
+        rank calls it); returns meta (step, data_position, extra, path), or None when there is no
+        state to resume from."""
+        from alignline.checkpointing import read_state
 
         latest = self.latest_state()
         if latest is None:
@@ -918,21 +888,11 @@ class StageRun:
         if self.state_key is not None and meta.get("key_sha256") != self.state_key["sha256"]:
             log.warning("ignoring %s: written under a different reuse key (config, code, inputs or data)", latest)
             return None
-        if model is not None and (latest / "model.safetensors").is_file():
-            sd = load_file(str(latest / "model.safetensors"), device=map_location)
-            missing, unexpected = _unwrap(model).load_state_dict(sd, strict=False)
-            # Tied weights may be stored once; anything else missing means the state is wrong.
-            real_missing = [k for k in missing if not _is_tied(model, k)]
-            if real_missing or unexpected:
-                raise StageError(f"{latest / 'model.safetensors'} does not fit the model: missing "
-                                 f"{real_missing[:5]}, unexpected {unexpected[:5]}; delete {self.state_dir}")
-        if optimizer is not None and (latest / "optimizer.pt").is_file():
-            optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=map_location,
-                                                 weights_only=True))
-        if scheduler is not None and (latest / "scheduler.pt").is_file():
-            scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
-        if restore_rng and (latest / "rng.pt").is_file():
-            _set_rng_state(torch.load(latest / "rng.pt", weights_only=True))
+        try:
+            read_state(latest, model=model, optimizer=optimizer, scheduler=scheduler, trainer=trainer,
+                       restore_rng=restore_rng, map_location=map_location, dist=dist, parallel=parallel)
+        except ValueError as exc:
+            raise StageError(f"{exc}; delete {self.state_dir} to start over") from None
         log.info("%s: resumed from step %s (%s)", self.name, meta["step"], latest)
         meta["path"] = str(latest)
         return meta
@@ -957,7 +917,7 @@ class StageRun:
             write_jsonl(self.staging / "samples.jsonl", samples)
         for item in sorted(self.staging.iterdir()):
             target = self.path / item.name
-            _remove(target)
+            remove_path(target)
             os.replace(item, target)
         self.staging.rmdir()
         manifest = {
@@ -1024,58 +984,3 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 def _report_to(config: Any) -> list[str]:
     logging_cfg = getattr(config, "logging", None)
     return list(getattr(logging_cfg, "report_to", ["tensorboard"]))
-
-
-def _unwrap(model):
-    # DDP / torch.compile wrappers keep the real module in .module / ._orig_mod.
-    while True:
-        if hasattr(model, "module") and not hasattr(model, "config"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _is_tied(model, key: str) -> bool:
-    m = _unwrap(model)
-    tied = getattr(m, "_tied_weights_keys", None) or {}
-    keys = tied.keys() if isinstance(tied, dict) else tied
-    return any(key == k or key.endswith(k) for k in keys)
-
-
-def _rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    py = random.getstate()
-    np_state = np.random.get_state()
-    out: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python_version": torch.tensor(py[0]),
-        "python": torch.tensor(py[1], dtype=torch.int64),
-        "python_gauss": torch.tensor(float("nan") if py[2] is None else py[2], dtype=torch.float64),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": torch.tensor(np_state[2]),
-        "numpy_has_gauss": torch.tensor(np_state[3]),
-        "numpy_gauss": torch.tensor(np_state[4], dtype=torch.float64),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import math
-
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    gauss = float(state["python_gauss"])
-    random.setstate((int(state["python_version"]), tuple(int(x) for x in state["python"].tolist()),
-                     None if math.isnan(gauss) else gauss))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]),
-                         int(state["numpy_has_gauss"]), float(state["numpy_gauss"])))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

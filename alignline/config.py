@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -56,6 +56,50 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
     variant_key: ClassVar[str | None] = None
+    # A discriminated union: the base class of the variants' configs sets `variants` (value of
+    # `variant_key` -> config class) and `default_variant`; validating or constructing the base then
+    # builds the class the data's `variant_key` names, so a variant cannot carry another's keys.
+    variants: ClassVar[dict[str, type[StrictModel]] | None] = None
+    default_variant: ClassVar[str | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _section_defaults(cls, data: Any) -> Any:
+        """A section given in part keeps its field's defaults for the rest: `optim: {lr: 1e-3}` in a
+        DPO config has DPO's weight decay and betas (the values --help shows), not OptimConfig's."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            default = field.default
+            if isinstance(default, StrictModel) and isinstance(out.get(name), dict):
+                out[name] = {**default.model_dump(exclude_unset=False), **out[name]}
+        return out
+
+    @classmethod
+    def variant_class(cls, data: Any) -> type[StrictModel]:
+        """The class `data` validates into: `cls`, or (for a union's base) the variant it names."""
+        variants = cls.__dict__.get("variants")
+        if not variants or not isinstance(data, dict):
+            return cls
+        tag = data.get(cls.variant_key, cls.default_variant)
+        if tag not in variants:
+            names = list(variants)
+            expected = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+            raise ValidationError.from_exception_data(cls.__name__, [
+                {"type": "literal_error", "loc": (cls.variant_key,), "input": tag, "ctx": {"expected": expected}}])
+        return variants[tag]
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any):
+        target = cls.variant_class(obj)
+        if target is not cls:
+            return target.model_validate(obj, *args, **kwargs)
+        return super().model_validate(obj, *args, **kwargs)
+
+    def __new__(cls, *args: Any, **data: Any):
+        target = cls.variant_class(data)
+        return super().__new__(target if target is not cls else cls)
 
 
 # --------------------------------------------------------------------------- shared parts
@@ -211,12 +255,28 @@ def format_validation_error(
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>", key_lines=None) -> T:
+    what, hint = cls.__name__, ""
     try:
+        target = cls.variant_class(data) if issubclass(cls, StrictModel) else cls
+        if target is not cls:  # a union's variant: say which one the keys were checked against
+            tag = data.get(cls.variant_key, cls.default_variant)
+            what = f"{what} for {cls.variant_key}: {tag}"
+            others = {k: t for t, sub in cls.variants.items() if t != tag for k in sub.model_fields
+                      if k not in target.model_fields}
+            stray = sorted({k: others[k] for k in data if k in others}.items())
+            if stray:
+                by_tag: dict[str, list[str]] = {}
+                for k, t in stray:
+                    by_tag.setdefault(t, []).append(f"`{k}`")
+                hint = "\n" + "; ".join(f"{', '.join(ks)} belong(s) to {cls.variant_key}: {t}"
+                                        for t, ks in by_tag.items()) + (
+                    f". A config selects one {cls.variant_key} and carries only its keys: start from a "
+                    f"config written for {cls.variant_key}: {tag}, or remove those keys")
         return cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(
-            f"invalid {cls.__name__} ({exc.error_count()} problem(s)):\n"
-            + format_validation_error(exc, source, key_lines)
+            f"invalid {what} ({exc.error_count()} problem(s)):\n"
+            + format_validation_error(exc, source, key_lines) + hint
         ) from None
 
 

@@ -156,37 +156,3 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp") -> nn.Module
         fully_shard(model)
         return model
     raise ValueError(f"unknown parallel mode {mode!r}; use ddp, fsdp or none")
-
-
-def full_state_dict(model: nn.Module, info: DistInfo, mode: str) -> dict[str, torch.Tensor]:
-    """A full (unsharded) CPU state dict on every rank's call; only rank 0's copy is meant to be saved."""
-    if info.enabled and mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    inner = model.module if hasattr(model, "module") and not hasattr(model, "config") else model
-    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
-
-
-def full_optim_state_dict(model: nn.Module, opt: torch.optim.Optimizer, info: DistInfo, mode: str) -> dict:
-    if info.enabled and mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                             cpu_offload=True))
-    return opt.state_dict()
-
-
-def load_full_state(model: nn.Module, opt: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None,
-                    info: DistInfo, mode: str) -> None:
-    """Inverse of full_state_dict/full_optim_state_dict for FSDP (DDP/plain use load_state_dict)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    set_model_state_dict(model, model_sd, options=opts)
-    if opt is not None and optim_sd is not None:
-        set_optimizer_state_dict(model, opt, optim_sd, options=opts)

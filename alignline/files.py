@@ -12,8 +12,10 @@ user error) naming the file and line, since what they read was written by a stag
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -99,3 +101,24 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise _stage_error(f"{path}:{i}: not valid JSON ({exc.msg})") from None
     return rows
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root` and the directories themselves, so a rename publishes complete data."""
+    for p in sorted(root.rglob("*"), reverse=True) + [root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EBADF):  # a file system without fsync on dirs
+                raise
+        finally:
+            os.close(fd)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, symlink or directory tree; nothing when it does not exist."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -86,12 +86,16 @@ def default_config_path(stage: str) -> Path:
     return REPO_ROOT / "configs" / stage / "tiny.yaml"
 
 
-def config_keys(cls: type, prefix: str = "", defaults: dict | None = None) -> list[str]:
-    """One line per config key (dotted), with its default and description, for --help."""
+def config_keys(cls: type, prefix: str = "", defaults: dict | None = None,
+                skip: frozenset[str] = frozenset()) -> list[str]:
+    """One line per config key (dotted), with its default and description, for --help. A union of
+    variants (e.g. the rlhf stage's, on `algorithm`) lists the shared keys, then each variant's own."""
     from pydantic import BaseModel
 
     lines = []
     for name, field in cls.model_fields.items():
+        if name in skip:
+            continue
         key = f"{prefix}{name}"
         ann = field.annotation
         if defaults is not None and name in defaults:
@@ -105,6 +109,10 @@ def config_keys(cls: type, prefix: str = "", defaults: dict | None = None) -> li
             continue
         desc = f"  {field.description}" if field.description else ""
         lines.append(f"  {key} = {default!r}{desc}")
+    variants = cls.__dict__.get("variants") if not prefix else None
+    for tag, sub in (variants or {}).items():
+        lines.append(f"  with {cls.variant_key}: {tag}")
+        lines += ["  " + line for line in config_keys(sub, skip=frozenset(cls.model_fields))]
     return lines
 
 

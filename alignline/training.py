@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignline.config import OptimConfig, ScheduleConfig
+from alignline.config import LoggingConfig, OptimConfig, ScheduleConfig
 from alignline.distributed import pick_device
 
 FAIL_AFTER_ENV = "ALIGNLINE_FAIL_AFTER_STEP"
@@ -332,12 +332,6 @@ def metrics_callback(logger: MetricsLogger, skip_through: int = 0):
     return _Forward()
 
 
-def external_report_to(report_to: list[str]) -> list[str] | str:
-    """HF Trainer's report_to: W&B / MLflow only; TensorBoard and jsonl go through MetricsLogger."""
-    rest = [r for r in report_to if r != "tensorboard"]
-    return rest or "none"
-
-
 def hf_schedule(s: ScheduleConfig) -> tuple[str, dict]:
     """Our ScheduleConfig as HF Trainer's lr_scheduler_type + kwargs."""
     if s.kind == "constant":
@@ -347,29 +341,37 @@ def hf_schedule(s: ScheduleConfig) -> tuple[str, dict]:
     return "cosine_with_min_lr", {"min_lr_rate": s.min_lr_ratio}
 
 
-def common_trainer_args(cfg, run, device: str, precision: str) -> dict:
-    """TrainingArguments fields shared by the TRL-based stages (sft, reward): `cfg` has train/optim/
-    schedule/logging sections, `run` is the StageRun (checkpoints go to its state/trainer/)."""
-    t = cfg.train
-    sched, sched_kwargs = hf_schedule(cfg.schedule)
+def hf_trainer_args(
+    *, output_dir: str | Path, optim: OptimConfig, schedule: ScheduleConfig, logging: LoggingConfig,
+    seed: int, max_steps: int, batch_size: int, save_every: int, device: str = "auto",
+    precision: str = "auto", epochs: float = 1, grad_accum: int = 1, eval_every: int | None = None,
+    gradient_checkpointing: bool = False,
+) -> dict:
+    """The TrainingArguments fields of every TRL-based stage (sft, reward, rlhf's dpo/grpo/rloo, lora),
+    from our shared sections: `optim:` (AdamW), `schedule:` (warmup + decay) and `logging:`.
+
+    `report_to` is always "none": metrics reach jsonl, TensorBoard, W&B and MLflow through the
+    stage's MetricsLogger (`metrics_callback`), once. `precision`: auto = bf16 off the CPU."""
+    sched, sched_kwargs = hf_schedule(schedule)
     use_cpu = pick_device(device) == "cpu"
     bf16 = precision == "bf16" or (precision == "auto" and not use_cpu)
     # Passed only when on: the name is deprecated in recent transformers (activation_checkpointing),
     # but older 5.x releases know only this one.
-    ckpt = {"gradient_checkpointing": True} if t.gradient_checkpointing else {}
+    ckpt = {"gradient_checkpointing": True} if gradient_checkpointing else {}
+    evals = {"eval_strategy": "steps", "eval_steps": eval_every} if eval_every else {"eval_strategy": "no"}
     return dict(
-        **ckpt,
-        output_dir=str(run.mark_state() / "trainer"),
-        seed=t.seed, data_seed=t.seed,
-        num_train_epochs=t.epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-        adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps,
-        max_grad_norm=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e9,
-        lr_scheduler_type=sched, lr_scheduler_kwargs=sched_kwargs, warmup_steps=cfg.schedule.warmup_steps,
-        logging_steps=cfg.logging.every_steps, eval_strategy="steps", eval_steps=t.eval_every,
-        save_strategy="steps", save_steps=t.save_every, save_total_limit=1,
-        report_to=external_report_to(cfg.logging.report_to), disable_tqdm=not cfg.logging.progress,
-        use_cpu=use_cpu, bf16=bf16, dataloader_num_workers=0,
+        **ckpt, **evals,
+        output_dir=str(output_dir),
+        seed=seed, data_seed=seed,
+        num_train_epochs=epochs, max_steps=max_steps,
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=optim.lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_epsilon=optim.eps,
+        max_grad_norm=optim.grad_clip if optim.grad_clip > 0 else 1e9,
+        lr_scheduler_type=sched, lr_scheduler_kwargs=sched_kwargs, warmup_steps=schedule.warmup_steps,
+        logging_steps=logging.every_steps,
+        save_strategy="steps", save_steps=save_every, save_total_limit=1,
+        report_to="none", disable_tqdm=not logging.progress,
+        use_cpu=use_cpu, bf16=bf16, fp16=precision == "fp16", dataloader_num_workers=0,
     )

@@ -297,11 +297,11 @@ def eval_scenario(work: Path, base: Path) -> None:
                 *sets(["steps=6", "save_every=3", "ppo.rollout_batch_size=32", "ppo.forward_batch_size=32",
                        "ppo.mini_batch_size=16", "ppo.ppo_epochs=2", "eval.num_prompts=32",
                        "logging.progress=false", "logging.report_to=[]"])]
-    code, out, err, wall = run([PY, str(Path(__file__).resolve()), "child", "--fault", "oom", "--", "stages.ppo",
+    code, out, err, wall = run([PY, str(Path(__file__).resolve()), "child", "--fault", "oom", "--", "stages.rlhf",
                                 *ppo_args])
     rows1 = _train_rows(run_dir / "rlhf-ppo")
     latest = (run_dir / "rlhf-ppo/state/latest").read_text().strip() if (run_dir / "rlhf-ppo/state/latest").exists() else None
-    code2, out2, err2, wall2 = run([PY, "-m", "stages.ppo", *ppo_args])
+    code2, out2, err2, wall2 = run([PY, "-m", "stages.rlhf", *ppo_args])
     rows2 = _train_rows(run_dir / "rlhf-ppo")
     resumed = re.search(r"rlhf-ppo: resumed from step (\d+)", err2 + out2)
     ev = json.loads((run_dir / "rlhf-ppo/eval.json").read_text()) if code2 == 0 else {}
@@ -415,10 +415,10 @@ def child(argv: list[str]) -> None:
             raise torch.OutOfMemoryError("CUDA out of memory (injected by bench/faults.py into the evaluation)")
 
         import alignline.evaluation
-        import stages.ppo
+        import stages.rlhf
 
         alignline.evaluation.gold_eval = oom  # pretrain / sft imports it at call time
-        stages.ppo.evaluate_policies = oom
+        stages.rlhf.evaluate_policies = oom
     importlib.import_module(module).main(stage_argv)
 
 

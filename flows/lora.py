@@ -1,7 +1,7 @@
 """Prefect flow `lora_flow`: the `lora` stage (LoRA/QLoRA fine-tuning of a released model) as a flow.
 
-    python -m flows.lora --base runs/tiny/sft --data runs/tiny/data --out runs/tiny [--config ...] [--set k=v]
-    from flows.lora import lora_flow; lora_flow(base=..., data=..., out="runs/x")
+    python -m flows.lora --base runs/tiny/sft --data runs/tiny/data --run-dir runs/tiny [--config ...] [--set k=v]
+    from flows.lora import lora_flow; lora_flow(base=..., data=..., run_dir="runs/x")
     (a deployment in prefect.yaml points at flows/lora.py:lora_flow)
 
 Same job as `alignline lora`: the config is validated before anything runs (an error names the
@@ -46,15 +46,15 @@ def _summary(stage_dir: Path) -> str:
 def lora_flow(
     base: str = "runs/nightly/sft",
     data: str = "runs/nightly/data",
-    out: str = "runs/nightly",
+    run_dir: str = "runs/nightly",
     config: str | None = "configs/lora/tiny.yaml",
     overrides: list[str] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune `base` with LoRA on `data`; the stage dir is `<out>/lora`.
+    """Fine-tune `base` with LoRA on `data`; the stage dir is `<run_dir>/lora`.
 
     The defaults serve the weekly `lora-refresh` deployment: the nightly run's SFT checkpoint on the
-    nightly data, written to runs/nightly/lora. Pass base/data/out for anything else.
+    nightly data, written to runs/nightly/lora. Pass base/data/run_dir for anything else.
     """
     logger = get_run_logger()
     quiet_user_errors()
@@ -62,7 +62,7 @@ def lora_flow(
     resolved = resolve_stage("lora", StageEntry(config=config, set=sets), where="lora_flow")
     # An alignline stage dir as base is a real input: its manifest hash then decides cache reuse.
     inputs = {"base": str(base)} if (Path(base) / "manifest.json").is_file() else {}
-    result = stage_task("lora", resolved.module, resolved.config_dict, inputs, str(out), force=force)
+    result = stage_task("lora", resolved.module, resolved.config_dict, inputs, str(run_dir), force=force)
     stage_dir = Path(result["path"])
     create_markdown_artifact(_summary(stage_dir), key="lora-summary", description="LoRA fine-tuning result")
     logger.info("lora: %s %s (held-out loss %s)", result["status"], stage_dir, result.get("headline"))
@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m flows.lora", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="runs/nightly/sft", help="local dir, alignline stage dir, or hub id")
     p.add_argument("--data", default="runs/nightly/data", help="chat file, data stage dir, or hub dataset id")
-    p.add_argument("--out", default="runs/nightly", help="run directory; the stage writes OUT/lora/")
+    p.add_argument("--run-dir", default="runs/nightly", help="run directory; the stage writes RUN_DIR/lora/")
     p.add_argument("--config", default="configs/lora/tiny.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--force", action="store_true", help="run even when a cached output matches")
     a = p.parse_args(argv)
-    return lora_flow(base=a.base, data=a.data, out=a.out, config=a.config, overrides=a.overrides, force=a.force)
+    return lora_flow(base=a.base, data=a.data, run_dir=a.run_dir, config=a.config, overrides=a.overrides, force=a.force)
 
 
 if __name__ == "__main__":

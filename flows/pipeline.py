@@ -123,11 +123,15 @@ class GateFailed(RuntimeError):
 
 
 def split_overrides(overrides: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
-    """`pretrain.train.lr=1e-3` goes to stage pretrain; anything else is a pipeline key."""
+    """`pretrain.optim.lr=1e-3` goes to stage pretrain; `rlhf.config=PATH` picks the stage's YAML
+    (`stages.rlhf.config`, e.g. configs/rlhf/dpo_tiny.yaml to switch the algorithm); anything else is
+    a pipeline key."""
     pipeline, per_stage = [], {}
     for item in overrides or []:
         head = item.split("=", 1)[0].split(".", 1)[0].strip()
-        if head in STAGE_SEQUENCE and "." in item.split("=", 1)[0]:
+        if head in STAGE_SEQUENCE and item.split("=", 1)[0].strip() == f"{head}.config":
+            pipeline.append(f"stages.{item}")
+        elif head in STAGE_SEQUENCE and "." in item.split("=", 1)[0]:
             per_stage.setdefault(head, []).append(item.split(".", 1)[1])
         else:
             pipeline.append(item)
@@ -211,8 +215,8 @@ def stage_slot(flag: str, value: str | None, dirs: dict[str, str] | None = None,
         if name != stage and value.startswith(f"{stage}-"):
             want, key = value[len(stage) + 1:], (keys or {}).get(stage, "<key>")
             raise ConfigError(f"{flag} {value}: this pipeline's {stage} stage is {name} (its config selects "
-                              f"{name[len(stage) + 1:]}); to restart {want}, select it (--set {stage}.{key}={want}) "
-                              f"and use {flag} {stage}")
+                              f"{name[len(stage) + 1:]}); to restart {want}, select it (a {stage} config with "
+                              f"`{key}: {want}`: --set {stage}.config=PATH) and use {flag} {stage}")
     import difflib
 
     close = difflib.get_close_matches(value, STAGE_SEQUENCE, n=1)

@@ -25,8 +25,7 @@ STAGES: dict[str, str] = {
     "pretrain": "stages.pretrain",
     "sft": "stages.sft",
     "reward": "stages.reward",
-    "rlhf": "stages.ppo",
-    "ppo": "stages.ppo",
+    "rlhf": "stages.rlhf",
     "evaluate": "stages.evaluate",
     "lora": "stages.lora",
 }
@@ -38,7 +37,6 @@ DESCRIPTIONS: dict[str, str] = {
     "sft": "supervised fine-tuning with TRL SFTTrainer (full or LoRA)",
     "reward": "train a reward model with TRL RewardTrainer",
     "rlhf": "RLHF: PPO (or DPO/GRPO/RLOO) against the reward model",
-    "ppo": "alias of rlhf",
     "evaluate": "evaluate checkpoints and write the report card",
     "lora": "LoRA fine-tuning stage",
 }

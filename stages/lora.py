@@ -1,6 +1,6 @@
 """Stage `lora`: LoRA (or QLoRA) fine-tuning of a released causal LM on chat data.
 
-    python -m stages.lora --base DIR_OR_HUB_ID --data FILE_OR_DATASET --out RUN_DIR \
+    python -m stages.lora --base DIR_OR_HUB_ID --data FILE_OR_DATASET --run-dir RUN_DIR \
         [--config configs/lora/tiny.yaml] [--set train.max_steps=50 --set lora.r=8]
     alignline lora ...            (same options)
     flows/lora.py: lora_flow      (same job as a Prefect flow)
@@ -46,7 +46,15 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from alignline.chat import CHATML_TEMPLATE, ChatTemplateError, encode_conversations, resolve_mask_mode
-from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel, load_config
+from alignline.config import (
+    ConfigError,
+    LoggingConfig,
+    LoraArgs,
+    OptimConfig,
+    ScheduleConfig,
+    StrictModel,
+    load_config,
+)
 from alignline.data.loaders import Columns, DataValidationError, Format, LoaderConfig, load_records
 
 log = logging.getLogger("alignline.stages.lora")
@@ -105,11 +113,6 @@ class LoraTrainConfig(StrictModel):
     save_every: int = Field(50, gt=0, description="Trainer checkpoint (resume point) every N steps")
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(5, ge=0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    max_grad_norm: float = Field(1.0, ge=0)
     max_length: int = Field(1024, gt=8)
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -152,6 +155,10 @@ class LoraStageConfig(StrictModel):
     chat: ChatConfig = ChatConfig()
     lora: StageLoraArgs = StageLoraArgs()
     train: LoraTrainConfig = LoraTrainConfig()
+    optim: OptimConfig = Field(OptimConfig(lr=2e-4, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0),
+                               description="AdamW of the adapter weights")
+    schedule: ScheduleConfig = Field(ScheduleConfig(kind="cosine", warmup_steps=5, min_lr_ratio=0.0),
+                                     description="lr warmup, then decay over train.max_steps")
     eval: LoraEvalConfig = LoraEvalConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -548,8 +555,7 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from alignline.distributed import pick_device
-    from alignline.training import metrics_callback, train_or_restore, trainer_resume_point
+    from alignline.training import hf_trainer_args, metrics_callback, train_or_restore, trainer_resume_point
 
     t = prep.cfg.train
     ds = Dataset.from_list(prep.train_rows)
@@ -557,32 +563,15 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
     # continues from the latest one when the stage is started again.
     out_dir = run.mark_state() / "trainer"
     resume, skip = trainer_resume_point(out_dir, run.metrics, "lora")
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     args = SFTConfig(
-        output_dir=str(out_dir),
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm,
+        **hf_trainer_args(output_dir=out_dir, optim=prep.cfg.optim, schedule=prep.cfg.schedule,
+                          logging=prep.cfg.logging, seed=t.seed, max_steps=t.max_steps, batch_size=t.batch_size,
+                          grad_accum=t.grad_accum, save_every=t.save_every, precision=precision),
         max_length=t.max_length,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=prep.cfg.logging.every_steps,
-        save_strategy="steps",
-        save_steps=t.save_every,
-        save_total_limit=1,
-        report_to="none",  # our callback writes metrics.jsonl + TensorBoard (+ wandb/mlflow)
-        disable_tqdm=not prep.cfg.logging.progress,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=pick_device() == "cpu",
         # TRL enables it on the PEFT model (and the input grads a frozen base needs)
         activation_checkpointing=t.gradient_checkpointing,
         packing=False,
-        dataloader_num_workers=0,
         remove_unused_columns=False,
     )
     trainer = SFTTrainer(
@@ -778,7 +767,7 @@ def main(argv: list[str] | None = None) -> Path | None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="base model: local HF dir, alignline stage dir, or hub id (sets `base`)")
     p.add_argument("--data", help="chat data: .json/.jsonl file, data stage dir, or hub dataset id (sets data.train)")
-    p.add_argument("--out", "--run-dir", dest="out", required=True, help="run directory; outputs go to OUT/lora/")
+    p.add_argument("--run-dir", dest="out", required=True, help="run directory; the stage writes RUN_DIR/lora/")
     p.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/lora/tiny.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=20 (repeatable)")

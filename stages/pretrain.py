@@ -188,16 +188,9 @@ def evaluate_loss(model, windows: torch.Tensor, micro: int, device, autocast) ->
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from tqdm.auto import tqdm
 
+    from alignline.checkpointing import gather_states
     from alignline.data.shards import BlockSampler, PackedBlocks, build_shards
-    from alignline.distributed import (
-        all_reduce_mean,
-        barrier,
-        cleanup,
-        full_optim_state_dict,
-        full_state_dict,
-        init_distributed,
-        wrap_model,
-    )
+    from alignline.distributed import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
     from alignline.evaluation import gold_eval, load_prompts
     from alignline.tokenizer import load_tokenizer
     from alignline.training import (
@@ -255,16 +248,15 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         return contextlib.nullcontext()
 
     fsdp = dist.enabled and tc.parallel == "fsdp"
+    # FSDP2 shards the parameters in place, so its optimizer is built on the wrapped model; DDP's on
+    # the plain one. Training state is saved and loaded full (unsharded) either way.
+    wrapped = wrap_model(model, dist, tc.parallel) if fsdp else None
+    opt = build_optimizer(wrapped if fsdp else model, config.optim)
+    sched = build_scheduler(opt, config.schedule, tc.max_steps)
+    meta = run.load_state(model=wrapped if fsdp else model, optimizer=opt, scheduler=sched, dist=dist,
+                          parallel=tc.parallel)
     if not fsdp:
-        opt = build_optimizer(model, config.optim)
-        sched = build_scheduler(opt, config.schedule, tc.max_steps)
-        meta = run.load_state(model=model, optimizer=opt, scheduler=sched)
         wrapped = wrap_model(model, dist, tc.parallel)
-    else:
-        wrapped = wrap_model(model, dist, "fsdp")
-        opt = build_optimizer(wrapped, config.optim)
-        sched = build_scheduler(opt, config.schedule, tc.max_steps)
-        meta = _load_fsdp_state(run, wrapped, opt, sched, dist)
     fwd = torch.compile(wrapped) if tc.compile else wrapped
 
     start = 0
@@ -317,9 +309,9 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         if peak:
             rec["mfu"] = fpt * tps / (peak * dist.world_size)
         if done % tc.save_every == 0 or done == tc.max_steps:
-            _save(run, done, wrapped, model, opt, sched, dist, tc.parallel,
-                  {"step": done, "sampler": sampler.state_dict()}, initial_val, full_state_dict,
-                  full_optim_state_dict)
+            run.save_state(done, model=wrapped, optimizer=opt, scheduler=sched, dist=dist, parallel=tc.parallel,
+                           data_position={"step": done, "sampler": sampler.state_dict()},
+                           extra={"initial_val_loss": initial_val})
         if done % tc.eval_every == 0 or done == tc.max_steps:
             val_loss = evaluate_loss(fwd, val, micro, device, autocast)
             rec.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
@@ -333,7 +325,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         val_loss = evaluate_loss(fwd, val, micro, device, autocast)
 
     # Everything below is rank 0: gather weights, evaluate, write the checkpoint.
-    sd = full_state_dict(wrapped, dist, tc.parallel) if fsdp else None
+    sd = gather_states(wrapped, None, dist, tc.parallel)[0] if fsdp else None  # a collective under FSDP
     out = run.path
     if run.is_main:
         final = model
@@ -360,35 +352,6 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     barrier(dist)
     cleanup(dist)
     return out
-
-
-def _save(run, step, wrapped, model, opt, sched, dist, mode, position, initial_val, full_state_dict,
-          full_optim_state_dict):
-    extra = {"initial_val_loss": initial_val}
-    if dist.enabled and mode == "fsdp":
-        msd = full_state_dict(wrapped, dist, mode)  # collective: every rank calls
-        osd = full_optim_state_dict(wrapped, opt, dist, mode)
-        run.save_state(step, model_state=msd, optimizer_state=osd, scheduler=sched,
-                       data_position=position, extra=extra)
-    else:
-        run.save_state(step, model=model, optimizer=opt, scheduler=sched, data_position=position, extra=extra)
-
-
-def _load_fsdp_state(run, wrapped, opt, sched, dist):
-    from safetensors.torch import load_file
-
-    from alignline.distributed import load_full_state
-
-    latest = run.latest_state()
-    if latest is None:
-        return None
-    meta = run.load_state(scheduler=sched)  # scheduler, RNG and meta; weights below
-    if meta is None:
-        return None
-    msd = load_file(str(latest / "model.safetensors"))
-    osd = torch.load(latest / "optimizer.pt", weights_only=True)
-    load_full_state(wrapped, opt, msd, osd, dist, "fsdp")
-    return meta
 
 
 def main(argv: list[str] | None = None) -> Path | None:

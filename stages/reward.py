@@ -26,13 +26,10 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from alignline.artifacts import StageRun, model_dir
 from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
-from alignline.distributed import pick_device
-from alignline.evaluation import score_conversations
 from alignline.files import read_jsonl
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
@@ -108,8 +105,10 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]
 
 def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[list, list, dict]:
     """(train pairs, val pairs, stats) sampled from the init policy; see OnPolicyConfig."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    from alignline.distributed import pick_device
     from alignline.rl.policy_pairs import sample_policy_pairs
 
     o = config.onpolicy
@@ -130,15 +129,19 @@ def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[
 
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    # Heavy imports here, not at the top: `alignline stage reward --help` answers without torch.
+    import torch
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
+    from alignline.distributed import pick_device
+    from alignline.evaluation import score_conversations
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
         build_optimizer,
-        common_trainer_args,
+        hf_trainer_args,
         metrics_callback,
         seed_everything,
         train_or_restore,
@@ -181,7 +184,11 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                   for r in rows])
 
-    args = RewardConfig(**common_trainer_args(config, run, t.device, t.precision), max_length=t.max_length,
+    args = RewardConfig(**hf_trainer_args(
+            output_dir=run.mark_state() / "trainer", optim=config.optim, schedule=config.schedule,
+            logging=config.logging, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
+            grad_accum=t.grad_accum, eval_every=t.eval_every, save_every=t.save_every, device=t.device,
+            precision=t.precision, gradient_checkpointing=t.gradient_checkpointing), max_length=t.max_length,
                         center_rewards_coefficient=t.center_rewards_coefficient)
     resume, skip = trainer_resume_point(args.output_dir, run.metrics, "reward")
     trainer = RewardTrainer(

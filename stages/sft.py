@@ -20,7 +20,6 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from alignline.artifacts import StageRun, model_dir
@@ -73,6 +72,7 @@ class Config(StrictModel):
 
 def load_causal_lm(src: Path):
     """An HF causal LM from `src` in fp32: our class for alignline checkpoints, AutoModelForCausalLM otherwise."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if AutoConfig.from_pretrained(str(src)).model_type == "alignline":
@@ -83,6 +83,7 @@ def load_causal_lm(src: Path):
 
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    # Heavy imports here, not at the top: `alignline stage sft --help` answers without torch.
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -93,7 +94,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
         build_optimizer,
-        common_trainer_args,
+        hf_trainer_args,
         metrics_callback,
         seed_everything,
         train_or_restore,
@@ -129,7 +130,11 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
 
     t = config.train
     args = SFTConfig(
-        **common_trainer_args(config, run, t.device, t.precision),
+        **hf_trainer_args(
+            output_dir=run.mark_state() / "trainer", optim=config.optim, schedule=config.schedule,
+            logging=config.logging, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
+            grad_accum=t.grad_accum, eval_every=t.eval_every, save_every=t.save_every, device=t.device,
+            precision=t.precision, gradient_checkpointing=t.gradient_checkpointing),
         max_length=t.max_length, packing=t.packing, assistant_only_loss=t.assistant_only_loss,
         dataset_num_proc=None,
     )

@@ -138,8 +138,8 @@ def build_base(arch: str, out: Path, seed: int = 0) -> Path:
 def lora_overrides(**extra) -> list[str]:
     """Small, fast settings for the stage on the tiny bases (CPU, seconds)."""
     base = {
-        "train.max_steps": 40, "train.batch_size": 8, "train.lr": 3e-2, "train.warmup_steps": 2,
-        "train.max_length": 128, "train.lr_scheduler": "constant_with_warmup",
+        "train.max_steps": 40, "train.batch_size": 8, "optim.lr": 3e-2, "schedule.warmup_steps": 2,
+        "train.max_length": 128, "schedule.kind": "constant",
         "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
         "eval.num_samples": 2, "eval.max_new_tokens": 6, "logging.progress": False, "logging.every_steps": 5,
         "data.max_val_examples": 16,

@@ -132,7 +132,7 @@ FAKE_INPUTS = {
 }
 
 
-# Extra Config lines per fake stage: rlhf selects its variant (output dir) by `algorithm`, as stages/ppo.py does.
+# Extra Config lines per fake stage: rlhf selects its variant (output dir) by `algorithm`, as stages/rlhf.py does.
 FAKE_EXTRA = {
     "rlhf": 'variant_key: ClassVar[str] = "algorithm"\n    algorithm: str = "ppo"',
 }

@@ -48,7 +48,7 @@ def leaky_checkpoint(path: Path, vocab_size: int = 1000, tokenizer=None, **overr
 
 
 def load_like_the_stages(path: Path):
-    """AutoModelForCausalLM.from_pretrained, as stages/ppo.py's load_models does (reads generation_config.json)."""
+    """AutoModelForCausalLM.from_pretrained, as stages/rlhf.py's load_models does (reads generation_config.json)."""
     from transformers import AutoModelForCausalLM
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes

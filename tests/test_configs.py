@@ -3,7 +3,7 @@
     .venv/bin/pytest tests/test_configs.py -q
 
 The directory name picks the class through the stages registry (`configs/pretrain/*.yaml` ->
-`stages.pretrain.Config`, `configs/rlhf/*` -> `stages.ppo.Config`); `configs/pipeline/*` ->
+`stages.pretrain.Config`, `configs/rlhf/*` -> `stages.rlhf.Config`); `configs/pipeline/*` ->
 `flows.pipeline.PipelineConfig`. A registered stage or flows module that cannot be imported fails
 the test (it is a broken install or a broken module, not a reason to skip). Also: config errors
 name the key (and the line), and are raised before any model is built.
@@ -159,3 +159,99 @@ def test_the_library_spine_imports_without_torch():
             "assert type(AutoConfig.for_model('alignline')).__name__ == 'AlignlineConfig'\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- the rlhf union
+
+
+def test_rlhf_config_is_a_union_on_algorithm(tmp_path):
+    """`algorithm` picks the config's shape: each algorithm has its own section and `optim:`, and a
+    key of another algorithm is refused, named with its line, with the way out."""
+    from stages.rlhf import Config, DPOStageConfig, GRPOStageConfig, PPOStageConfig, RLOOStageConfig
+
+    shapes = {"ppo": (PPOStageConfig, "ppo"), "dpo": (DPOStageConfig, "dpo"),
+              "grpo": (GRPOStageConfig, "grpo"), "rloo": (RLOOStageConfig, "rloo")}
+    for algo, (cls, section) in shapes.items():
+        cfg = load_config(Config, None, [f"algorithm={algo}", "optim.lr=0.0123"])
+        assert type(cfg) is cls and cfg.algorithm == algo and cfg.optim.lr == 0.0123
+        assert hasattr(cfg, section) and all(not hasattr(cfg, other) for other in shapes if other != section)
+        assert type(Config(algorithm=algo)) is cls  # constructing the base builds the variant too
+    assert type(load_config(Config)) is PPOStageConfig  # algorithm defaults to ppo
+    # PPO's optimizer is the stage's `optim:`, handed to the trainer with the `ppo:` section.
+    ppo = load_config(Config, REPO / "configs/rlhf/tiny.yaml", ["optim.lr=0.002", "ppo.vf_coef=0.3"])
+    assert ppo.ppo_args().optim.lr == 0.002 and ppo.ppo_args().vf_coef == 0.3
+
+    bad = tmp_path / "dpo.yaml"
+    bad.write_text("algorithm: dpo\nsteps: 3\nppo:\n  vf_coef: 0.1\nparallel: ddp\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(Config, bad)
+    msg = str(exc.value)
+    assert "invalid RLHFConfig for algorithm: dpo" in msg
+    assert f"{bad}:3: ppo: unknown key" in msg and f"{bad}:5: parallel: unknown key" in msg
+    assert "`parallel`, `ppo` belong(s) to algorithm: ppo" in msg and "config written for algorithm: dpo" in msg
+    with pytest.raises(ConfigError, match=r"algorithm: Input should be 'ppo', 'dpo', 'grpo' or 'rloo' \(got 'a2c'\)"):
+        load_config(Config, None, ["algorithm=a2c"])
+    with pytest.raises(ConfigError, match=r"ppo\.optim: unknown key"):  # the lr has one home: optim.lr
+        load_config(Config, None, ["ppo.optim.lr=1e-3"])
+
+
+def test_rlhf_help_lists_each_algorithms_keys(capsys):
+    import stages.rlhf as rlhf
+
+    with pytest.raises(SystemExit):
+        rlhf.main(["--help"])
+    out = capsys.readouterr().out
+    for algo, key in (("ppo", "ppo.vf_coef"), ("dpo", "dpo.beta"), ("grpo", "grpo.num_generations"),
+                      ("rloo", "rloo.num_generations")):
+        block = out.split(f"with algorithm: {algo}\n")[1].split("with algorithm:")[0]
+        assert f"    {key} = " in block and "    optim.lr = " in block, block
+    assert "\n  steps = " in out and "\n  eval.num_prompts = " in out  # the shared keys, once
+
+
+def test_pipeline_switches_the_rlhf_config_with_one_override():
+    from flows.pipeline import load_pipeline_config, resolve_pipeline
+
+    cfg = load_pipeline_config(REPO / "configs/pipeline/tiny.yaml", ["rlhf.config=configs/rlhf/grpo_tiny.yaml",
+                                                                     "rlhf.grpo.beta=0.2"])
+    rlhf = resolve_pipeline(cfg)["rlhf"]
+    assert rlhf.dir_name == "rlhf-grpo" and rlhf.config.grpo.beta == 0.2
+
+
+def test_one_builder_turns_our_sections_into_trainer_arguments(tmp_path):
+    """sft, reward, lora and rlhf's TRL algorithms all get their TrainingArguments from
+    `alignline.training.hf_trainer_args`: each of our keys lands in its HF field."""
+    from transformers import TrainingArguments
+
+    from alignline.config import LoggingConfig, OptimConfig, ScheduleConfig
+    from alignline.training import hf_trainer_args
+
+    kw = dict(output_dir=tmp_path, seed=7, max_steps=11, batch_size=3, save_every=4, device="cpu",
+              optim=OptimConfig(lr=0.0123, weight_decay=0.05, betas=(0.8, 0.9), eps=1e-7, grad_clip=0.0),
+              schedule=ScheduleConfig(kind="cosine", warmup_steps=3, min_lr_ratio=0.2),
+              logging=LoggingConfig(every_steps=2, report_to=["tensorboard", "wandb"], progress=False))
+    a = TrainingArguments(**hf_trainer_args(**kw, grad_accum=2, eval_every=5))
+    assert (a.learning_rate, a.weight_decay, a.adam_beta1, a.adam_beta2, a.adam_epsilon) == (0.0123, 0.05, 0.8, 0.9, 1e-7)
+    assert a.max_grad_norm == 1e9  # grad_clip 0 = off
+    assert str(a.lr_scheduler_type.value) == "cosine_with_min_lr" and a.lr_scheduler_kwargs == {"min_lr_rate": 0.2}
+    assert (a.warmup_steps, a.seed, a.max_steps, a.per_device_train_batch_size, a.gradient_accumulation_steps,
+            a.save_steps, a.logging_steps) == (3, 7, 11, 3, 2, 4, 2)
+    assert str(a.eval_strategy.value) == "steps" and a.eval_steps == 5 and a.disable_tqdm and a.use_cpu
+    assert a.report_to == []  # W&B/MLflow get the metrics once, through our MetricsLogger, not twice
+    b = TrainingArguments(**hf_trainer_args(**{**kw, "optim": OptimConfig(grad_clip=0.5),
+                                               "schedule": ScheduleConfig(kind="constant", warmup_steps=0)}))
+    assert b.max_grad_norm == 0.5 and str(b.eval_strategy.value) == "no"
+    assert str(b.lr_scheduler_type.value) == "constant_with_warmup"
+
+
+def test_a_section_given_in_part_keeps_its_fields_defaults(tmp_path):
+    """`optim: {lr: ...}` in a DPO config keeps DPO's AdamW defaults (TRL's: no weight decay, beta2
+    0.999), the values --help shows, not the bare OptimConfig class defaults (0.1, 0.95)."""
+    from alignline.config import OptimConfig
+    from stages.rlhf import Config
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text("algorithm: dpo\noptim:\n  lr: 1.0e-4\nschedule:\n  warmup_steps: 3\n")
+    cfg = load_config(Config, path)
+    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.0 and tuple(cfg.optim.betas) == (0.9, 0.999)
+    assert cfg.schedule.kind == "constant" and cfg.schedule.warmup_steps == 3
+    assert OptimConfig().weight_decay == 0.1  # the class default differs: the field's default won

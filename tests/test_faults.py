@@ -464,7 +464,7 @@ def test_oom_in_pretrain_evaluation_reruns_the_evaluation_only(pretrain_inputs, 
 @pytest.mark.slow
 def test_oom_in_rlhf_evaluation_reruns_the_evaluation_only(tmp_path, monkeypatch, caplog, one_thread):
     from alignline.rl.ppo import PPOTrainer
-    from stages import ppo
+    from stages import rlhf as ppo
     from tests.test_ppo_stage import _tiny_trio
 
     trio = _tiny_trio(tmp_path / "chain")

@@ -298,7 +298,7 @@ def test_from_rlhf_restarts_only_the_selected_algorithm(fake) -> None:
     assert statuses(run("rlhf.algorithm=dpo", from_stage="rlhf-dpo"))["rlhf"] == "ran"
     assert calls(run_dir, "rlhf-dpo") == [0, 0, 0]
     with pytest.raises(ConfigError, match=r"--from rlhf-ppo: this pipeline's rlhf stage is rlhf-dpo.*"
-                                          r"--set rlhf.algorithm=ppo"):
+                                          r"`algorithm: ppo`: --set rlhf.config=PATH"):
         run("rlhf.algorithm=dpo", from_stage="rlhf-ppo")
 
 

@@ -29,14 +29,14 @@ def test_lora_flow_runs_then_reuses(tmp_path):
     base = build_base("gpt2", tmp_path / "base")
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(40))
     sets = lora_overrides(**{"train.max_steps": 10})
-    first = lora_flow(base=str(base), data=str(data), out=str(tmp_path / "run"), overrides=sets)
+    first = lora_flow(base=str(base), data=str(data), run_dir=str(tmp_path / "run"), overrides=sets)
     assert first["status"] == "ran"
     sd = load_stage(tmp_path / "run" / "lora", expect="lora")
     assert sd.headline["heldout_loss_after"] < sd.headline["heldout_loss_before"]
     assert json.loads((sd.path / "eval.json").read_text())["steps"] == 10
-    again = lora_flow(base=str(base), data=str(data), out=str(tmp_path / "run"), overrides=sets)
+    again = lora_flow(base=str(base), data=str(data), run_dir=str(tmp_path / "run"), overrides=sets)
     assert again["status"] == "cached"
     # A config error is reported by the flow before anything runs, naming the key.
     with pytest.raises(ConfigError, match="lora.rank"):
-        lora_flow(base=str(base), data=str(data), out=str(tmp_path / "run2"), overrides=["lora.rank=3"])
+        lora_flow(base=str(base), data=str(data), run_dir=str(tmp_path / "run2"), overrides=["lora.rank=3"])
     assert not (tmp_path / "run2").exists()

@@ -88,7 +88,7 @@ def test_cli_on_stage_dirs_chains_lora_after_lora(tmp_path, data_stage):
 
     base = build_base("alignline", tmp_path / "base")
     quick = lora_overrides(**{"train.max_steps": 4, "data.max_train_examples": 32})
-    args = ["lora", "--base", str(base), "--data", str(data_stage), "--out", str(tmp_path / "a")]
+    args = ["lora", "--base", str(base), "--data", str(data_stage), "--run-dir", str(tmp_path / "a")]
     for s in quick:
         args += ["--set", s]
     res = CliRunner().invoke(app, args)
@@ -112,7 +112,7 @@ def test_cli_bad_input_exit_code(tmp_path):
     from alignline_cli.main import app
 
     res = CliRunner().invoke(app, ["lora", "--base", str(tmp_path / "missing"), "--data", "x.jsonl",
-                                   "--out", str(tmp_path / "o")])
+                                   "--run-dir", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert "no such directory" in res.output
 

@@ -74,8 +74,8 @@ def test_output_dirs_follow_the_selected_algorithm(tmp_path: Path) -> None:
     from alignline_cli.pipeline_cmds import check_stage_range
     from flows.pipeline import stage_dirs, stage_slot, variant_keys
 
-    for algo in ("ppo", "dpo"):
-        cfg = load_pipeline_config(REPO / "configs" / "pipeline" / "tiny.yaml", [f"rlhf.algorithm={algo}"])
+    for algo, conf in (("ppo", "tiny"), ("dpo", "dpo_tiny")):
+        cfg = load_pipeline_config(REPO / "configs" / "pipeline" / "tiny.yaml", [f"rlhf.config=configs/rlhf/{conf}.yaml"])
         resolved = resolve_pipeline(cfg)
         dirs = stage_dirs(cfg, resolved)
         assert dirs == {**{s: s for s in STAGE_SEQUENCE}, "rlhf": f"rlhf-{algo}"}
@@ -84,7 +84,8 @@ def test_output_dirs_follow_the_selected_algorithm(tmp_path: Path) -> None:
         assert stage_slot("--from", f"rlhf-{algo}", dirs) == "rlhf" and stage_slot("--from", "rlhf", dirs) == "rlhf"
     assert variant_keys(resolved) == {"rlhf": "algorithm"}
     with pytest.raises(ConfigError, match=r"--from rlhf-ppo: this pipeline's rlhf stage is rlhf-dpo \(its config "
-                                          r"selects dpo\); to restart ppo, select it \(--set rlhf.algorithm=ppo\)"):
+                                          r"selects dpo\); to restart ppo, select it \(a rlhf config with `algorithm: ppo`: "
+                                          r"--set rlhf.config=PATH\)"):
         stage_slot("--from", "rlhf-ppo", dirs, variant_keys(resolved))
     with pytest.raises(ConfigError, match=r"did you mean 'rlhf'"):
         stage_slot("--from", "rlfh", dirs)

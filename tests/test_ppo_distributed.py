@@ -210,7 +210,7 @@ def test_one_iteration_on_two_ranks_equals_one_process(tmp_path):
 
 SHORT = ["steps=3", "save_every=2", "eval.num_prompts=4", "eval.max_new_tokens=4", "ppo.rollout_batch_size=8",
          "ppo.forward_batch_size=4", "ppo.mini_batch_size=4", "ppo.grad_accum_steps=2", "ppo.ppo_epochs=1",
-         "ppo.max_new_tokens=4", "ppo.optim.lr=1e-3", "ppo.kl.adaptive=true", "ppo.kl.horizon=16",
+         "ppo.max_new_tokens=4", "optim.lr=1e-3", "ppo.kl.adaptive=true", "ppo.kl.horizon=16",
          "logging.progress=false"]
 
 
@@ -271,7 +271,7 @@ def _resume_worker(rank: int, world: int, ports: list[int], inputs: dict, root: 
     b/ killed after iteration 3 (state saved at 2), and its resumption; each run joins a fresh group."""
     from alignline.config import load_config
     from alignline.training import FAIL_AFTER_ENV, SimulatedInterrupt
-    from stages import ppo
+    from stages import rlhf as ppo
 
     cfg = load_config(ppo.Config, REPO / "configs/rlhf/tiny.yaml", [*SHORT, "steps=4", "logging.report_to=[]"])
     for name, port, fail_after in (("a", ports[0], None), ("b", ports[1], 3), ("b", ports[2], None)):
@@ -323,7 +323,7 @@ def _fake_stage(path: Path, stage: str) -> Path:
 def test_batch_that_does_not_split_over_ranks_is_a_user_error(tmp_path, monkeypatch, capsys, overrides, expected):
     """Under torchrun (WORLD_SIZE=4) the batch check runs before the process group is joined or any
     file is written: exit 2, one message, no traceback."""
-    from stages import ppo
+    from stages import rlhf as ppo
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "1")
@@ -358,7 +358,7 @@ def test_pipeline_refuses_a_batch_that_does_not_split_before_launching():
 
 def test_fsdp_and_non_ppo_algorithms_under_torchrun_are_refused():
     from alignline.config import ConfigError, load_config
-    from stages import ppo
+    from stages import rlhf as ppo
 
     with pytest.raises(ConfigError, match="parallel: fsdp is not supported by the rlhf stage"):
         load_config(ppo.Config, REPO / "configs/rlhf/tiny.yaml", ["parallel=fsdp"])
@@ -369,7 +369,7 @@ def test_fsdp_and_non_ppo_algorithms_under_torchrun_are_refused():
 
 
 def test_rank_seeds_are_per_rank_per_iteration_and_reproducible():
-    from stages.ppo import rank_seed
+    from stages.rlhf import rank_seed
 
     seeds = [rank_seed(0, step, rank) for step in range(3) for rank in range(4)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)

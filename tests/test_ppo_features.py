@@ -298,7 +298,7 @@ class _CharTok:
 
 def test_group_reward_scores_the_generated_tokens_and_penalises_missing_eos():
     from alignline.rl.rollout import left_pad, sequence_scores
-    from stages.ppo import RMReward
+    from stages.rlhf import RMReward
 
     torch.manual_seed(0)
     rm = LlamaForSequenceClassification(tiny_cfg(num_labels=1)).eval()
@@ -323,7 +323,7 @@ def test_group_reward_scores_the_generated_tokens_and_penalises_missing_eos():
 
 def _cfg(**over):
     from alignline.config import load_config
-    from stages.ppo import Config
+    from stages.rlhf import Config
 
     REPO = Path(__file__).resolve().parent.parent
     return load_config(Config, REPO / "configs" / "rlhf" / "tiny.yaml", [f"{k}={v}" for k, v in over.items()])
@@ -331,7 +331,7 @@ def _cfg(**over):
 
 def test_resume_keys_keep_state_and_other_keys_discard_it_naming_them(tmp_path, caplog):
     from alignline.artifacts import StageRun
-    from stages.ppo import RESUME_KEYS
+    from stages.rlhf import RESUME_KEYS
 
     def open_run(cfg):
         return StageRun(tmp_path, "rlhf", cfg, resume_keys=RESUME_KEYS)
@@ -347,11 +347,11 @@ def test_resume_keys_keep_state_and_other_keys_discard_it_naming_them(tmp_path, 
     assert (run.staging / "metrics.jsonl").read_text().count('"step": 1') == 1
     # Any other key invalidates the state, and the log says which.
     with caplog.at_level(logging.WARNING, logger="alignline.artifacts"):
-        run = open_run(_cfg(steps=4, **{"ppo.optim.lr": 1e-4, "ppo.vf_coef": 0.2}))
+        run = open_run(_cfg(steps=4, **{"optim.lr": 1e-4, "ppo.vf_coef": 0.2}))
     assert run.latest_state() is None
     msg = " ".join(r.getMessage() for r in caplog.records)
     changed = msg.split("changed: ")[1].split(";")[0]
-    assert changed == "ppo.optim.lr, ppo.vf_coef", msg  # save_every/eval/logging changed too, but may
+    assert changed == "optim.lr, ppo.vf_coef", msg  # save_every/eval/logging changed too, but may
 
 
 # --------------------------------------------------------------------------- TensorBoard after resume
@@ -397,7 +397,7 @@ def test_extending_a_finished_ppo_run_equals_an_uninterrupted_one(tiny_chain, tm
     from safetensors.torch import load_file
 
     from alignline.config import load_config
-    from stages import ppo
+    from stages import rlhf as ppo
 
     REPO = Path(__file__).resolve().parent.parent
 

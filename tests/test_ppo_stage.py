@@ -35,7 +35,7 @@ def _one_thread(one_thread):
 
 
 def _run(run_dir: Path, chain, overrides: list[str], config: Path = TINY) -> Path:
-    from stages import ppo
+    from stages import rlhf as ppo
 
     cfg = load_config(ppo.Config, config, ["logging.progress=false", *overrides])
     inputs = {"init": chain["sft"], "reward": chain["reward"], "data": chain["data"]}
@@ -94,7 +94,7 @@ def test_tiny_ppo_beats_sft_and_logs_everything(tiny_chain, tmp_path):
             "value_loss", "explained_variance", "eos_rate", "response_length", "rollout_tokens_per_s",
             "train_tokens_per_s", "rollout_gold_accuracy", "score_rm"}
     assert need <= set(rows[-1]), need - set(rows[-1])
-    assert len(rows) == load_config(__import__("stages.ppo").ppo.Config, TINY).steps
+    assert len(rows) == load_config(__import__("stages.rlhf").rlhf.Config, TINY).steps
     assert rows[-1]["rollout_gold_accuracy"] > rows[0]["rollout_gold_accuracy"] + 0.05
     assert any((out / "tb").iterdir())
 
@@ -191,7 +191,7 @@ def test_killed_and_resumed_ppo_is_bitwise_the_uninterrupted_run(tmp_path, monke
     trio = _tiny_trio(tmp_path / "chain")
     short = ["steps=4", "save_every=2", "eval.num_prompts=4", "eval.max_new_tokens=4", "ppo.rollout_batch_size=8",
              "ppo.forward_batch_size=8", "ppo.mini_batch_size=4", "ppo.grad_accum_steps=2", "ppo.ppo_epochs=2",
-             "ppo.max_new_tokens=4", "ppo.optim.lr=1e-3", "ppo.kl.adaptive=true", "ppo.kl.horizon=16",
+             "ppo.max_new_tokens=4", "optim.lr=1e-3", "ppo.kl.adaptive=true", "ppo.kl.horizon=16",
              "logging.report_to=[]"]
     straight = _run(tmp_path / "a", trio, short)
     monkeypatch.setenv(FAIL_AFTER_ENV, "3")
@@ -217,10 +217,14 @@ def test_killed_and_resumed_ppo_is_bitwise_the_uninterrupted_run(tmp_path, monke
 def test_trl_algorithms_fill_the_same_slot(tiny_chain, tmp_path, algorithm):
     cfg = REPO / "configs" / "rlhf" / f"{algorithm}_tiny.yaml"
     steps = {"dpo": 8, "grpo": 4, "rloo": 4}[algorithm]
-    out = _run(tmp_path, tiny_chain, [f"steps={steps}", "eval.num_prompts=16"], config=cfg)
+    lr = 2.5 * load_config(__import__("stages.rlhf").rlhf.Config, cfg).optim.lr  # not the YAML's value
+    out = _run(tmp_path, tiny_chain, [f"steps={steps}", "eval.num_prompts=16", f"optim.lr={lr}"], config=cfg)
     ev = _check_contract(out, algorithm)
     assert out == tmp_path / f"rlhf-{algorithm}"  # each algorithm has its own output dir
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # `optim.lr` is TRL's learning rate (constant schedule, no warmup: every step at lr).
+    lrs = [r["learning_rate"] for r in rows if "learning_rate" in r]
+    assert lrs and all(x == pytest.approx(lr) for x in lrs), lrs
     if algorithm == "dpo":
         # DPO's implicit reward margin on the training pairs must grow from 0.
         margins = [r["rewards/margins"] for r in rows if "rewards/margins" in r]
@@ -235,7 +239,7 @@ def test_trl_algorithms_fill_the_same_slot(tiny_chain, tmp_path, algorithm):
 
 
 def test_gold_reward_scores_trl_completions_against_each_rows_answer():
-    from stages.ppo import gold_reward
+    from stages.rlhf import gold_reward
 
     completions = [[{"role": "assistant", "content": c}] for c in ("19", " 19 ", "The answer is 19.", "t a c", "c a t")]
     got = gold_reward(prompts=None, completions=completions, answer=["19", "19", "19", "t a c", "t a c"],

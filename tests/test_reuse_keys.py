@@ -166,7 +166,7 @@ class AlgoCfg(StrictModel):
 
 
 def test_the_rlhf_algorithm_names_the_output_dir():
-    from stages import ppo
+    from stages import rlhf as ppo
 
     assert [stage_dir_name("rlhf", ppo.Config(algorithm=a)) for a in ("ppo", "dpo", "grpo", "rloo")] == [
         "rlhf-ppo", "rlhf-dpo", "rlhf-grpo", "rlhf-rloo"]

@@ -1,9 +1,9 @@
 """Stage `rlhf`: align the SFT policy against the reward model with our PPO (default), or with
 TRL's DPO / GRPO / RLOO in the same slot (`algorithm: ppo|dpo|grpo|rloo`).
 
-    alignline stage ppo --config configs/rlhf/tiny.yaml --init RUN/sft --reward RUN/reward
-    python -m stages.ppo --config configs/rlhf/tiny.yaml --run-dir RUN [--set algorithm=dpo]
-    torchrun --nproc_per_node=4 -m stages.ppo --config configs/rlhf/1b.yaml --run-dir RUN
+    alignline stage rlhf --config configs/rlhf/tiny.yaml --init RUN/sft --reward RUN/reward
+    python -m stages.rlhf --config configs/rlhf/dpo_tiny.yaml --run-dir RUN      # DPO in the same slot
+    torchrun --nproc_per_node=4 -m stages.rlhf --config configs/rlhf/1b.yaml --run-dir RUN
 
 Inputs: `--init` (SFT stage: policy, reference, tokenizer), `--reward` (reward stage: reward
 model, the value model's initialisation, and `reward_mean`/`reward_std` from its eval.json),
@@ -42,27 +42,23 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, field_validator
 
 from alignline.chat import prompt_ids
-from alignline.config import ConfigError, LoggingConfig, LoraArgs, StrictModel
-from alignline.distributed import pick_device
-from alignline.evaluation import (
-    greedy_responses,
-    kl_to_reference,
-    overoptimised,
-    reward_normalisation,
-    rm_scores,
-    win_rate,
-)
+from alignline.config import ConfigError, LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
 from alignline.files import read_jsonl
-from alignline.rl.ppo import PPOArgs, PPOTrainer
+from alignline.rl.args import PPOArgs, PPOHyperparameters
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
-log = logging.getLogger("alignline.stages.ppo")
+# torch, the evaluation and the PPO trainer are imported where they run, so that
+# `alignline stage rlhf --help` and config validation answer in well under a second.
+if TYPE_CHECKING:
+    import torch
+
+
+log = logging.getLogger("alignline.stages.rlhf")
 
 STAGE = "rlhf"
 
@@ -92,21 +88,19 @@ class EvalConfig(StrictModel):
 class DPOSection(StrictModel):
     """TRL DPOTrainer on preference/train.jsonl, reference = SFT."""
 
-    beta: float = Field(0.1, gt=0)
-    lr: float = Field(5e-4, gt=0)
-    batch_size: int = Field(8, gt=0)
-    max_length: int = Field(128, gt=8)
-    loss_type: str = "sigmoid"
+    beta: float = Field(0.1, gt=0, description="DPO's inverse temperature (strength of the implicit KL)")
+    batch_size: int = Field(8, gt=0, description="preference pairs per optimizer step")
+    max_length: int = Field(128, gt=8, description="prompt + answer tokens; longer pairs are cut")
+    loss_type: str = Field("sigmoid", description="TRL DPO loss: sigmoid (DPO) | ipo | hinge | ...")
 
 
 class GroupSection(StrictModel):
     """TRL GRPOTrainer / RLOOTrainer with our reward model (normalised) as the reward function."""
 
-    lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, gt=0, description="completions per optimizer step (prompts x generations)")
-    num_generations: int = Field(4, gt=1)
-    max_completion_length: int = Field(16, gt=0)
-    temperature: float = Field(1.0, gt=0)
+    num_generations: int = Field(4, gt=1, description="completions sampled per prompt (the group)")
+    max_completion_length: int = Field(16, gt=0, description="completion cap; longer ones are cut (no EOS)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
     beta: float = Field(0.05, ge=0, description="KL coefficient against the SFT reference")
     gold_reward: bool = Field(False, description="add the gold scorer as a verifiable reward")
     gold_weight: float = Field(1.0, ge=0, description="weight of the gold reward")
@@ -115,32 +109,47 @@ class GroupSection(StrictModel):
     )
 
 
-class RLHFConfig(StrictModel):
-    """Config of the `rlhf` stage (configs/rlhf/*.yaml)."""
+ALGORITHMS = ("ppo", "dpo", "grpo", "rloo")
 
-    # Each algorithm writes its own `rlhf-<algorithm>/` (alignline.artifacts.stage_dir_name).
+
+class RLHFConfig(StrictModel):
+    """Config of the `rlhf` stage (configs/rlhf/*.yaml): the keys every algorithm has. The config is
+    one of `PPOStageConfig`, `DPOStageConfig`, `GRPOStageConfig`, `RLOOStageConfig`, chosen by
+    `algorithm` (a discriminated union: a DPO config carrying a `ppo:` section is an unknown key)."""
+
+    # Each algorithm writes its own `rlhf-<algorithm>/` (alignline.artifacts.stage_dir_name), and its
+    # value picks the config class (alignline.config: `variants`).
     variant_key: ClassVar[str] = "algorithm"
+    variants: ClassVar[dict[str, type[StrictModel]]] = {}
+    default_variant: ClassVar[str] = "ppo"
 
     algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = Field(
         "ppo", description="ppo (ours) | dpo | grpo | rloo (TRL); output dir rlhf-<algorithm>/")
-    seed: int = 0
+    seed: int = Field(0, description="seeds models' init order, sampling and prompt order")
     steps: int = Field(30, gt=0, description="PPO iterations, or optimizer steps for dpo/grpo/rloo")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
     save_every: int = Field(10, gt=0, description="write resumable state every N steps")
+    lora: LoraArgs = Field(LoraArgs(), description="train LoRA adapters on the policy (reference = adapters off)")
+    prompts: PromptsConfig = Field(PromptsConfig(), description="the RL prompts (data stage prompts/train.jsonl)")
+    eval: EvalConfig = Field(EvalConfig(), description="SFT vs trained policy on prompts/test.jsonl")
+    logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl, TensorBoard, progress bar")
+
+
+class PPOStageConfig(RLHFConfig):
+    """`algorithm: ppo`: our PPO (alignline.rl.ppo)."""
+
+    algorithm: Literal["ppo"] = Field("ppo", description="ppo: our PPO; output dir rlhf-ppo/")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="under torchrun (nproc_per_node > 1): ddp wraps the PPO policy and critic in "
         "DistributedDataParallel. fsdp is not supported by this stage and is refused",
     )
-    ppo: PPOArgs = PPOArgs()
-    lora: LoraArgs = LoraArgs()
-    prompts: PromptsConfig = PromptsConfig()
-    ptx: PtxConfig = PtxConfig()
-    eval: EvalConfig = EvalConfig()
-    dpo: DPOSection = DPOSection()
-    grpo: GroupSection = GroupSection()
-    rloo: GroupSection = GroupSection()
-    logging: LoggingConfig = LoggingConfig()
+    optim: OptimConfig = Field(
+        PPOArgs.model_fields["optim"].default,
+        description="policy AdamW (the critic takes its betas/eps/weight decay; ppo.critic_lr its lr)",
+    )
+    ppo: PPOHyperparameters = Field(PPOHyperparameters(), description="PPO hyperparameters")
+    ptx: PtxConfig = Field(PtxConfig(), description="PPO-ptx batches (when ppo.ptx_coef > 0)")
 
     @field_validator("parallel")
     @classmethod
@@ -153,8 +162,46 @@ class RLHFConfig(StrictModel):
             )
         return v
 
+    def ppo_args(self) -> PPOArgs:
+        """What PPOTrainer takes: the `ppo:` section plus the stage's `optim:`."""
+        return PPOArgs(**self.ppo.model_dump(), optim=self.optim)
 
+
+# TRL's AdamW defaults (TrainingArguments), so DPO/GRPO/RLOO train as TRL would out of the box.
+_TRL_ADAMW = dict(weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, grad_clip=1.0)
+_TRL_SCHEDULE = ScheduleConfig(kind="constant", warmup_steps=0)
+
+
+class DPOStageConfig(RLHFConfig):
+    """`algorithm: dpo`: TRL's DPOTrainer on the preference pairs."""
+
+    algorithm: Literal["dpo"] = Field("dpo", description="dpo: TRL DPOTrainer; output dir rlhf-dpo/")
+    optim: OptimConfig = Field(OptimConfig(lr=5e-4, **_TRL_ADAMW), description="AdamW (TRL Trainer)")
+    schedule: ScheduleConfig = Field(_TRL_SCHEDULE, description="lr warmup and decay over `steps`")
+    dpo: DPOSection = Field(DPOSection(), description="DPO hyperparameters")
+
+
+class GRPOStageConfig(RLHFConfig):
+    """`algorithm: grpo`: TRL's GRPOTrainer, rewarded by our reward model."""
+
+    algorithm: Literal["grpo"] = Field("grpo", description="grpo: TRL GRPOTrainer; output dir rlhf-grpo/")
+    optim: OptimConfig = Field(OptimConfig(lr=1e-3, **_TRL_ADAMW), description="AdamW (TRL Trainer)")
+    schedule: ScheduleConfig = Field(_TRL_SCHEDULE, description="lr warmup and decay over `steps`")
+    grpo: GroupSection = Field(GroupSection(), description="GRPO hyperparameters")
+
+
+class RLOOStageConfig(RLHFConfig):
+    """`algorithm: rloo`: TRL's RLOOTrainer, rewarded by our reward model."""
+
+    algorithm: Literal["rloo"] = Field("rloo", description="rloo: TRL RLOOTrainer; output dir rlhf-rloo/")
+    optim: OptimConfig = Field(OptimConfig(lr=1e-3, **_TRL_ADAMW), description="AdamW (TRL Trainer)")
+    schedule: ScheduleConfig = Field(_TRL_SCHEDULE, description="lr warmup and decay over `steps`")
+    rloo: GroupSection = Field(GroupSection(), description="RLOO hyperparameters")
+
+
+RLHFConfig.variants.update(ppo=PPOStageConfig, dpo=DPOStageConfig, grpo=GRPOStageConfig, rloo=RLOOStageConfig)
 Config = RLHFConfig
+AnyRLHFConfig = PPOStageConfig | DPOStageConfig | GRPOStageConfig | RLOOStageConfig
 
 
 def check_world_size(cfg: RLHFConfig, world_size: int) -> None:
@@ -229,6 +276,7 @@ def encode_prompts(tokenizer, rows: list[dict], max_tokens: int, source: Path) -
 
 def load_models(cfg: RLHFConfig, sft_ckpt: Path, reward_ckpt: Path, device: torch.device, need_value: bool):
     """(tokenizer, policy, ref or None, value or None, reward model), dropout off everywhere."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
@@ -262,6 +310,8 @@ class PtxSampler:
     """Random fixed-length blocks of the tokenised pretraining corpus (PPO-ptx)."""
 
     def __init__(self, tokenizer, path: Path, batch_size: int, seq_len: int, seed: int):
+        import torch
+
         rows = read_jsonl(path)
         ids: list[int] = []
         for r in rows:
@@ -273,6 +323,8 @@ class PtxSampler:
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self) -> torch.Tensor:
+        import torch
+
         starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.gen)
         return torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()])
 
@@ -286,8 +338,11 @@ def gold_scores(texts: list[str], rows: list[dict]) -> list[float]:
 
 def gold_verifier(tok, rows: list[dict]):
     """A PPO verifier for one rollout batch: 1.0 where the decoded response is the row's gold answer."""
+    import torch
+
 
     def verify(responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+
         texts = tok.batch_decode([r[: int(m.sum())] for r, m in zip(responses, mask)], skip_special_tokens=True)
         return torch.tensor(gold_scores(texts, rows))
 
@@ -297,6 +352,8 @@ def gold_verifier(tok, rows: list[dict]):
 def prompt_batch(n_prompts: int, batch: int, step: int, seed: int) -> list[int]:
     """Indices of the prompts for PPO iteration `step`: epoch-wise shuffles, a pure function of the
     step, so a resumed run sees the same prompts without storing a data position."""
+    import torch
+
     out = []
     start = step * batch
     for k in range(start, start + batch):
@@ -314,7 +371,10 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, temperature):
 
     `ref` is the frozen SFT model, or None when the policy is a PEFT model (then SFT = the policy
     with its adapters disabled)."""
+
     from contextlib import nullcontext
+
+    from alignline.evaluation import greedy_responses, kl_to_reference, overoptimised, rm_scores, win_rate
 
     e = cfg.eval
     prompts = prompt_ids(tok, [r["prompt"] for r in rows])
@@ -378,32 +438,14 @@ def save_policy(policy, tok, out: Path, lora: bool) -> None:
 # --------------------------------------------------------------------------- PPO
 
 
-def _flat_trainable(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
-    sd = trainer.state_dict()["weights"]
-    return {f"{k}.{n}": t for k, d in sd.items() for n, t in d.items()}
-
-
-def _load_flat_trainable(trainer: PPOTrainer, flat: dict[str, torch.Tensor]) -> None:
-    weights: dict[str, dict[str, torch.Tensor]] = {"policy": {}, "value_model": {}}
-    for key, t in flat.items():
-        head, name = key.split(".", 1)
-        weights[head][name] = t
-    params = {"policy": dict(trainer.policy.named_parameters()), "value_model": dict(trainer.value_model.named_parameters())}
-    with torch.no_grad():
-        for head, d in weights.items():
-            missing = [n for n, p in params[head].items() if p.requires_grad and n not in d]
-            if missing:
-                raise ValueError(f"resume state lacks {head} parameters {missing[:3]}; delete the stage's state/ dir")
-            for n, t in d.items():
-                params[head][n].copy_(t)
-
-
 def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None) -> tuple[dict | None, list[dict], dict]:
     """Train and (rank 0) evaluate; other torchrun ranks return (None, [], {})."""
-    from safetensors.torch import load_file
+    import torch
     from tqdm.auto import tqdm
 
     from alignline.distributed import DistInfo, broadcast_object
+    from alignline.evaluation import reward_normalisation
+    from alignline.rl.ppo import PPOTrainer
     from alignline.training import maybe_interrupt, seed_everything
 
     dist = dist if dist is not None else DistInfo()
@@ -424,14 +466,14 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
     ptx = None
     if cfg.ppo.ptx_coef > 0:
         ptx = PtxSampler(tok, data_dir / "pretrain" / "train.jsonl", cfg.ptx.batch_size, cfg.ptx.seq_len, cfg.seed)
-    trainer = PPOTrainer(cfg.ppo, policy, value, rm, ref_policy=ref, eos_id=tok.eos_token_id,
+    trainer = PPOTrainer(cfg.ppo_args(), policy, value, rm, ref_policy=ref, eos_id=tok.eos_token_id,
                          pad_id=tok.pad_token_id, reward_mean=mean, reward_std=std, ptx_sampler=ptx, device=device,
                          total_iterations=cfg.steps, dist=dist)
 
     start = 0
     last: dict[str, float] = {}
     trained_s = 0.0  # training seconds of earlier (interrupted) processes of this run
-    meta = run.load_state()  # restores the RNG streams; the rest is loaded below
+    meta = run.load_state(trainer=trainer)  # the trainer's own state_dict, and the RNG streams
     if dist.enabled:  # every rank must resume from the state rank 0 chose (it owns state/)
         chosen = broadcast_object(meta["path"] if meta else None, dist)
         if (meta["path"] if meta else None) != chosen:
@@ -443,12 +485,6 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
                 f"{run.state_dir} holds iteration {start} but steps={cfg.steps}; a run can be extended, not "
                 f"shortened. Set steps >= {start}, or delete {run.state_dir} to start over"
             )
-        state_path = Path(meta["path"])
-        _load_flat_trainable(trainer, load_file(str(state_path / "model.safetensors")))
-        trainer.load_optim_state_dict(torch.load(state_path / "optimizer.pt", map_location=device, weights_only=True))
-        trainer.kl_ctl.load_state_dict(meta["extra"]["kl_ctl"])
-        trainer.load_reward_norm_state(meta["extra"]["reward_norm"])
-        trainer.step_count = start
         # The last iteration's statistics and the training time: a re-run after a failed evaluation
         # trains nothing and still writes the eval.json the first run would have.
         last = dict(meta["extra"].get("last") or {})
@@ -491,12 +527,10 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
             post["gold"] = f"{last['rollout_gold_accuracy']:.2f}"
         bar.set_postfix(**post)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            extra = {"kl_ctl": trainer.kl_ctl.state_dict(), "reward_norm": trainer.reward_norm_state(),
-                     "last": last, "train_seconds": trained_s + time.time() - t0}
+            extra = {"last": last, "train_seconds": trained_s + time.time() - t0}
             if ptx is not None and not dist.enabled:
                 extra["ptx_rng"] = ptx.gen.get_state().tolist()
-            run.save_state(step + 1, model_state=_flat_trainable(trainer), optimizer_state=trainer.optim_state_dict(),
-                           extra=extra)
+            run.save_state(step + 1, trainer=trainer, extra=extra)
         maybe_interrupt(step + 1)
     train_time = trained_s + time.time() - t0
     if not dist.is_main:  # rank 0 evaluates and writes the policy; the others wait in `run`
@@ -532,6 +566,10 @@ class RMReward:
         self.__name__ = "reward_model"
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        import torch
+
+        from alignline.evaluation import rm_scores
+
         completion_ids = [list(c) for c in completion_ids]
         seqs = [p + c for p, c in zip(prompt_ids(self.tok, prompts), completion_ids, strict=True)]
         has_eos = torch.tensor([bool(c) and c[-1] == self.tok.eos_token_id for c in completion_ids])
@@ -548,7 +586,14 @@ def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
 def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict], dict]:
     from datasets import Dataset
 
-    from alignline.training import metrics_callback, seed_everything, train_or_restore, trainer_resume_point
+    from alignline.evaluation import reward_normalisation
+    from alignline.training import (
+        hf_trainer_args,
+        metrics_callback,
+        seed_everything,
+        train_or_restore,
+        trainer_resume_point,
+    )
 
     seed_everything(cfg.seed)
     mean, std = reward_normalisation(reward)
@@ -557,24 +602,24 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     state_dir = run.mark_state()
     resume, start = trainer_resume_point(state_dir, run.metrics, run.name)
     callbacks = [metrics_callback(run.metrics, skip_through=start)]
-    common = dict(
-        output_dir=str(state_dir), max_steps=cfg.steps, logging_steps=1, save_steps=cfg.save_every,
-        save_total_limit=1, report_to=[], seed=cfg.seed, use_cpu=device.type == "cpu", bf16=False,
-        disable_tqdm=not cfg.logging.progress, dataloader_num_workers=0, lr_scheduler_type="constant",
-        gradient_checkpointing=False,  # tiny models: recomputation costs more than the memory it saves
-    )
+    section = getattr(cfg, algo)
+    common = hf_trainer_args(
+        output_dir=state_dir, optim=cfg.optim, schedule=cfg.schedule, logging=cfg.logging, seed=cfg.seed,
+        max_steps=cfg.steps, batch_size=section.batch_size, save_every=cfg.save_every, device=device.type,
+        precision="fp32")
+    # Every step logged; no recomputation (tiny models: it costs more than the memory it saves).
+    common.update(logging_steps=1, gradient_checkpointing=False)
     if algo == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        d = cfg.dpo
+        d = section
         rows = read_jsonl(data_dir / "preference" / "train.jsonl")
         ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
-        args = DPOConfig(learning_rate=d.lr, per_device_train_batch_size=d.batch_size, beta=d.beta,
-                         max_length=d.max_length, loss_type=[d.loss_type], **common)
+        args = DPOConfig(beta=d.beta, max_length=d.max_length, loss_type=[d.loss_type], **common)
         trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=callbacks)
     else:
-        g = cfg.grpo if algo == "grpo" else cfg.rloo
+        g = section
         rows = read_jsonl(data_dir / "prompts" / "train.jsonl", cfg.prompts.max_train)
         ds = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "match": r.get("match", "exact")}
                                 for r in rows])
@@ -583,7 +628,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         if g.gold_reward:
             funcs.append(gold_reward)
             weights.append(g.gold_weight)
-        kw = dict(learning_rate=g.lr, per_device_train_batch_size=g.batch_size, num_generations=g.num_generations,
+        kw = dict(num_generations=g.num_generations,
                   max_completion_length=g.max_completion_length, temperature=g.temperature, beta=g.beta,
                   reward_weights=weights, **common)
         if algo == "grpo":
@@ -606,7 +651,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     if ref is None and not cfg.lora.enabled:
         raise RuntimeError("internal: no reference model for evaluation")
     rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
-    temperature = 1.0 if algo == "dpo" else (cfg.grpo if algo == "grpo" else cfg.rloo).temperature
+    temperature = 1.0 if algo == "dpo" else section.temperature
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2)}
     save_policy(policy, tok, run.staging, cfg.lora.enabled)
@@ -634,8 +679,10 @@ def run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path) -> Path:
 
 
 def _run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path, dist) -> Path:
+    import torch
+
     from alignline.artifacts import StageRun
-    from alignline.distributed import barrier
+    from alignline.distributed import barrier, pick_device
 
     stage_inputs = {"init": inputs["init"], "reward": inputs["reward"]}
     if inputs.get("data"):
