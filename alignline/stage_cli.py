@@ -123,7 +123,10 @@ def build_parser(stage: str, inputs: Sequence[InputSpec], description: str | Non
     if config_cls is not None:
         keys = config_keys(config_cls)
         epilog = ("config keys (set in the YAML or with --set KEY=VALUE; defaults shown):\n"
-                  + "\n".join(keys))
+                  + "\n".join(keys)
+                  + f"\n\nas a Prefect flow: alignline stage {stage} --flow [these options] [--force] "
+                  "[--nproc-per-node N]\n  (an unchanged stage is reused from its cache unless --force; the run "
+                  "directory is locked; a report card is published)")
         # The example must be a key this stage accepts (a generic `train.lr` was rejected by all).
         names = [line.split(" = ", 1)[0].strip() for line in keys]
         lr = [n for n in names if n.split(".")[-1] == "lr"]
@@ -282,7 +285,7 @@ def stage_main(
     except Exception as exc:
         # Do not leave a half-built .staging/ behind (it stays when there is state to resume).
         if run_dir is not None:
-            cleanup_failed(run_dir / stage)
+            cleanup_failed(run_dir / out_name)
         if run_dir is None or not is_disk_full(exc, run_dir):
             raise  # a bug: keep the traceback
         # A full disk outside the state saves (checkpoint, logs): the state saved before is intact.

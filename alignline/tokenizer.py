@@ -3,7 +3,7 @@
     from alignline.tokenizer import train_tokenizer, load_tokenizer
     tok = train_tokenizer(texts, vocab_size=512, out_dir="runs/tiny/tokenizer/checkpoint")
     tok = load_tokenizer("runs/tiny/pretrain")      # reuse a checkpoint's tokenizer
-    python -m alignline.tokenizer --corpus data.txt --vocab-size 512 --out DIR
+    alignline tokenizer train --corpus data.txt --vocab-size 512 --out DIR
 
 Design decisions (other parts rely on them, see docs/ARCHITECTURE.md):
 - Byte-level BPE: every Unicode string round-trips (`decode(encode(x)) == x`), nothing is <unk>.
@@ -165,20 +165,3 @@ def iter_corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
     from alignline.data.loaders import iter_pretrain_texts
 
     yield from iter_pretrain_texts(paths)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description="Train the alignline byte-level BPE tokenizer.")
-    p.add_argument("--corpus", nargs="+", required=True, help="text files or dirs (.txt, .jsonl, .json)")
-    p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--min-frequency", type=int, default=2)
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    tok = train_tokenizer(iter_corpus_texts(a.corpus), a.vocab_size, a.out, a.min_frequency, True)
-    print(f"saved tokenizer ({len(tok)} tokens) to {a.out}")
-
-
-if __name__ == "__main__":
-    main()

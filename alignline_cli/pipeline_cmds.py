@@ -1,14 +1,14 @@
-"""`alignline pipeline`, `alignline deploy`, `alignline run-stage-flow`: the Prefect-orchestrated commands.
+"""`alignline pipeline`, `alignline deploy`: the Prefect-orchestrated commands (`alignline stage X --flow`
+runs one stage as a flow).
 
     alignline pipeline --config configs/pipeline/tiny.yaml --run-dir runs/tiny
-    alignline pipeline --config configs/pipeline/tiny.yaml --from sft --set sft.train.lr=1e-4
+    alignline pipeline --config configs/pipeline/tiny.yaml --from sft --set sft.optim.lr=1e-4
     alignline deploy --pool alignline            # then: prefect worker start --pool alignline
-    alignline run-stage-flow reward --run-dir runs/tiny --set train.epochs=2
 
 `pipeline` runs embedded: an ephemeral Prefect API on SQLite starts in-process (no server).
 Point PREFECT_API_URL at a server to record runs there instead. Prefect is imported inside
 the commands, after the environment defaults (`flows.cli.PREFECT_ENV_DEFAULTS`), so `alignline --help`
-stays instant. `pipeline` is `flows.cli.run_pipeline_command`, the same code `python -m flows.pipeline` runs.
+stays instant. `pipeline` is `flows.cli.run_pipeline_command`.
 """
 
 from __future__ import annotations
@@ -90,34 +90,6 @@ def register(app: typer.Typer) -> None:
         for name, dep_id in ids.items():
             typer.echo(f"deployment {name}: {dep_id}")
         typer.echo(f"start a worker: prefect worker start --pool {pool}")
-
-    @app.command("run-stage-flow")
-    def run_stage_flow(
-        stage: str = typer.Argument(..., help="stage name (data, tokenizer, pretrain, sft, reward, rlhf, evaluate)"),
-        config: Path | None = typer.Option(None, "--config", "-c", help="stage YAML (default configs/<stage>/tiny.yaml)"),
-        run_dir: Path = typer.Option(Path("runs/tiny"), "--run-dir"),
-        overrides: list[str] = typer.Option([], "--set", help="stage config override key=value; repeatable"),
-        inputs: list[str] = typer.Option([], "--input", help="NAME=DIR input override; repeatable"),
-        force: bool = typer.Option(False, "--force"),
-        nproc: int = typer.Option(1, "--nproc-per-node", help="> 1: launch with torchrun"),
-    ) -> None:
-        """Run one stage as a Prefect flow (what the single-stage deployment runs)."""
-        set_prefect_env()
-        from alignline.config import UserError
-        from alignline.launch import exit_with_tree_on_signal
-        from flows.stage import stage_flow
-        from flows.tasks import StageEntry
-
-        try:
-            # A path given here is relative to the working directory; the default is repo-relative.
-            cfg_path = str(config.resolve()) if config else f"configs/{stage}/tiny.yaml"
-            entry = StageEntry(config=cfg_path, set=list(overrides),
-                               inputs=dict(i.split("=", 1) for i in inputs), nproc_per_node=nproc)
-            exit_with_tree_on_signal()
-            out = stage_flow(stage=stage, run_dir=str(run_dir), entry=entry, force=force)
-        except UserError as exc:
-            _fail(str(exc), 2)
-        typer.echo(f"{stage}: {out['status']} -> {out['path']}")
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m alignline_cli` is the entry point

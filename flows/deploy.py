@@ -2,7 +2,6 @@
 
     alignline deploy --pool alignline                     # against $PREFECT_API_URL
     prefect worker start --pool alignline                  # runs them (type: process)
-    python -m flows.deploy --pool alignline
 
 Equivalent to `prefect deploy --all` with prefect.yaml at the repository root. The flows are
 loaded from this checkout (a local source), so the worker must see the same path; for Docker
@@ -11,7 +10,6 @@ or Kubernetes pools on GPU nodes see docs/deploy.md.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -76,10 +74,6 @@ def build_deployments(
         tags=["alignline", "stage"],
     ))
     if include_lora:
-        lora_file = REPO_ROOT / "flows" / "lora.py"
-        if not lora_file.is_file():
-            raise FileNotFoundError(f"{lora_file} does not exist yet; deploy without the LoRA refresh "
-                                    "(--no-lora) until flows/lora.py:lora_flow lands")
         lora = Flow.from_source(src, "flows/lora.py:lora_flow")
         out.append(lora.to_deployment(
             name="lora-refresh",
@@ -99,26 +93,3 @@ def deploy_all(pool: str = DEFAULT_POOL, pool_type: str = "process", **kwargs: A
     ids = deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
                  ignore_warnings=True)
     return {f"{d.flow_name}/{d.name}": i for d, i in zip(deployments, ids, strict=True)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    p = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pool", default=DEFAULT_POOL)
-    p.add_argument("--config", default="configs/pipeline/tiny.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--cron", default=NIGHTLY_CRON)
-    p.add_argument("--no-lora", action="store_true")
-    args = p.parse_args(argv)
-    for name, dep_id in deploy_all(args.pool, config=args.config, overrides=args.overrides,
-                                   pipeline_cron=args.cron, include_lora=not args.no_lora).items():
-        print(f"deployment {name}: {dep_id}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

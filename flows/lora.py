@@ -1,6 +1,5 @@
 """Prefect flow `lora_flow`: the `lora` stage (LoRA/QLoRA fine-tuning of a released model) as a flow.
 
-    python -m flows.lora --base runs/tiny/sft --data runs/tiny/data --run-dir runs/tiny [--config ...] [--set k=v]
     from flows.lora import lora_flow; lora_flow(base=..., data=..., run_dir="runs/x")
     (a deployment in prefect.yaml points at flows/lora.py:lora_flow)
 
@@ -67,21 +66,3 @@ def lora_flow(
     create_markdown_artifact(_summary(stage_dir), key="lora-summary", description="LoRA fine-tuning result")
     logger.info("lora: %s %s (held-out loss %s)", result["status"], stage_dir, result.get("headline"))
     return result
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m flows.lora", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="runs/nightly/sft", help="local dir, alignline stage dir, or hub id")
-    p.add_argument("--data", default="runs/nightly/data", help="chat file, data stage dir, or hub dataset id")
-    p.add_argument("--run-dir", default="runs/nightly", help="run directory; the stage writes RUN_DIR/lora/")
-    p.add_argument("--config", default="configs/lora/tiny.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--force", action="store_true", help="run even when a cached output matches")
-    a = p.parse_args(argv)
-    return lora_flow(base=a.base, data=a.data, run_dir=a.run_dir, config=a.config, overrides=a.overrides, force=a.force)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,7 @@
 """The full pipeline as a Prefect 3 flow: data -> tokenizer -> pretrain -> sft -> reward -> rlhf -> evaluate.
 
     alignline pipeline --config configs/pipeline/tiny.yaml --run-dir runs/tiny        # embedded
-    alignline pipeline --config configs/pipeline/tiny.yaml --from sft --set sft.train.lr=1e-3
-    python -m flows.pipeline --config configs/pipeline/tiny.yaml                      # same thing
+    alignline pipeline --config configs/pipeline/tiny.yaml --from sft --set sft.optim.lr=1e-3
 
 Each stage is a task calling the plain stage function (or torchrun when it asks for more
 than one rank). Tasks pass only paths and manifests. All stage configs are validated before
@@ -448,33 +447,3 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
         raise failure
     return {"run_dir": str(run_dir), "report": str(report), "notes": notes,
             "stages": {s: r.to_dict() for s, r in records.items()}}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flows.pipeline --config ... [--run-dir ...] [--from S] [--to S] [--set k=v] [--wait]`: the same
-    command as `alignline pipeline` (flows.cli.run_pipeline_command): user errors exit 2 with one message,
-    SIGTERM/SIGINT end the whole process tree."""
-    import argparse
-
-    from flows.cli import run_pipeline_command
-
-    p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/pipeline/tiny.yaml", help="pipeline YAML")
-    p.add_argument("--run-dir", default=None, help="run directory (default: run_dir in the YAML)")
-    p.add_argument("--from", dest="from_stage", default=None, help="re-run from this stage (rlhf: the algorithm the config selects); earlier ones must exist")
-    p.add_argument("--to", dest="to_stage", default=None, help="stop after this stage")
-    p.add_argument("--force", action="store_true", help="re-run every stage, ignoring the cache")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="<stage>.<key>=v for a stage config, <key>=v for the pipeline; repeatable")
-    p.add_argument("--print-config", action="store_true", help="print the resolved pipeline and exit")
-    p.add_argument("--wait", action="store_true",
-                   help="when another pipeline or stage holds the run directory, wait instead of exiting with code 2")
-    args = p.parse_args(argv)
-    return run_pipeline_command(args.config, run_dir=args.run_dir, from_stage=args.from_stage,
-                                to_stage=args.to_stage, overrides=args.overrides, force=args.force,
-                                print_config=args.print_config, wait=args.wait)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,8 +1,7 @@
 """Run one stage as a Prefect flow: the deployment for retraining a single stage.
 
-    alignline run-stage-flow reward --config configs/reward/tiny.yaml --run-dir runs/tiny \
+    alignline stage reward --flow --config configs/reward/tiny.yaml --run-dir runs/tiny \
         --set optim.lr=2e-5 --set train.max_steps=60
-    python -m flows.stage reward --run-dir runs/tiny
 
 Typical use: retrain the reward model on a schedule after the data stage took in fresh preference
 files (its content fingerprint changed), reusing the run's SFT checkpoint. Inputs default to this run's stage dirs (`<run_dir>/<producer>`; for a
@@ -14,7 +13,6 @@ apply: an unchanged stage is reused unless `force`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -66,29 +64,3 @@ def _run_stage(stage: str, rs, rd: Path, entry: StageEntry, retries: int, force:
                       message=out.get("reason", ""), stage=stage)
     publish_report(PipelineConfig(name=f"{rd.name}-{stage}", run_dir=str(rd)), rd, [rec], [])
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    p = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage")
-    p.add_argument("--config", default=None)
-    p.add_argument("--run-dir", default="runs/tiny")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--force", action="store_true")
-    args = p.parse_args(argv)
-    config = args.config or f"configs/{args.stage}/tiny.yaml"
-    inputs = dict(item.split("=", 1) for item in args.inputs)
-    stage_flow(stage=args.stage, run_dir=args.run_dir,
-               entry=StageEntry(config=config, set=args.overrides, inputs=inputs), force=args.force)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,39 +7,81 @@ Each module exposes `Config` (its pydantic config class), `INPUTS` (its input di
     alignline stage pretrain --config configs/pretrain/tiny.yaml --run-dir runs/tiny
     from stages import load_stage_module; load_stage_module("sft").run(cfg, {"init": ...}, run_dir)
 
-`STAGES` maps a stage name to its module; it is imported lazily so a missing or broken module
-only fails (clearly) when that stage is used. No Prefect import anywhere in stages/.
+`REGISTRY` is the one list of stages: name, module, one-line description and whether it is a step
+of the pipeline, in pipeline order. The pipeline's stage sequence and config (flows/pipeline.py),
+the `alignline stage` commands, the report card's row order and the test fixtures all derive from
+it. Adding a stage is a module plus `register(StageSpec(...))`, nothing else. Modules are imported
+lazily, so a missing or broken one only fails (clearly) when that stage is used. No Prefect import
+anywhere in stages/.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
 
 from alignline.config import ConfigError
 
-# name -> (module, one-line description shown by `alignline stage --help`)
-STAGES: dict[str, str] = {
-    "data": "stages.data",
-    "tokenizer": "stages.tokenizer",
-    "pretrain": "stages.pretrain",
-    "sft": "stages.sft",
-    "reward": "stages.reward",
-    "rlhf": "stages.rlhf",
-    "evaluate": "stages.evaluate",
-    "lora": "stages.lora",
-}
 
-DESCRIPTIONS: dict[str, str] = {
-    "data": "generate the built-in task suite or prepare real data",
-    "tokenizer": "train the byte-level BPE tokenizer (or reuse a checkpoint's)",
-    "pretrain": "pretrain the decoder on the pretraining corpus (own loop, DDP/FSDP)",
-    "sft": "supervised fine-tuning with TRL SFTTrainer (full or LoRA)",
-    "reward": "train a reward model with TRL RewardTrainer",
-    "rlhf": "RLHF: PPO (or DPO/GRPO/RLOO) against the reward model",
-    "evaluate": "evaluate checkpoints and write the report card",
-    "lora": "LoRA fine-tuning stage",
-}
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: `name` (its command and output dir), `module` (implements the stage interface),
+    `description` (shown by `alignline stage --help`), `pipeline` (a step of `alignline pipeline`, in
+    registry order; False: run on its own, like lora)."""
+
+    name: str
+    module: str
+    description: str
+    pipeline: bool = True
+
+
+REGISTRY: list[StageSpec] = [
+    StageSpec("data", "stages.data", "generate the built-in task suite or prepare real data"),
+    StageSpec("tokenizer", "stages.tokenizer", "train the byte-level BPE tokenizer (or reuse a checkpoint's)"),
+    StageSpec("pretrain", "stages.pretrain", "pretrain the decoder on the pretraining corpus (own loop, DDP/FSDP)"),
+    StageSpec("sft", "stages.sft", "supervised fine-tuning with TRL SFTTrainer (full or LoRA)"),
+    StageSpec("reward", "stages.reward", "train a reward model with TRL RewardTrainer"),
+    StageSpec("rlhf", "stages.rlhf", "RLHF: PPO (or DPO/GRPO/RLOO) against the reward model"),
+    StageSpec("evaluate", "stages.evaluate", "evaluate checkpoints and write the report card"),
+    StageSpec("lora", "stages.lora", "LoRA fine-tuning of a released model on chat data", pipeline=False),
+]
+
+# name -> module and name -> description, kept in step with REGISTRY by `register`.
+STAGES: dict[str, str] = {s.name: s.module for s in REGISTRY}
+DESCRIPTIONS: dict[str, str] = {s.name: s.description for s in REGISTRY}
+
+
+def register(spec: StageSpec, *, after: str | None = None) -> None:
+    """Add a stage (after stage `after`, else at the end of the pipeline steps). Its module is
+    imported when the stage is first used."""
+    if spec.name in STAGES:
+        raise ValueError(f"stage {spec.name!r} is already registered (module {STAGES[spec.name]})")
+    names = [s.name for s in REGISTRY]
+    if after is not None:
+        index = names.index(after) + 1
+    else:
+        index = max((i + 1 for i, s in enumerate(REGISTRY) if s.pipeline), default=0)
+    REGISTRY.insert(index, spec)
+    STAGES[spec.name] = spec.module
+    DESCRIPTIONS[spec.name] = spec.description
+
+
+def unregister(name: str) -> None:
+    """Remove a stage registered with `register` (tests)."""
+    REGISTRY[:] = [s for s in REGISTRY if s.name != name]
+    STAGES.pop(name, None)
+    DESCRIPTIONS.pop(name, None)
+
+
+def pipeline_stages() -> tuple[str, ...]:
+    """The pipeline's stages, in run order."""
+    return tuple(s.name for s in REGISTRY if s.pipeline)
+
+
+def stage_order() -> tuple[str, ...]:
+    """Every registered stage, pipeline steps first (the report card's row order)."""
+    return tuple(s.name for s in REGISTRY)
 
 
 class StageNotAvailable(ConfigError, ImportError):

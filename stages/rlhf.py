@@ -438,8 +438,8 @@ def save_policy(policy, tok, out: Path, lora: bool) -> None:
 # --------------------------------------------------------------------------- PPO
 
 
-def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None) -> tuple[dict | None, list[dict], dict]:
-    """Train and (rank 0) evaluate; other torchrun ranks return (None, [], {})."""
+def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None) -> tuple[dict | None, list[dict]]:
+    """Train and (rank 0) evaluate -> (eval dict, samples); other torchrun ranks return (None, [])."""
     import torch
     from tqdm.auto import tqdm
 
@@ -534,7 +534,7 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
         maybe_interrupt(step + 1)
     train_time = trained_s + time.time() - t0
     if not dist.is_main:  # rank 0 evaluates and writes the policy; the others wait in `run`
-        return None, [], {}
+        return None, []
 
     # The final iteration's state is saved above, before evaluating: a failure (OOM, bug) from here on
     # costs a re-run the evaluation only, not the training.
@@ -545,7 +545,7 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
     if dist.enabled:
         ev["train"]["world_size"] = world
     save_policy(policy, tok, run.staging, cfg.lora.enabled)
-    return ev, samples, {}
+    return ev, samples
 
 
 # --------------------------------------------------------------------------- TRL algorithms
@@ -583,7 +583,7 @@ def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
     return gold_scores([c[-1]["content"] for c in completions], rows)
 
 
-def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict], dict]:
+def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[dict, list[dict]]:
     from datasets import Dataset
 
     from alignline.evaluation import reward_normalisation
@@ -655,7 +655,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2)}
     save_policy(policy, tok, run.staging, cfg.lora.enabled)
-    return ev, samples, {}
+    return ev, samples
 
 
 # --------------------------------------------------------------------------- entry points
@@ -702,14 +702,14 @@ def _run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path, dist) -> Path:
     t0 = time.time()
     if dist is not None:
         device = torch.device(dist.device)
-        ev, samples, _ = run_ppo(cfg, run_, sft, reward, data_dir, device, dist)
+        ev, samples = run_ppo(cfg, run_, sft, reward, data_dir, device, dist)
         if ev is None:  # not rank 0: wait until rank 0 has evaluated and finalized the stage
             barrier(dist)
             return run_.path
     else:
         device = torch.device(pick_device(cfg.device))
         fn = run_ppo if cfg.algorithm == "ppo" else run_trl
-        ev, samples, _ = fn(cfg, run_, sft, reward, data_dir, device)
+        ev, samples = fn(cfg, run_, sft, reward, data_dir, device)
     ev = {"algorithm": cfg.algorithm, **ev, "wall_time_s": round(time.time() - t0, 2)}
     headline = {
         "rm_score": ev["policy"]["rm_score"],

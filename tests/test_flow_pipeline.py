@@ -321,3 +321,32 @@ def test_pre_variant_rlhf_dir_is_moved_not_lost(fake) -> None:
     assert any("rlhf-ppo/ exists already" in n and "not used" in n for n in result["notes"])
     report = (run_dir / "report.md").read_text()
     assert "| rlhf | kept, not current (pre-variant output dir, left in place, not used) |" in report
+
+
+def test_stage_command_with_flow_runs_caches_forces_and_refuses_bad_keys(tmp_path: Path) -> None:
+    """`alignline stage data --flow` is the stage's own command run by flows/stage.py: it runs, is reused
+    while nothing changed, re-runs with --force, publishes a report card, and a bad key is one message,
+    exit 2, with nothing written."""
+    from typer.testing import CliRunner
+
+    from alignline_cli.main import app
+
+    runner = CliRunner()
+    run_dir = tmp_path / "run"
+    argv = ["stage", "data", "--flow", "--run-dir", str(run_dir), "--set", "size=tiny"]
+    first = runner.invoke(app, argv)
+    assert first.exit_code == 0, first.output
+    assert f"data: ran -> {run_dir / 'data'}" in first.output
+    manifest = (run_dir / "data" / "manifest.json").read_bytes()
+    again = runner.invoke(app, argv)
+    assert again.exit_code == 0 and "data: cached ->" in again.output, again.output
+    assert (run_dir / "data" / "manifest.json").read_bytes() == manifest  # reused, not rewritten
+    assert (run_dir / "report.md").is_file()
+    forced = runner.invoke(app, [*argv, "--force"])
+    assert forced.exit_code == 0 and "data: ran ->" in forced.output, forced.output
+
+    bad = runner.invoke(app, ["stage", "data", "--flow", "--run-dir", str(tmp_path / "bad"), "--set", "sise=tiny"])
+    assert bad.exit_code == 2 and "sise: unknown key" in bad.output, bad.output
+    assert not (tmp_path / "bad" / "data").exists()
+    lora = runner.invoke(app, ["stage", "lora", "--flow", "--run-dir", str(tmp_path / "l")])
+    assert lora.exit_code == 2 and "use `alignline lora`" in lora.output
