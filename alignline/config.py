@@ -108,39 +108,49 @@ class StrictModel(BaseModel):
 class OptimConfig(StrictModel):
     """AdamW with decoupled weight decay; no decay on norms, biases and embeddings."""
 
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (reached after warmup)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay coefficient")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2)")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon added to the denominator")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
 
 
 class ScheduleConfig(StrictModel):
     """Linear warmup, then cosine decay to `min_lr_ratio * lr`."""
 
-    warmup_steps: int = Field(10, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    kind: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_steps: int = Field(10, ge=0, description="optimizer steps of linear LR warmup; 0 = none")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="final LR as a fraction of optim.lr (cosine; linear too in pretrain)"
+    )
+    kind: Literal["cosine", "constant", "linear"] = Field(
+        "cosine", description="LR shape after warmup: cosine | constant | linear decay"
+    )
 
 
 class LoraArgs(StrictModel):
     """PEFT LoRA settings shared by SFT, PPO and the LoRA stage."""
 
-    enabled: bool = False
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["auto"] = "auto"
-    use_rslora: bool = False
-    use_dora: bool = False
+    enabled: bool = Field(
+        False, description="train LoRA adapters (base weights frozen) instead of all weights"
+    )
+    r: int = Field(8, gt=0, description="LoRA rank of the update matrices")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch input, in [0, 1)")
+    target_modules: list[str] | Literal["auto"] = Field(
+        "auto", description="module names to adapt; auto = every attention/MLP projection of the architecture"
+    )
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha / sqrt(r) instead")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (PEFT use_dora)")
 
 
 class LoggingConfig(StrictModel):
     """Where training curves go besides metrics.jsonl; TensorBoard is always written."""
 
-    every_steps: int = Field(1, gt=0)
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
-    progress: bool = True
+    every_steps: int = Field(1, gt=0, description="log training metrics every N optimizer steps")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], description="tensorboard | wandb | mlflow; TensorBoard is written in any case"
+    )
+    progress: bool = Field(True, description="show tqdm progress bars")
 
 
 # --------------------------------------------------------------------------- loading

@@ -64,26 +64,27 @@ from flows.tasks import (
 STAGE_SEQUENCE = PIPELINE_STAGES  # alignline.artifacts: the one definition of the stage order
 
 
-def _entry(stage: str) -> Any:
-    return Field(default_factory=lambda: StageEntry(config=f"configs/{stage}/tiny.yaml"))
+def _entry(stage: str, description: str) -> Any:
+    return Field(default_factory=lambda: StageEntry(config=f"configs/{stage}/tiny.yaml"),
+                 description=description)
 
 
 class StagesConfig(StrictModel):
     """One entry per pipeline stage, in run order. Defaults: the tiny configs."""
 
-    data: StageEntry = _entry("data")
-    tokenizer: StageEntry = _entry("tokenizer")
-    pretrain: StageEntry = _entry("pretrain")
-    sft: StageEntry = _entry("sft")
-    reward: StageEntry = _entry("reward")
-    rlhf: StageEntry = _entry("rlhf")
-    evaluate: StageEntry = _entry("evaluate")
+    data: StageEntry = _entry("data", "data stage: built-in task suite or real data")
+    tokenizer: StageEntry = _entry("tokenizer", "tokenizer stage: train or reuse the BPE tokenizer")
+    pretrain: StageEntry = _entry("pretrain", "pretrain stage: next-token pretraining")
+    sft: StageEntry = _entry("sft", "sft stage: supervised fine-tuning")
+    reward: StageEntry = _entry("reward", "reward stage: reward model on preference pairs")
+    rlhf: StageEntry = _entry("rlhf", "rlhf stage: PPO, DPO, GRPO or RLOO (its config's algorithm)")
+    evaluate: StageEntry = _entry("evaluate", "evaluate stage: every model stage on held-out prompts")
 
 
 class GateConfig(StrictModel):
     """Evaluation gates; metric names are keys of the stage's headline (manifest) or eval.json."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no reward gate before RLHF and no RLHF marks")
     reward_metric: str = Field("accuracy", description="reward-model held-out accuracy key")
     min_reward_accuracy: float = Field(0.7, ge=0, le=1, description="stop before RLHF below this")
     kl_metric: str = Field("kl", description="RLHF KL key")
@@ -108,10 +109,14 @@ class PipelineConfig(StrictModel):
     name: str = Field("tiny", description="pipeline name; used in artifact keys")
     run_dir: str = Field("runs/tiny", description="run directory (relative to the working directory)")
     retries: int = Field(1, ge=0, description="task retries per stage (a retry resumes from the stage state)")
-    retry_delay_s: float = Field(1.0, ge=0)
-    stages: StagesConfig = Field(default_factory=StagesConfig)
-    gates: GateConfig = Field(default_factory=GateConfig)
-    report: ReportConfig = Field(default_factory=ReportConfig)
+    retry_delay_s: float = Field(1.0, ge=0, description="seconds between a failed stage task and its retry")
+    stages: StagesConfig = Field(
+        default_factory=StagesConfig, description="each stage's config, overrides, launcher"
+    )
+    gates: GateConfig = Field(
+        default_factory=GateConfig, description="reward gate before RLHF, marks after it"
+    )
+    report: ReportConfig = Field(default_factory=ReportConfig, description="report.md and Prefect artifacts")
 
 
 class GateFailed(RuntimeError):

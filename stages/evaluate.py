@@ -48,10 +48,10 @@ class Config(StrictModel):
 
     split: Literal["val", "test"] = Field("test", description="prompts/<split>.jsonl of the data stage")
     num_prompts: int = Field(64, gt=0, description="first N prompts of the split (the same for every stage)")
-    max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(32, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    max_new_tokens: int = Field(16, gt=0, description="greedy answer length cap in tokens")
+    batch_size: int = Field(32, gt=0, description="prompts per generation and RM scoring batch")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
+    seed: int = Field(0, description="RNG seed set before evaluating (decoding is greedy)")
 
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:

@@ -83,12 +83,14 @@ class LoraDataConfig(StrictModel):
         None, description="source role name -> system/user/assistant; None: the loaders' defaults"
     )
     hub_name: str | None = Field(None, description="dataset config name for a hub dataset")
-    split: str = "train"
-    val_split: str = "validation"
+    split: str = Field("train", description="hub dataset split read for `train`")
+    val_split: str = Field(
+        "validation", description="hub dataset split for `val` (a data stage dir as train gives its sft/val)"
+    )
     max_records: int | None = Field(None, gt=0, description="read at most this many records per source")
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    max_train_examples: int | None = Field(None, gt=0)
-    max_val_examples: int = Field(64, gt=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out when there is no val")
+    max_train_examples: int | None = Field(None, gt=0, description="use at most N training conversations")
+    max_val_examples: int = Field(64, gt=0, description="use at most N held-out conversations")
 
     def loader(self, path: str, split: str) -> LoaderConfig:
         extra = {"roles": self.roles} if self.roles is not None else {}
@@ -105,17 +107,21 @@ class ChatConfig(StrictModel):
     template: str | None = Field(
         None, description="Jinja template text or a path to a .jinja file; None = DEFAULT_CHAT_TEMPLATE"
     )
-    mask: Literal["auto", "generation", "render"] = "auto"
+    mask: Literal["auto", "generation", "render"] = Field(
+        "auto", description="loss mask: generation tags | render (prefix rendering) | auto (tags if any)"
+    )
 
 
 class LoraTrainConfig(StrictModel):
-    max_steps: int = Field(100, gt=0)
+    max_steps: int = Field(100, gt=0, description="optimizer steps")
     save_every: int = Field(50, gt=0, description="Trainer checkpoint (resume point) every N steps")
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_length: int = Field(1024, gt=8)
-    seed: int = 0
-    gradient_checkpointing: bool = False
+    batch_size: int = Field(8, gt=0, description="per-device conversations per batch")
+    grad_accum: int = Field(1, gt=0, description="batches accumulated per optimizer step")
+    max_length: int = Field(1024, gt=8, description="tokens per example; longer conversations are cut")
+    seed: int = Field(0, description="seeds the train/val split, adapter init and data order")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward to save memory"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise"
     )
@@ -123,18 +129,18 @@ class LoraTrainConfig(StrictModel):
 
 class LoraEvalConfig(StrictModel):
     num_samples: int = Field(4, ge=0, description="held-out prompts generated before and after")
-    max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="sample generation length cap in tokens")
+    batch_size: int = Field(8, gt=0, description="held-out examples per loss batch")
     merge_atol: float = Field(1e-3, gt=0, description="max |logit| gap adapter vs merged (fp32)")
 
 
 class StageLoraArgs(LoraArgs):
     """The shared LoRA settings; in this stage LoRA is always on (enabled must stay true)."""
 
-    enabled: bool = True
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    enabled: bool = Field(True, description="always true here: the stage always trains LoRA")
+    r: int = Field(16, gt=0, description="LoRA rank of the update matrices")
+    alpha: float = Field(32.0, gt=0, description="LoRA scale numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch input, in [0, 1)")
 
     @model_validator(mode="after")
     def _always_on(self):
@@ -149,18 +155,22 @@ class LoraStageConfig(StrictModel):
     base: str | None = Field(None, description="local dir, alignline stage dir, or hub id; --base sets it")
     base_revision: str | None = Field(None, description="hub branch/tag/commit (hub ids only)")
     tokenizer: str | None = Field(None, description="tokenizer dir/id when the base has none")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the base's own modelling code (hub *.py); trusted bases only"
+    )
     qlora: bool = Field(False, description="4-bit NF4 base (bitsandbytes, CUDA only)")
-    data: LoraDataConfig = LoraDataConfig()
-    chat: ChatConfig = ChatConfig()
-    lora: StageLoraArgs = StageLoraArgs()
-    train: LoraTrainConfig = LoraTrainConfig()
+    data: LoraDataConfig = Field(LoraDataConfig(), description="training and held-out chat data")
+    chat: ChatConfig = Field(ChatConfig(), description="chat template and assistant-only loss mask")
+    lora: StageLoraArgs = Field(StageLoraArgs(), description="LoRA adapter settings (always on here)")
+    train: LoraTrainConfig = Field(LoraTrainConfig(), description="TRL SFTTrainer: steps, batches, length")
     optim: OptimConfig = Field(OptimConfig(lr=2e-4, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=1.0),
                                description="AdamW of the adapter weights")
     schedule: ScheduleConfig = Field(ScheduleConfig(kind="cosine", warmup_steps=5, min_lr_ratio=0.0),
                                      description="lr warmup, then decay over train.max_steps")
-    eval: LoraEvalConfig = LoraEvalConfig()
-    logging: LoggingConfig = LoggingConfig()
+    eval: LoraEvalConfig = Field(
+        LoraEvalConfig(), description="held-out loss and samples before/after, merge check"
+    )
+    logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl, TensorBoard, progress bar")
 
 
 def load_lora_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LoraStageConfig:

@@ -51,15 +51,17 @@ class ModelConfig(StrictModel):
     """Decoder shape. vocab_size comes from the tokenizer."""
 
     arch: Literal["alignline", "llama"] = Field("alignline", description="alignline decoder or HF LlamaForCausalLM")
-    hidden_size: int = Field(64, gt=0)
-    intermediate_size: int = Field(176, gt=0)
-    num_hidden_layers: int = Field(2, gt=0)
-    num_attention_heads: int = Field(4, gt=0)
-    num_key_value_heads: int = Field(2, gt=0)
-    max_position_embeddings: int = Field(256, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    tie_word_embeddings: bool = True
-    initializer_range: float = Field(0.02, gt=0)
+    hidden_size: int = Field(64, gt=0, description="model width; divisible by num_attention_heads")
+    intermediate_size: int = Field(176, gt=0, description="hidden width of the MLP")
+    num_hidden_layers: int = Field(2, gt=0, description="decoder blocks")
+    num_attention_heads: int = Field(4, gt=0, description="query heads; divisible by num_key_value_heads")
+    num_key_value_heads: int = Field(2, gt=0, description="key/value heads (grouped-query attention)")
+    max_position_embeddings: int = Field(
+        256, gt=0, description="longest sequence in tokens; >= train.seq_len"
+    )
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
+    tie_word_embeddings: bool = Field(True, description="share the input embedding and output head weights")
+    initializer_range: float = Field(0.02, gt=0, description="std of the normal weight initialisation")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -73,17 +75,17 @@ class ModelConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    seed: int = 0
+    seed: int = Field(0, description="seeds model init and the per-epoch batch order")
     max_steps: int = Field(300, gt=0, description="optimizer steps")
     batch_size: int = Field(32, gt=0, description="global batch in sequences per optimizer step")
     micro_batch_size: int = Field(32, gt=0, description="sequences per forward/backward per process")
-    seq_len: int = Field(128, gt=1)
+    seq_len: int = Field(128, gt=1, description="tokens per training sequence (and val window)")
     eval_every: int = Field(100, gt=0, description="val loss every N steps (and at the end)")
     eval_batches: int = Field(8, gt=0, description="val batches of micro_batch_size sequences")
     save_every: int = Field(100, gt=0, description="resumable state every N steps (and at the end)")
     device: str = Field("auto", description="auto | cpu | cuda")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA")
-    compile: bool = False
+    compile: bool = Field(False, description="run the forward through torch.compile")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: DDP, or FSDP2 fully_shard")
     max_shard_size: str = Field("2GB", description="save_pretrained shard size")
     peak_tflops: float | None = Field(None, gt=0, description="for MFU; None = from the GPU name")
@@ -91,19 +93,19 @@ class TrainConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     gold_prompts: int = Field(120, ge=0, description="first N of prompts/test.jsonl for gold accuracy/samples")
-    max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(64, gt=0)
+    max_new_tokens: int = Field(16, gt=0, description="greedy answer length cap in tokens")
+    batch_size: int = Field(64, gt=0, description="prompts per generation batch")
 
 
 class Config(StrictModel):
     """Config of the pretrain stage."""
 
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    optim: OptimConfig = OptimConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    logging: LoggingConfig = LoggingConfig()
-    eval: EvalConfig = EvalConfig()
+    model: ModelConfig = Field(ModelConfig(), description="decoder architecture and shape")
+    train: TrainConfig = Field(TrainConfig(), description="training loop: steps, batches, eval/save cadence")
+    optim: OptimConfig = Field(OptimConfig(), description="AdamW")
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="lr warmup and decay over train.max_steps")
+    logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl, TensorBoard, progress bar")
+    eval: EvalConfig = Field(EvalConfig(), description="gold accuracy on prompts/test.jsonl after training")
 
 
 # --------------------------------------------------------------------------- model and data

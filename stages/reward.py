@@ -42,23 +42,29 @@ INPUTS = [
 
 
 class RewardTrainConfig(StrictModel):
-    seed: int = 0
-    epochs: float = Field(1.0, gt=0)
+    seed: int = Field(0, description="seeds score head init, data order and on-policy sampling")
+    epochs: float = Field(1.0, gt=0, description="passes over the training pairs when max_steps is -1")
     max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
     batch_size: int = Field(32, gt=0, description="per-device pairs per step")
-    grad_accum: int = Field(1, gt=0)
-    max_length: int = Field(256, gt=0)
+    grad_accum: int = Field(1, gt=0, description="batches accumulated per optimizer step")
+    max_length: int = Field(
+        256, gt=0, description="tokens per prompt + answer, in training and eval; longer are cut"
+    )
     center_rewards_coefficient: float | None = Field(None, ge=0, description="push mean reward toward 0")
-    eval_every: int = Field(50, gt=0)
-    save_every: int = Field(50, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
-    max_train_examples: int | None = Field(None, ge=1)
+    eval_every: int = Field(50, gt=0, description="Trainer eval on the val pairs every N steps")
+    save_every: int = Field(50, gt=0, description="Trainer checkpoint under state/ every N steps")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 off the CPU")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward to save memory"
+    )
+    max_train_examples: int | None = Field(
+        None, ge=1, description="first N pairs of preference/train.jsonl only (on-policy pairs come on top)"
+    )
 
 
 class RewardEvalConfig(StrictModel):
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="conversations per scoring batch on the val pairs")
 
 
 class OnPolicyConfig(StrictModel):
@@ -66,26 +72,34 @@ class OnPolicyConfig(StrictModel):
     sample (rejected), labelled by the task suite's gold scorer (alignline/rl/policy_pairs.py).
     They teach the reward model the mistakes PPO would otherwise exploit."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="add pairs from the init policy's samples to the training pairs")
     prompts: int = Field(1000, gt=0, description="first N rows of prompts/train.jsonl to sample")
     val_prompts: int = Field(120, ge=0, description="rows of prompts/val.jsonl for onpolicy_accuracy (0 = off)")
-    samples_per_prompt: int = Field(4, gt=0)
-    max_pairs_per_prompt: int = Field(2, gt=0)
+    samples_per_prompt: int = Field(4, gt=0, description="sampled answers per prompt")
+    max_pairs_per_prompt: int = Field(
+        2, gt=0, description="at most N distinct wrong samples paired per prompt"
+    )
     temperature: float = Field(1.0, gt=0, description="use the temperature PPO samples at")
-    max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(64, gt=0)
+    max_new_tokens: int = Field(16, gt=0, description="sampled answer length cap in tokens")
+    batch_size: int = Field(64, gt=0, description="sequences per generation batch")
 
 
 class Config(StrictModel):
     """Config of the reward stage."""
 
-    train: RewardTrainConfig = RewardTrainConfig()
-    optim: OptimConfig = OptimConfig(lr=1e-3, weight_decay=0.0)
-    schedule: ScheduleConfig = ScheduleConfig(warmup_steps=10)
-    lora: LoraArgs = LoraArgs()
-    logging: LoggingConfig = LoggingConfig()
-    eval: RewardEvalConfig = RewardEvalConfig()
-    onpolicy: OnPolicyConfig = OnPolicyConfig()
+    train: RewardTrainConfig = Field(
+        RewardTrainConfig(), description="TRL RewardTrainer: steps, batches, length"
+    )
+    optim: OptimConfig = Field(OptimConfig(lr=1e-3, weight_decay=0.0), description="AdamW")
+    schedule: ScheduleConfig = Field(ScheduleConfig(warmup_steps=10), description="lr warmup and decay")
+    lora: LoraArgs = Field(LoraArgs(), description="train LoRA adapters; checkpoint/ gets the merged model")
+    logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl, TensorBoard, progress bar")
+    eval: RewardEvalConfig = Field(
+        RewardEvalConfig(), description="pair accuracy and margin on the val pairs"
+    )
+    onpolicy: OnPolicyConfig = Field(
+        OnPolicyConfig(), description="extra pairs from the init policy's samples"
+    )
 
 
 def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]:

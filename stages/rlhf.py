@@ -74,14 +74,14 @@ class PromptsConfig(StrictModel):
 class PtxConfig(StrictModel):
     """PPO-ptx batches: packed blocks of the data stage's pretrain/train.jsonl."""
 
-    batch_size: int = Field(4, gt=0)
-    seq_len: int = Field(64, gt=1)
+    batch_size: int = Field(4, gt=0, description="pretraining blocks per PPO-ptx batch")
+    seq_len: int = Field(64, gt=1, description="tokens per pretraining block")
 
 
 class EvalConfig(StrictModel):
     num_prompts: int = Field(64, gt=0, description="first N rows of prompts/test.jsonl")
-    max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(64, gt=0)
+    max_new_tokens: int = Field(16, gt=0, description="answer length cap in tokens (greedy and KL samples)")
+    batch_size: int = Field(64, gt=0, description="prompts per generation and scoring batch")
     kl_samples: int = Field(1, gt=0, description="sampled answers per prompt for the KL estimate")
 
 

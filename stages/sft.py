@@ -37,37 +37,47 @@ INPUTS = [
 
 
 class SFTTrainConfig(StrictModel):
-    seed: int = 0
-    epochs: float = Field(1.0, gt=0)
+    seed: int = Field(0, description="seeds LoRA init, data order and dropout (Trainer seed/data_seed)")
+    epochs: float = Field(1.0, gt=0, description="passes over sft/train.jsonl when max_steps is -1")
     max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
     batch_size: int = Field(32, gt=0, description="per-device batch (conversations, or packed rows)")
-    grad_accum: int = Field(1, gt=0)
-    max_length: int = Field(256, gt=0)
-    packing: bool = False
-    assistant_only_loss: bool = True
-    eval_every: int = Field(50, gt=0)
+    grad_accum: int = Field(1, gt=0, description="batches accumulated per optimizer step")
+    max_length: int = Field(256, gt=0, description="tokens per training row; longer conversations are cut")
+    packing: bool = Field(False, description="pack conversations into rows of max_length tokens (TRL)")
+    assistant_only_loss: bool = Field(
+        True, description="loss on assistant tokens only ({% generation %} tags)"
+    )
+    eval_every: int = Field(50, gt=0, description="val loss every N steps")
     save_every: int = Field(50, gt=0, description="Trainer checkpoint under state/ every N steps")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
-    max_train_examples: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 off the CPU")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward to save memory"
+    )
+    max_train_examples: int | None = Field(
+        None, ge=1, description="use the first N rows of sft/train.jsonl only"
+    )
 
 
 class SFTEvalConfig(StrictModel):
     gold_prompts: int = Field(120, ge=0, description="first N of prompts/test.jsonl")
-    max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(64, gt=0)
+    max_new_tokens: int = Field(16, gt=0, description="greedy answer length cap in tokens")
+    batch_size: int = Field(64, gt=0, description="prompts per generation batch")
 
 
 class Config(StrictModel):
     """Config of the sft stage."""
 
-    train: SFTTrainConfig = SFTTrainConfig()
-    optim: OptimConfig = OptimConfig(lr=1e-3, weight_decay=0.0)
-    schedule: ScheduleConfig = ScheduleConfig(warmup_steps=10)
-    lora: LoraArgs = LoraArgs()
-    logging: LoggingConfig = LoggingConfig()
-    eval: SFTEvalConfig = SFTEvalConfig()
+    train: SFTTrainConfig = Field(
+        SFTTrainConfig(), description="TRL SFTTrainer: steps, batches, length, cadence"
+    )
+    optim: OptimConfig = Field(OptimConfig(lr=1e-3, weight_decay=0.0), description="AdamW")
+    schedule: ScheduleConfig = Field(ScheduleConfig(warmup_steps=10), description="lr warmup and decay")
+    lora: LoraArgs = Field(LoraArgs(), description="train LoRA adapters; checkpoint/ gets the merged model")
+    logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl, TensorBoard, progress bar")
+    eval: SFTEvalConfig = Field(
+        SFTEvalConfig(), description="gold accuracy on prompts/test.jsonl after training"
+    )
 
 
 def load_causal_lm(src: Path):

@@ -28,9 +28,11 @@ INPUTS = [InputSpec("data", default="data", kinds=("data",), help="data stage di
 class Config(StrictModel):
     """Config of the tokenizer stage."""
 
-    source: Literal["train", "reuse"] = "train"
+    source: Literal["train", "reuse"] = Field(
+        "train", description="train: a new BPE on `corpus`; reuse: copy the tokenizer of `reuse_from`"
+    )
     vocab_size: int = Field(512, ge=262, description="BPE vocabulary size incl. 256 bytes and 6 special tokens")
-    min_frequency: int = Field(2, ge=1)
+    min_frequency: int = Field(2, ge=1, description="minimum pair count for a BPE merge")
     corpus: list[str] = Field(default_factory=lambda: ["pretrain/train.jsonl"],
                               description="files relative to the data stage dir (or absolute paths)")
     max_docs: int | None = Field(None, ge=1, description="train on the first N documents only")

@@ -255,3 +255,32 @@ def test_a_section_given_in_part_keeps_its_fields_defaults(tmp_path):
     assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.0 and tuple(cfg.optim.betas) == (0.9, 0.999)
     assert cfg.schedule.kind == "constant" and cfg.schedule.warmup_steps == 3
     assert OptimConfig().weight_decay == 0.1  # the class default differs: the field's default won
+
+
+def test_every_config_field_has_a_description():
+    """`alignline stage X --help` prints each key's description: every field of every registered stage's
+    config (a union's variants too), of the sub-models it nests, and of the pipeline config has one."""
+    from pydantic import BaseModel
+
+    from flows.pipeline import PipelineConfig
+
+    seen: set[type] = set()
+    missing: list[str] = []
+
+    def walk(cls: type[BaseModel]) -> None:
+        if cls in seen:
+            return
+        seen.add(cls)
+        for sub in (cls.__dict__.get("variants") or {}).values():
+            walk(sub)
+        for name, field in cls.model_fields.items():
+            if not field.description:
+                missing.append(f"{cls.__module__}.{cls.__name__}.{name}")
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann)
+
+    for stage in STAGES:
+        walk(config_class(stage))
+    walk(PipelineConfig)
+    assert not missing, f"{len(missing)} config field(s) without a description=:\n" + "\n".join(missing)

@@ -75,19 +75,29 @@ class DataValidationError(UserError, ValueError):
 class Columns(StrictModel):
     """Where each field lives in the source records (rename for datasets with other column names)."""
 
-    text: str = "text"
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    system: str = "system"
-    messages: str = "messages"
-    conversations: str = "conversations"
-    prompt: str = "prompt"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    answer: str = "answer"
-    task: str = "task"
-    match: str = "match"
+    text: str = Field("text", description="text column (format text; HH transcript when there is no chosen)")
+    instruction: str = Field("instruction", description="Alpaca instruction column (the user turn)")
+    input: str = Field(
+        "input", description="Alpaca optional input column, appended to the instruction on a new line"
+    )
+    output: str = Field(
+        "output", description="Alpaca response column (the assistant turn; the gold answer of prompts)"
+    )
+    system: str = Field("system", description="optional system prompt column (Alpaca, ShareGPT)")
+    messages: str = Field("messages", description="TRL conversational messages column (format messages)")
+    conversations: str = Field(
+        "conversations", description="ShareGPT conversation column (list of role/content objects)"
+    )
+    prompt: str = Field(
+        "prompt", description="prompt column (format messages: preference, prompts, or prompt/completion SFT)"
+    )
+    chosen: str = Field("chosen", description="preferred answer column (preference data; HH transcript)")
+    rejected: str = Field(
+        "rejected", description="dispreferred answer column (preference data; HH transcript)"
+    )
+    answer: str = Field("answer", description="gold answer column of prompts records")
+    task: str = Field("task", description="task name column of prompts records (default: default_task)")
+    match: str = Field("match", description="gold match mode column of prompts records: exact | numeric")
     role_key: str = Field("from", description="ShareGPT message role key")
     content_key: str = Field("value", description="ShareGPT message content key")
 
