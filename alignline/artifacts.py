@@ -114,7 +114,6 @@ STATE = "state"
 FORMAT_VERSION = 1
 # The pipeline's stages in run order: the one definition the stages registry, the flows, the report
 # card and the test fixtures use (a stage's directory is named after it, see `stage_dir_name`).
-PIPELINE_STAGES = ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate")
 # Directories inside a stage dir that are not covered by the manifest's file hashes:
 # state/ changes during training and tb/ is only for viewing.
 UNHASHED_DIRS = (STATE, "tb", STAGING)

@@ -26,11 +26,13 @@ import re
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
+from alignline.config import UserError
+
 log = logging.getLogger(__name__)
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """A chat template that cannot render the data or locate the assistant's tokens (a user error)."""
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"

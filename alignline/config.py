@@ -290,19 +290,42 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>
         ) from None
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Read `path` (YAML; optional), apply `overrides` last, and validate into `cls`."""
+def read_config(path: str | Path | None = None, *, params: dict[str, Any] | None = None,
+                overrides: list[str] | None = None, label: str = "<defaults>",
+                set_flag: str = "--set") -> tuple[dict[str, Any], str, dict[tuple[str, ...], int]]:
+    """The one config reader: YAML `path` (optional), then inline `params` merged over it, then the
+    dotted `overrides` last -> (data, source for messages, YAML line of each key). Every config in
+    alignline comes through here: stage configs (`load_config`), the pipeline's stage entries
+    (flows.tasks.resolve_stage) and the pipeline config itself (flows.pipeline.load_pipeline_config)."""
     data: dict[str, Any] = {}
     key_lines: dict[tuple[str, ...], int] = {}
-    source = "<defaults>"
+    source = label
     if path is not None:
         source = str(path)
         data = read_yaml(path)  # first: it names the file when it is missing or not UTF-8
         text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else ""
         key_lines = yaml_key_lines(text)
+    if params:
+        data = deep_merge(data, params)
+        if path is not None:
+            source += " + params"
     data = apply_overrides(data, overrides)
     if overrides:
-        source = f"{source} (with --set {' '.join(overrides)})"
+        source = f"{source} (with {set_flag} {' '.join(overrides)})"
+    return data, source, key_lines
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into `base`, recursively for nested mappings (a copy; neither is changed)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Read `path` (YAML; optional), apply `overrides` last, and validate into `cls`."""
+    data, source, key_lines = read_config(path, overrides=overrides)
     return config_from_dict(cls, data, source, key_lines)
 
 

@@ -8,7 +8,7 @@
     card.plots             # {"loss": <run_dir>/report/loss.png, "reward": ..., "kl": ...}
 
 It reads only the stage directories (manifest.json headline, eval.json, metrics.jsonl,
-samples.jsonl), so `python -m alignline.report RUN_DIR` rebuilds report.md for any run.
+samples.jsonl), so `alignline report RUN_DIR` rebuilds report.md for any run.
 The flows publish the same content as Prefect artifacts.
 
 Variants: a record is named by its output dir (`rlhf-ppo`; `StageRecord.stage` is the pipeline
@@ -24,15 +24,13 @@ import base64
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignline.artifacts import PIPELINE_STAGES
 from alignline.files import write_text
 
-# Rows and columns of the report: the pipeline's stages in run order, then the stand-alone lora stage.
-STAGE_ORDER = (*PIPELINE_STAGES, "lora")
 # Curve kinds: a metrics.jsonl key goes into the first kind whose marker it contains.
 CURVE_KINDS: dict[str, tuple[str, ...]] = {
     "kl": ("kl",),
@@ -394,8 +392,9 @@ def build_report(
                       records=records)
 
 
-def records_from_run_dir(run_dir: str | Path) -> list[StageRecord]:
-    """Records for every stage dir present in a run (complete ones with their headline).
+def records_from_run_dir(run_dir: str | Path, stages: Sequence[str]) -> list[StageRecord]:
+    """Records for every stage dir present in a run (complete ones with their headline), in the order
+    of `stages` (the registry's: `stages.stage_order()`).
 
     Complete variant dirs (`rlhf-ppo/`, `rlhf-dpo/`) are records too. The one the evaluate stage
     evaluated is the current one; the others are "kept" (all are "ran" when evaluate did not use one).
@@ -412,7 +411,7 @@ def records_from_run_dir(run_dir: str | Path) -> list[StageRecord]:
         except (OSError, json.JSONDecodeError, AttributeError) as exc:
             print(f"report: cannot read {ev_manifest} ({exc}); listing every variant as ran", file=sys.stderr)
     recs = []
-    for name in STAGE_ORDER:
+    for name in stages:
         variants = variant_dirs(run_dir, name)
         dirs = [run_dir / name] if (run_dir / name).is_dir() else []
         dirs += variants
@@ -431,21 +430,3 @@ def records_from_run_dir(run_dir: str | Path) -> list[StageRecord]:
             recs.append(StageRecord(d.name, status, wall_s=wall, path=str(d), headline=read_headline(d),
                                     stage=name if d.name != name else None))
     return recs
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m alignline.report RUN_DIR   (rebuilds RUN_DIR/report.md and RUN_DIR/report/*.png)")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    run_dir = Path(argv[0])
-    if not run_dir.is_dir():
-        print(f"error: run directory {run_dir} does not exist", file=sys.stderr)
-        return 2
-    card = build_report(run_dir, records_from_run_dir(run_dir))
-    print(f"wrote {card.path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -33,6 +33,7 @@ a second writer of the same stage dir, or a stage started in a run dir a pipelin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -78,6 +79,21 @@ class InputSpec:
     variants: bool = False
 
 
+@dataclass(frozen=True)
+class ConfigFlag:
+    """A flag that sets one config key: `--base X` is `--set base=X` (applied before the --set items).
+    For inputs that are not stage directories: hub ids, files, dataset ids (the lora stage's)."""
+
+    name: str
+    key: str
+    help: str = ""
+
+
+def flag_overrides(flags: Sequence[ConfigFlag], values: dict[str, Any]) -> list[str]:
+    """`KEY=VALUE` overrides for the flags given a value (JSON-quoted, so any path or id survives)."""
+    return [f"{f.key}={json.dumps(str(values[f.name]))}" for f in flags if values.get(f.name) is not None]
+
+
 # Stages whose output is a causal-LM checkpoint (what --init of a training stage may be).
 MODEL_STAGES = ("pretrain", "sft", "rlhf", "lora")
 
@@ -117,7 +133,7 @@ def config_keys(cls: type, prefix: str = "", defaults: dict | None = None,
 
 
 def build_parser(stage: str, inputs: Sequence[InputSpec], description: str | None,
-                 config_cls: type | None = None) -> argparse.ArgumentParser:
+                 config_cls: type | None = None, flags: Sequence[ConfigFlag] = ()) -> argparse.ArgumentParser:
     epilog = None
     example = "key=value"
     if config_cls is not None:
@@ -151,6 +167,8 @@ def build_parser(stage: str, inputs: Sequence[InputSpec], description: str | Non
             default = f"the only <run-dir>/{spec.default}-*/, else the most recently finished"
         p.add_argument(f"--{spec.name}", type=Path, default=None,
                        help=f"{spec.help or spec.name + ' stage directory'} (default: {default})")
+    for flag in flags:
+        p.add_argument(f"--{flag.name}", default=None, help=f"{flag.help} (sets `{flag.key}`)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
@@ -252,16 +270,20 @@ def stage_main(
     inputs: Sequence[InputSpec],
     description: str | None = None,
     argv: Sequence[str] | None = None,
+    flags: Sequence[ConfigFlag] = (),
 ) -> Path | None:
-    """Parse `argv`, validate config and inputs, run the stage; exit code 2 on user errors."""
-    args = build_parser(stage, inputs, description, config_cls).parse_args(list(argv) if argv is not None else None)
+    """Parse `argv`, validate config and inputs, run the stage; exit code 2 on user errors. `flags`:
+    extra flags that set config keys (`ConfigFlag`)."""
+    parser = build_parser(stage, inputs, description, config_cls, flags)
+    args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg_path = args.config or default_config_path(stage)
     run_dir: Path | None = None
     out_name = stage  # the output dir name: <stage>, or <stage>-<variant> once the config is known
     try:
-        cfg = load_config(config_cls, cfg_path, args.overrides)
+        overrides = flag_overrides(flags, vars(args)) + list(args.overrides)
+        cfg = load_config(config_cls, cfg_path, overrides)
         out_name = stage_dir_name(stage, cfg)
         if args.print_config:
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")

@@ -50,14 +50,15 @@ def validate(
     overrides: list[str] = typer.Option([], "--set", help="LoaderConfig override, e.g. columns.output=response"),
 ) -> None:
     """Validate a dataset; exits 2 listing every problem as file:line: message."""
-    from alignline.config import ConfigError, apply_overrides, config_from_dict
+    from alignline.config import ConfigError, config_from_dict, read_config
     from alignline.data.loaders import DataValidationError, LoaderConfig, load_records
 
     fields = {"path": path, "kind": kind, "format": fmt, "text_unit": text_unit, "on_too_long": on_too_long}
     if max_prompt_length is not None:
         fields.update(max_prompt_length=max_prompt_length, length_unit="chars")
     try:
-        cfg = config_from_dict(LoaderConfig, apply_overrides(fields, overrides), source="command line")
+        data, source, _ = read_config(params=fields, overrides=overrides, label="command line")
+        cfg = config_from_dict(LoaderConfig, data, source=source)
         records = load_records(cfg)
     except (ConfigError, DataValidationError) as exc:  # user errors: the message, exit 2 (as every command)
         typer.echo(f"error: {exc}", err=True)

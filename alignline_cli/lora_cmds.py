@@ -4,37 +4,29 @@
     alignline lora --base Qwen/Qwen2.5-0.5B-Instruct --data ../shared/data/sft/alpaca_en_demo.json \
         --run-dir runs/qwen --config configs/lora/small.yaml --set lora.r=32 --set train.max_steps=200
 
-Writes `<run-dir>/lora/` (adapter/, merged checkpoint/, eval.json, manifest.json); see stages/lora.py.
-The same job runs as the Prefect flow `flows/lora.py:lora_flow`. Heavy imports happen inside the
-command so `alignline --help` stays instant.
+The stage `lora` under its everyday name: the same parser and code as `alignline stage lora` and
+`python -m stages.lora` (stage_cli.stage_main; `alignline lora --help` lists every option and
+config key). Writes `<run-dir>/lora/` (adapter/, merged checkpoint/, eval.json, manifest.json);
+see stages/lora.py. The same job runs as the Prefect flow `flows/lora.py:lora_flow`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 
-def lora(
-    base: str = typer.Option(None, "--base", help="base model: local HF dir, alignline stage dir, or hub id"),
-    data: str = typer.Option(None, "--data", help="chat data: .json/.jsonl file, data stage dir, or hub dataset"),
-    out: Path = typer.Option(..., "--run-dir", help="run directory; the stage writes RUN_DIR/lora/ (as every stage)"),
-    config: Path = typer.Option(None, "--config", help="stage YAML (default: configs/lora/tiny.yaml)"),
-    overrides: list[str] = typer.Option([], "--set", help="config override key.path=value (repeatable)"),
-    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
-) -> None:
-    """LoRA-fine-tune BASE on DATA: adapter + merged checkpoint + before/after eval in RUN_DIR/lora/."""
-    import logging
+def lora(ctx: typer.Context) -> None:
+    """LoRA-fine-tune --base on --data: adapter + merged checkpoint + before/after eval in RUN_DIR/lora/."""
+    from stages import load_stage_module
 
-    from stages.lora import cli
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cli(base, data, out, config, overrides, print_config)
-    except SystemExit as exc:
-        raise typer.Exit(int(exc.code or 0)) from None
+    load_stage_module("lora").main(list(ctx.args))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("lora", help="LoRA/QLoRA fine-tuning of a released model on chat data (stage `lora`).")(lora)
+    app.command(
+        "lora",
+        help="LoRA/QLoRA fine-tuning of a released model on chat data (stage `lora`; options: alignline lora --help).",
+        # Options belong to the stage's own parser (argparse), so typer passes them through.
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+        add_help_option=False,
+    )(lora)

@@ -1,5 +1,5 @@
 """`alignline pipeline`, `alignline deploy`: the Prefect-orchestrated commands (`alignline stage X --flow`
-runs one stage as a flow).
+runs one stage as a flow); `alignline report RUN_DIR` rebuilds a run's report card.
 
     alignline pipeline --config configs/pipeline/tiny.yaml --run-dir runs/tiny
     alignline pipeline --config configs/pipeline/tiny.yaml --from sft --set sft.optim.lr=1e-4
@@ -90,6 +90,18 @@ def register(app: typer.Typer) -> None:
         for name, dep_id in ids.items():
             typer.echo(f"deployment {name}: {dep_id}")
         typer.echo(f"start a worker: prefect worker start --pool {pool}")
+
+
+    @app.command("report")
+    def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
+        """Rebuild RUN_DIR/report.md and RUN_DIR/report/*.png from the stage directories in it."""
+        from alignline.report import build_report, records_from_run_dir
+        from stages import stage_order
+
+        if not run_dir.is_dir():
+            _fail(f"run directory {run_dir} does not exist", 2)
+        card = build_report(run_dir, records_from_run_dir(run_dir, stage_order()))
+        typer.echo(f"wrote {card.path}")
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m alignline_cli` is the entry point

@@ -51,16 +51,18 @@ def check_stage_range(from_stage: str | None, to_stage: str | None, run_dir: Pat
     name (flows.pipeline.stage_dirs; `rlhf-ppo` for the rlhf stage), default the stage name; `keys`:
     flows.pipeline.variant_keys, for the message when another variant is named."""
     from alignline.config import ConfigError
-    from flows.pipeline import STAGE_SEQUENCE, stage_slot
+    from flows.pipeline import stage_slot
+    from stages import pipeline_stages
 
+    sequence = pipeline_stages()
     dirs = dirs or {}
     from_stage = stage_slot("--from", from_stage, dirs, keys)
     to_stage = stage_slot("--to", to_stage, dirs, keys)
-    if from_stage and to_stage and STAGE_SEQUENCE.index(from_stage) > STAGE_SEQUENCE.index(to_stage):
+    if from_stage and to_stage and sequence.index(from_stage) > sequence.index(to_stage):
         raise ConfigError(f"--from {from_stage} comes after --to {to_stage}; stages run in the order "
-                          f"{', '.join(STAGE_SEQUENCE)}")
+                          f"{', '.join(sequence)}")
     if from_stage:
-        for stage in STAGE_SEQUENCE[:STAGE_SEQUENCE.index(from_stage)]:
+        for stage in sequence[:sequence.index(from_stage)]:
             if enabled is not None and stage not in enabled:
                 continue
             manifest = run_dir / dirs.get(stage, stage) / "manifest.json"

@@ -31,10 +31,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from alignline.artifacts import (
-    PIPELINE_STAGES,
     StageError,
     adopt_legacy_dir,
     is_complete,
@@ -44,15 +43,14 @@ from alignline.artifacts import (
 from alignline.config import (
     ConfigError,
     StrictModel,
-    apply_overrides,
     config_from_dict,
-    read_yaml,
+    read_config,
     save_config,
-    yaml_key_lines,
 )
 from alignline.locks import run_lock
 from alignline.report import StageRecord, build_report, render_markdown
 from flows.tasks import (
+    REPO_ROOT,
     ResolvedStage,
     StageEntry,
     not_a_user_error,
@@ -60,25 +58,14 @@ from flows.tasks import (
     resolve_stage,
     stage_task,
 )
-
-STAGE_SEQUENCE = PIPELINE_STAGES  # alignline.artifacts: the one definition of the stage order
-
-
-def _entry(stage: str, description: str) -> Any:
-    return Field(default_factory=lambda: StageEntry(config=f"configs/{stage}/tiny.yaml"),
-                 description=description)
+from stages import pipeline_stages
 
 
-class StagesConfig(StrictModel):
-    """One entry per pipeline stage, in run order. Defaults: the tiny configs."""
-
-    data: StageEntry = _entry("data", "data stage: built-in task suite or real data")
-    tokenizer: StageEntry = _entry("tokenizer", "tokenizer stage: train or reuse the BPE tokenizer")
-    pretrain: StageEntry = _entry("pretrain", "pretrain stage: next-token pretraining")
-    sft: StageEntry = _entry("sft", "sft stage: supervised fine-tuning")
-    reward: StageEntry = _entry("reward", "reward stage: reward model on preference pairs")
-    rlhf: StageEntry = _entry("rlhf", "rlhf stage: PPO, DPO, GRPO or RLOO (its config's algorithm)")
-    evaluate: StageEntry = _entry("evaluate", "evaluate stage: every model stage on held-out prompts")
+def default_entry(stage: str) -> dict[str, Any]:
+    """A stage the pipeline config leaves out: its configs/<stage>/tiny.yaml, or the stage's defaults
+    when it has none (a newly registered stage)."""
+    tiny = f"configs/{stage}/tiny.yaml"
+    return {"config": tiny if (REPO_ROOT / tiny).is_file() else None}
 
 
 class GateConfig(StrictModel):
@@ -110,13 +97,28 @@ class PipelineConfig(StrictModel):
     run_dir: str = Field("runs/tiny", description="run directory (relative to the working directory)")
     retries: int = Field(1, ge=0, description="task retries per stage (a retry resumes from the stage state)")
     retry_delay_s: float = Field(1.0, ge=0, description="seconds between a failed stage task and its retry")
-    stages: StagesConfig = Field(
-        default_factory=StagesConfig, description="each stage's config, overrides, launcher"
+    stages: dict[str, StageEntry] = Field(
+        default_factory=dict, validate_default=True,
+        description="one entry per pipeline stage (stages.REGISTRY, in run order): its config, overrides, "
+        "launcher; a stage left out runs configs/<stage>/tiny.yaml",
     )
     gates: GateConfig = Field(
         default_factory=GateConfig, description="reward gate before RLHF, marks after it"
     )
     report: ReportConfig = Field(default_factory=ReportConfig, description="report.md and Prefect artifacts")
+
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _every_registered_stage(cls, value: Any) -> dict[str, Any]:
+        """An entry per registered pipeline stage, in registry order; a name not registered is an error."""
+        given = dict(value or {})
+        known = pipeline_stages()
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            raise ValueError(f"unknown pipeline stage(s) {', '.join(map(repr, unknown))}; the pipeline's stages "
+                             f"are {', '.join(known)} (registered in stages/__init__.py)")
+        return {name: given[name] if given.get(name) is not None else default_entry(name) for name in known}
 
 
 class GateFailed(RuntimeError):
@@ -133,9 +135,9 @@ def split_overrides(overrides: list[str] | None) -> tuple[list[str], dict[str, l
     pipeline, per_stage = [], {}
     for item in overrides or []:
         head = item.split("=", 1)[0].split(".", 1)[0].strip()
-        if head in STAGE_SEQUENCE and item.split("=", 1)[0].strip() == f"{head}.config":
+        if head in pipeline_stages() and item.split("=", 1)[0].strip() == f"{head}.config":
             pipeline.append(f"stages.{item}")
-        elif head in STAGE_SEQUENCE and "." in item.split("=", 1)[0]:
+        elif head in pipeline_stages() and "." in item.split("=", 1)[0]:
             per_stage.setdefault(head, []).append(item.split(".", 1)[1])
         else:
             pipeline.append(item)
@@ -144,24 +146,17 @@ def split_overrides(overrides: list[str] | None) -> tuple[list[str], dict[str, l
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a pipeline YAML, apply `--set` overrides (stage keys as `<stage>.<key>=v`), validate."""
-    data: dict[str, Any] = {}
-    key_lines: dict[tuple[str, ...], int] = {}
-    source = "<defaults>"
-    if path is not None:
-        data = read_yaml(path)
-        key_lines = yaml_key_lines(Path(path).read_text(encoding="utf-8"))
-        source = str(path)
     pipeline_over, stage_over = split_overrides(overrides)
-    data = apply_overrides(data, pipeline_over)
+    data, source, key_lines = read_config(path, overrides=pipeline_over)
     for stage, items in stage_over.items():
         stages = data.setdefault("stages", {}) or {}
         data["stages"] = stages
         entry = stages.get(stage)
         if entry is None:
-            entry = stages[stage] = {"config": f"configs/{stage}/tiny.yaml"}
+            entry = stages[stage] = default_entry(stage)
         entry["set"] = list(entry.get("set") or []) + items
-    if overrides:
-        source += f" (with --set {' '.join(overrides)})"
+    if overrides:  # name all of them, stage keys included, as the user typed them
+        source = f"{path if path is not None else '<defaults>'} (with --set {' '.join(overrides)})"
     return config_from_dict(PipelineConfig, data, source, key_lines)
 
 
@@ -169,8 +164,8 @@ def resolve_pipeline(config: PipelineConfig) -> dict[str, ResolvedStage]:
     """Validate every enabled stage config up front; one ConfigError lists every problem."""
     resolved: dict[str, ResolvedStage] = {}
     problems: list[str] = []
-    for stage in STAGE_SEQUENCE:
-        entry: StageEntry = getattr(config.stages, stage)
+    for stage in pipeline_stages():
+        entry: StageEntry = config.stages[stage]
         if not entry.enabled:
             continue
         try:
@@ -187,11 +182,11 @@ def stage_dirs(config: PipelineConfig, resolved: dict[str, ResolvedStage]) -> di
     {"rlhf": "rlhf-dpo", "sft": "sft", ...}. A disabled stage's config is resolved too (its output
     may still be an input); when it does not resolve, the plain stage name."""
     out: dict[str, str] = {}
-    for stage in STAGE_SEQUENCE:
+    for stage in pipeline_stages():
         rs = resolved.get(stage)
         if rs is None:
             try:
-                rs = resolve_stage(stage, getattr(config.stages, stage), where=f"pipeline {config.name!r}")
+                rs = resolve_stage(stage, config.stages[stage], where=f"pipeline {config.name!r}")
             except Exception:  # a disabled stage may well have no usable config or module
                 out[stage] = stage
                 continue
@@ -209,7 +204,7 @@ def stage_slot(flag: str, value: str | None, dirs: dict[str, str] | None = None,
     """A `--from`/`--to` value as a pipeline stage: a stage name, or the output dir name of the variant
     this pipeline selects (`rlhf-dpo` when rlhf's algorithm is dpo). Another variant is an error that
     says how to select it (`keys`: `variant_keys`)."""
-    if value is None or value in STAGE_SEQUENCE:
+    if value is None or value in pipeline_stages():
         return value
     dirs = dirs or {}
     for stage, name in dirs.items():
@@ -223,9 +218,9 @@ def stage_slot(flag: str, value: str | None, dirs: dict[str, str] | None = None,
                               f"`{key}: {want}`: --set {stage}.config=PATH) and use {flag} {stage}")
     import difflib
 
-    close = difflib.get_close_matches(value, STAGE_SEQUENCE, n=1)
+    close = difflib.get_close_matches(value, pipeline_stages(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"{flag} {value!r} is not a stage{hint}; choose one of {', '.join(STAGE_SEQUENCE)}")
+    raise ConfigError(f"{flag} {value!r} is not a stage{hint}; choose one of {', '.join(pipeline_stages())}")
 
 
 def stage_inputs(rs: ResolvedStage, run_dir: Path, enabled: set[str],
@@ -366,13 +361,13 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "pipeline.yaml")
     enabled = set(resolved)
-    first = STAGE_SEQUENCE.index(from_stage) if from_stage else 0
-    last = STAGE_SEQUENCE.index(to_stage) if to_stage else len(STAGE_SEQUENCE) - 1
+    first = pipeline_stages().index(from_stage) if from_stage else 0
+    last = pipeline_stages().index(to_stage) if to_stage else len(pipeline_stages()) - 1
     if first > last:
         raise ConfigError(f"--from {from_stage} comes after --to {to_stage}")
     records = {s: StageRecord(dirs[s], "skipped" if s not in enabled else "pending", path=str(run_dir / dirs[s]),
                               stage=s if dirs[s] != s else None)
-               for s in STAGE_SEQUENCE}
+               for s in pipeline_stages()}
     notes: list[str] = []
     for stage, rs in resolved.items():
         # A run dir from before per-variant dirs: its plain rlhf/ moves to rlhf-<algorithm>/ (or is left, unused).
@@ -383,7 +378,7 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
     slug = _slug(config.name)
     failure: BaseException | None = None
     try:
-        for i, stage in enumerate(STAGE_SEQUENCE):
+        for i, stage in enumerate(pipeline_stages()):
             if stage not in enabled:
                 continue
             rec = records[stage]
@@ -403,7 +398,7 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
                 reason = reward_gate(config.gates, run_dir, run_dir / dirs["reward"])
                 if reason:
                     notes.append(reason)
-                    for later in STAGE_SEQUENCE[i:]:
+                    for later in pipeline_stages()[i:]:
                         if later in enabled:
                             records[later].status = "gated"
                     raise GateFailed(reason)

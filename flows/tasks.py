@@ -51,12 +51,10 @@ from alignline.config import (
     ConfigError,
     StrictModel,
     UserError,
-    apply_overrides,
     config_from_dict,
     config_to_dict,
     debug_enabled,
-    read_yaml,
-    yaml_key_lines,
+    read_config,
 )
 from alignline.launch import LaunchError, launch, torchrun_command
 from alignline.report import metrics_path
@@ -140,23 +138,14 @@ def resolve_stage(stage: str, entry: StageEntry, where: str = "pipeline") -> Res
     """Load and validate one stage config (file, then `params`, then `set`); ConfigError names the place."""
     module_name = stage_module_name(stage, entry)
     module = load_stage_module(stage, module_name)
-    data: dict[str, Any] = {}
-    key_lines: dict[tuple[str, ...], int] = {}
-    source = f"{where}: stages.{stage} (defaults)"
+    path = None
     if entry.config:
         path = repo_path(entry.config)
         if not path.is_file():
             raise ConfigError(f"{where}: stages.{stage}.config: {entry.config} does not exist "
                               f"(paths are relative to the repository root {REPO_ROOT})")
-        data = read_yaml(path)
-        key_lines = yaml_key_lines(path.read_text(encoding="utf-8"))
-        source = str(path)
-    if entry.params:
-        data = _deep_merge(data, entry.params)
-        source += f" + stages.{stage}.params"
-    if entry.set:
-        data = apply_overrides(data, entry.set)
-        source += f" (with set {' '.join(entry.set)})"
+    data, source, key_lines = read_config(path, params=entry.params, overrides=entry.set,
+                                          label=f"{where}: stages.{stage} (defaults)", set_flag="set")
     cfg = config_from_dict(module.Config, data, source, key_lines)
     nproc = max(entry.nproc_per_node, _config_nproc(config_to_dict(cfg)))
     check = getattr(module, "check_world_size", None)  # optional: a stage's own rank-count rules
@@ -174,13 +163,6 @@ def resolve_stage(stage: str, entry: StageEntry, where: str = "pipeline") -> Res
         entry=entry,
         source=str(getattr(module, "__file__", "")),
     )
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # --------------------------------------------------------------------------- cache

@@ -35,27 +35,26 @@ latest one.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from alignline.chat import CHATML_TEMPLATE, ChatTemplateError, encode_conversations, resolve_mask_mode
+from alignline.chat import CHATML_TEMPLATE, encode_conversations, resolve_mask_mode
 from alignline.config import (
-    ConfigError,
     LoggingConfig,
     LoraArgs,
     OptimConfig,
     ScheduleConfig,
     StrictModel,
+    UserError,
     load_config,
 )
 from alignline.data.loaders import Columns, DataValidationError, Format, LoaderConfig, load_records
+from alignline.stage_cli import ConfigFlag, flag_overrides, stage_main
 
 log = logging.getLogger("alignline.stages.lora")
 
@@ -65,7 +64,7 @@ DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE  # alignline.chat: ChatML-style, the bas
 
 
 
-class LoraInputError(ValueError):
+class LoraInputError(UserError, ValueError):
     """A bad input to the LoRA stage (base, tokenizer, data, targets), found before training."""
 
 
@@ -596,16 +595,12 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
     return {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
 
 
-def run(
-    config: LoraStageConfig,
-    inputs: dict[str, Path] | None,
-    run_dir: str | Path,
-    config_dir: str | Path | None = None,
-) -> Path:
+def run(config: LoraStageConfig, inputs: dict[str, Path] | None, run_dir: str | Path) -> Path:
     """Fine-tune `config.base` with LoRA on `config.data`; write `<run_dir>/lora/` and return its path.
 
     `inputs` may give "base" (a model or stage dir) and "data" (a file or data stage dir), which
-    replace `config.base` / `config.data.train`; `config_dir` resolves a relative chat.template path.
+    replace `config.base` / `config.data.train`. Relative paths (data, chat.template) are relative
+    to the working directory, as everywhere in a config.
     """
     import torch
     from peft import PeftModel, prepare_model_for_kbit_training
@@ -620,7 +615,7 @@ def run(
     if inputs and inputs.get("data") is not None:
         updates["data"] = config.data.model_copy(update={"train": str(inputs["data"])})
     cfg = config.model_copy(update=updates) if updates else config
-    prep = prepare(cfg, Path(config_dir) if config_dir else None)
+    prep = prepare(cfg)
     # An alignline stage dir as base is recorded (and verified) as a stage input.
     stage_inputs = {"base": prep.base.stage_dir} if prep.base.stage_dir else {}
     stage = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__, data=data_files(cfg))
@@ -731,60 +726,20 @@ def data_files(cfg: LoraStageConfig) -> dict[str, Path]:
     return out
 
 
+# --base / --data set config keys (a hub id or a plain file is allowed, so they are not stage-dir inputs).
+FLAGS = [
+    ConfigFlag("base", "base", "base model: local HF dir, alignline stage dir, or hub id"),
+    ConfigFlag("data", "data.train", "chat data: .json/.jsonl file, data stage dir, or hub dataset id"),
+]
+
+
 def build_config(config: str | Path | None, base: str | None, data: str | None, overrides: list[str]):
     """The config file (optional) with --base/--data applied as overrides, so they are validated too."""
-    extra = []
-    if base is not None:
-        extra.append(f"base={json.dumps(str(base))}")
-    if data is not None:
-        extra.append(f"data.train={json.dumps(str(data))}")
-    return load_lora_config(config, extra + list(overrides or []))
-
-
-def default_config_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs" / "lora" / "tiny.yaml"
-
-
-def cli(base, data, out, config=None, overrides=(), print_config=False) -> Path | None:
-    """Shared by `python -m stages.lora` and `alignline lora`: exit code 2 on a config/input error."""
-    import yaml
-
-    from alignline.artifacts import StageError
-    from alignline.config import config_to_dict
-
-    config = config or default_config_path()
-    try:
-        cfg = build_config(config, base, data, list(overrides))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if print_config:
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-        return None
-    try:
-        out_path = run(cfg, None, out, Path(config).parent)
-    except (LoraInputError, ChatTemplateError, StageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"lora: wrote {out_path}")
-    return out_path
+    return load_lora_config(config, flag_overrides(FLAGS, {"base": base, "data": data}) + list(overrides or []))
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m stages.lora", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", help="base model: local HF dir, alignline stage dir, or hub id (sets `base`)")
-    p.add_argument("--data", help="chat data: .json/.jsonl file, data stage dir, or hub dataset id (sets data.train)")
-    p.add_argument("--run-dir", dest="out", required=True, help="run directory; the stage writes RUN_DIR/lora/")
-    p.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/lora/tiny.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return cli(a.base, a.data, a.out, a.config, a.overrides, a.print_config)
+    return stage_main(STAGE, Config, run, INPUTS, __doc__, argv, flags=FLAGS)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,17 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from alignline.artifacts import StageRun
 from alignline.config import LoggingConfig, OptimConfig, ScheduleConfig, StrictModel
 from alignline.stage_cli import InputSpec, stage_main
+
+# torch is imported where it runs, so `alignline stage pretrain --help` and config checks answer fast.
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("stages.pretrain")
 
@@ -148,6 +150,8 @@ def read_texts(path: Path) -> list[str]:
 
 def tokenize_stream(texts: list[str], tokenizer) -> torch.Tensor:
     """Documents as one token stream, each followed by <|eos|> (used for the small val set)."""
+    import torch
+
     ids: list[int] = []
     for i in range(0, len(texts), 2048):
         for row in tokenizer(texts[i:i + 2048], add_special_tokens=False)["input_ids"]:
@@ -158,6 +162,8 @@ def tokenize_stream(texts: list[str], tokenizer) -> torch.Tensor:
 
 def val_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
     """Up to `n` non-overlapping windows of seq_len+1 tokens from the start of the val stream."""
+    import torch
+
     count = min(n, (len(stream) - 1) // seq_len)
     if count == 0:
         raise ValueError(f"the val stream has {len(stream)} tokens, fewer than seq_len+1={seq_len + 1}")
@@ -166,20 +172,24 @@ def val_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
 
 
 def lm_loss(model, tokens: torch.Tensor, autocast) -> torch.Tensor:
+    import torch.nn.functional as F
+
     with autocast():
         logits = model(input_ids=tokens[:, :-1]).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-@torch.no_grad()
 def evaluate_loss(model, windows: torch.Tensor, micro: int, device, autocast) -> float:
+    import torch
+
     was = model.training
     model.eval()
     total, n = 0.0, 0
-    for i in range(0, len(windows), micro):
-        b = windows[i:i + micro].to(device)
-        total += float(lm_loss(model, b, autocast)) * len(b)
-        n += len(b)
+    with torch.no_grad():
+        for i in range(0, len(windows), micro):
+            b = windows[i:i + micro].to(device)
+            total += float(lm_loss(model, b, autocast)) * len(b)
+            n += len(b)
     model.train(was)
     return total / n
 
@@ -188,6 +198,7 @@ def evaluate_loss(model, windows: torch.Tensor, micro: int, device, autocast) ->
 
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    import torch
     from tqdm.auto import tqdm
 
     from alignline.checkpointing import gather_states

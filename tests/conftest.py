@@ -25,13 +25,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from alignline.artifacts import PIPELINE_STAGES  # noqa: E402
+from stages import pipeline_stages  # noqa: E402
 
 # The CI box has 2 cores shared by everything; more threads than cores only adds contention.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parent.parent
-CHAIN = PIPELINE_STAGES[: PIPELINE_STAGES.index("reward") + 1]  # data .. reward
+CHAIN = pipeline_stages()[: pipeline_stages().index("reward") + 1]  # data .. reward
 
 
 @dataclass

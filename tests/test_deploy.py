@@ -189,6 +189,6 @@ def test_prefect_yaml_matches_the_flows() -> None:
         assert isinstance(flow_obj, Flow)
         assert set(dep.get("parameters", {})) <= set(flow_obj.parameters.properties)
     nightly = config_from_dict(PipelineConfig, deps["nightly"]["parameters"]["config"])
-    assert nightly.run_dir == "runs/nightly" and nightly.stages.pretrain.config == "configs/pretrain/tiny.yaml"
+    assert nightly.run_dir == "runs/nightly" and nightly.stages["pretrain"].config == "configs/pretrain/tiny.yaml"
     entry = StageEntry(**deps["retrain-reward"]["parameters"]["entry"])
     assert (REPO / entry.config).is_file()

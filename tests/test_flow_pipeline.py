@@ -350,3 +350,36 @@ def test_stage_command_with_flow_runs_caches_forces_and_refuses_bad_keys(tmp_pat
     assert not (tmp_path / "bad" / "data").exists()
     lora = runner.invoke(app, ["stage", "lora", "--flow", "--run-dir", str(tmp_path / "l")])
     assert lora.exit_code == 2 and "use `alignline lora`" in lora.output
+
+
+def test_a_registered_stage_runs_in_the_pipeline_with_nothing_else_changed(fake, tmp_path: Path) -> None:
+    """Adding a stage is a module plus a registry entry: the pipeline config, its order, inputs, the
+    cache, --from and the report card all pick it up from stages.REGISTRY."""
+    import stages
+    from tests.prefect_fixtures import FAKE_STAGE
+
+    run, run_dir = fake
+    src = tmp_path / "src" / "fakestages"
+    (src / "toy.py").write_text(FAKE_STAGE.format(stage="toy", inputs=["sft"], extra=""))
+    stages.register(stages.StageSpec("toy", "fakestages.toy", "a toy stage between sft and reward"), after="sft")
+    try:
+        assert stages.pipeline_stages() == ("data", "tokenizer", "pretrain", "sft", "toy", "reward", "rlhf",
+                                            "evaluate")
+        first = run()
+        assert list(first["stages"]) == list(stages.pipeline_stages())  # run in registry order
+        assert statuses(first)["toy"] == "ran" and calls(run_dir, "toy") == [0]
+        toy = json.loads((run_dir / "toy" / "manifest.json").read_text())
+        assert toy["stage"] == "toy" and Path(toy["inputs"]["sft"]["path"]) == run_dir / "sft"
+        assert "| toy | ran" in (run_dir / "report.md").read_text()
+        assert statuses(run())["toy"] == "cached" and calls(run_dir, "toy") == [0]
+        again = run(from_stage="toy")  # --from accepts it, and re-runs it and what follows
+        assert statuses(again)["sft"] == "cached" and statuses(again)["toy"] == "ran"
+        assert calls(run_dir, "toy") == [0, 0]
+        # Its pipeline entry takes the usual keys; an unregistered name is refused, naming the stages.
+        assert statuses(run("toy.steps=6"))["toy"] == "ran"
+        with pytest.raises(ConfigError, match=r"unknown pipeline stage\(s\) 'toys'; the pipeline's stages are "
+                                              r"data, tokenizer, pretrain, sft, toy, reward"):
+            run("stages.toys.config=null")
+    finally:
+        stages.unregister("toy")
+    assert "toy" not in stages.STAGES and "toy" not in stages.pipeline_stages()

@@ -145,7 +145,7 @@ def test_cli_exit_code_and_message(env, tmp_path, capsys):
     from stages.lora import main
 
     with pytest.raises(SystemExit) as info:
-        main(["--base", str(env["llama"]), "--data", str(env["data"]), "--out", str(tmp_path / "r"),
+        main(["--base", str(env["llama"]), "--data", str(env["data"]), "--run-dir", str(tmp_path / "r"),
               "--set", "lora.target_modules=[nope]"])
     assert info.value.code == 2
     assert "nope" in capsys.readouterr().err
@@ -155,7 +155,7 @@ def test_config_typo_names_the_key(tmp_path, capsys):
     from stages.lora import main
 
     with pytest.raises(SystemExit) as info:
-        main(["--out", str(tmp_path), "--set", "lora.rank=4", "--print-config"])
+        main(["--run-dir", str(tmp_path), "--set", "lora.rank=4", "--print-config"])
     assert info.value.code == 2
     assert "lora.rank" in capsys.readouterr().err
 

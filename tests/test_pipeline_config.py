@@ -11,13 +11,13 @@ import pytest
 
 from alignline.config import ConfigError
 from flows.pipeline import (
-    STAGE_SEQUENCE,
     load_pipeline_config,
     resolve_pipeline,
     split_overrides,
     stage_inputs,
 )
 from flows.tasks import total_steps
+from stages import pipeline_stages
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,12 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 def test_shipped_pipelines_validate_every_stage(name: str) -> None:
     cfg = load_pipeline_config(REPO / "configs" / "pipeline" / f"{name}.yaml")
     resolved = resolve_pipeline(cfg)
-    assert list(resolved) == list(STAGE_SEQUENCE)
+    assert list(resolved) == list(pipeline_stages())
     # The DAG from each stage's INPUTS: every input is produced by an earlier stage of this run.
     run_dir = Path("/nonexistent/run")
-    for i, stage in enumerate(STAGE_SEQUENCE):
+    for i, stage in enumerate(pipeline_stages()):
         for path in stage_inputs(resolved[stage], run_dir, set(resolved)).values():
-            assert Path(path).name in STAGE_SEQUENCE[:i], (stage, path)
+            assert Path(path).name in pipeline_stages()[:i], (stage, path)
 
 
 def test_ci_pipeline_is_small() -> None:
@@ -46,7 +46,7 @@ def test_stage_overrides_go_to_their_stage() -> None:
     assert pipe == ["gates.enabled=false", "stages.reward.enabled=false"]
     assert per_stage == {"sft": ["optim.lr=1e-4"], "pretrain": ["train.max_steps=3"]}
     cfg = load_pipeline_config(REPO / "configs" / "pipeline" / "ci.yaml", ["sft.optim.lr=1e-4", "gates.max_kl=2"])
-    assert cfg.stages.sft.set[-1] == "optim.lr=1e-4"  # appended after the YAML's own overrides
+    assert cfg.stages["sft"].set[-1] == "optim.lr=1e-4"  # appended after the YAML's own overrides
     assert cfg.gates.max_kl == 2.0
     assert resolve_pipeline(cfg)["sft"].config.optim.lr == 1e-4
 
@@ -78,7 +78,7 @@ def test_output_dirs_follow_the_selected_algorithm(tmp_path: Path) -> None:
         cfg = load_pipeline_config(REPO / "configs" / "pipeline" / "tiny.yaml", [f"rlhf.config=configs/rlhf/{conf}.yaml"])
         resolved = resolve_pipeline(cfg)
         dirs = stage_dirs(cfg, resolved)
-        assert dirs == {**{s: s for s in STAGE_SEQUENCE}, "rlhf": f"rlhf-{algo}"}
+        assert dirs == {**{s: s for s in pipeline_stages()}, "rlhf": f"rlhf-{algo}"}
         assert resolved["rlhf"].dir_name == f"rlhf-{algo}"
         assert stage_inputs(resolved["evaluate"], tmp_path, set(resolved), dirs)["rlhf"] == str(tmp_path / f"rlhf-{algo}")
         assert stage_slot("--from", f"rlhf-{algo}", dirs) == "rlhf" and stage_slot("--from", "rlhf", dirs) == "rlhf"
@@ -90,7 +90,7 @@ def test_output_dirs_follow_the_selected_algorithm(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"did you mean 'rlhf'"):
         stage_slot("--from", "rlfh", dirs)
     # --from evaluate needs the selected algorithm's output (a pre-variant rlhf/ counts: the flow moves it).
-    for s in STAGE_SEQUENCE[:-2]:
+    for s in pipeline_stages()[:-2]:
         (tmp_path / s).mkdir()
         (tmp_path / s / "manifest.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"earlier stage 'rlhf' has not finished.*rlhf-dpo/manifest.json"):

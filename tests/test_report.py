@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from alignline.report import StageRecord, build_report, curve_series, records_from_run_dir, sample_rows
+from stages import stage_order
 
 
 def _stage(run: Path, name: str, metrics: list[dict], samples: list[dict], headline: dict,
@@ -69,10 +70,26 @@ def test_report_card_markdown_pngs_and_tables(tmp_path: Path) -> None:
 
 def test_rebuild_from_run_dir_alone(tmp_path: Path) -> None:
     run = _run(tmp_path)
-    recs = records_from_run_dir(run)
+    recs = records_from_run_dir(run, stage_order())
     assert [(r.name, r.status, r.wall_s) for r in recs] == [("pretrain", "ran", 1.5), ("rlhf", "ran", 1.5)]
     assert sample_rows(run, ["pretrain", "rlhf"], limit=1) == [
         {"prompt": "What is 1+1?", "answer": "2", "pretrain": "", "rlhf": "2"}]
+    # In the order given (the registry's), whatever order the dirs were made in.
+    assert [r.name for r in records_from_run_dir(run, ["rlhf", "pretrain"])] == ["rlhf", "pretrain"]
+
+
+def test_alignline_report_rebuilds_the_card_of_a_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from alignline_cli.main import app
+
+    run = _run(tmp_path)
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0 and f"wrote {run / 'report.md'}" in result.output, result.output
+    md = (run / "report.md").read_text()
+    assert md.index("| pretrain |") < md.index("| rlhf |")
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
 def _variants(tmp_path: Path) -> Path:
@@ -110,12 +127,12 @@ def test_report_lists_every_surviving_variant_and_which_is_current(tmp_path: Pat
 
 def test_rebuilt_report_marks_the_evaluated_variant_current(tmp_path: Path) -> None:
     run = _variants(tmp_path)
-    recs = records_from_run_dir(run)
+    recs = records_from_run_dir(run, stage_order())
     # Without an evaluate stage nothing records which one is current: both are listed as they are.
     assert [(r.name, r.status, r.kind) for r in recs] == [("rlhf-dpo", "ran", "rlhf"), ("rlhf-ppo", "ran", "rlhf")]
     assert "(which one is current is not recorded)" in build_report(run, recs, plots=False).markdown
     _stage(run, "evaluate", [], [], {}, inputs={"rlhf": {"path": str(run / "rlhf-dpo"), "stage": "rlhf"}})
-    recs = records_from_run_dir(run)
+    recs = records_from_run_dir(run, stage_order())
     assert [(r.name, r.status) for r in recs] == [("rlhf-dpo", "ran"), ("rlhf-ppo", "kept"), ("evaluate", "ran")]
     assert "this run selects `rlhf-dpo`" in build_report(run, recs, plots=False).markdown
 

@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from alignline.config import StrictModel, apply_overrides, config_from_dict
+from alignline.config import StrictModel, config_from_dict, read_config
 from alignline.files import write_bytes
 
 TaskName = Literal["add", "sub", "reverse", "sort", "count", "world"]
@@ -123,8 +123,8 @@ def suite_config(size: str = "default", overrides: list[str] | None = None) -> S
     """A preset (`tiny`, `default`, `small`) with `key=value` overrides applied last."""
     if size not in SUITE_SIZES:
         raise ValueError(f"unknown suite size {size!r}; choose one of {sorted(SUITE_SIZES)}")
-    data = apply_overrides(dict(SUITE_SIZES[size]), overrides)
-    return config_from_dict(SuiteConfig, data, source=f"suite size {size!r}")
+    data, source, _ = read_config(params=dict(SUITE_SIZES[size]), overrides=overrides, label=f"suite size {size!r}")
+    return config_from_dict(SuiteConfig, data, source=source)
 
 
 # --------------------------------------------------------------------------- gold scorer
