@@ -127,6 +127,25 @@ class ScheduleConfig(StrictModel):
     )
 
 
+class TrainerLoopConfig(StrictModel):
+    """The `train:` section of a stage trained by an HF/TRL Trainer (sft, reward): steps, batches,
+    cadence, device. `alignline.training.hf_trainer_args` turns it, with `optim:`/`schedule:`, into
+    TrainingArguments; a stage subclasses it to add its own keys."""
+
+    seed: int = Field(0, description="seeds init, data order and dropout (Trainer seed/data_seed)")
+    epochs: float = Field(1.0, gt=0, description="passes over the training set when max_steps is -1")
+    max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
+    batch_size: int = Field(32, gt=0, description="per-device examples per step")
+    grad_accum: int = Field(1, gt=0, description="batches accumulated per optimizer step")
+    max_length: int = Field(256, gt=0, description="tokens per training example; longer ones are cut")
+    eval_every: int = Field(50, gt=0, description="Trainer evaluation on the val set every N steps")
+    save_every: int = Field(50, gt=0, description="Trainer checkpoint under state/ every N steps")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 off the CPU")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    max_train_examples: int | None = Field(None, ge=1, description="use the first N training examples only")
+
+
 class LoraArgs(StrictModel):
     """PEFT LoRA settings shared by SFT, PPO and the LoRA stage."""
 

@@ -63,7 +63,7 @@ def sets(items: list[str]) -> list[str]:
 
 
 def pipeline_cmd(run_dir: Path, *extra: str) -> list[str]:
-    return [PY, "-m", "flows.pipeline", "--config", "configs/pipeline/tiny.yaml", "--run-dir", str(run_dir),
+    return [PY, "-m", "alignline_cli", "pipeline", "--config", "configs/pipeline/tiny.yaml", "--run-dir", str(run_dir),
             "--to", "pretrain", *sets(PIPE_SETS), *extra]
 
 

@@ -24,12 +24,18 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
 from alignline.artifacts import StageRun, model_dir
-from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
+from alignline.config import (
+    LoggingConfig,
+    LoraArgs,
+    OptimConfig,
+    ScheduleConfig,
+    StrictModel,
+    TrainerLoopConfig,
+)
 from alignline.files import read_jsonl
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
@@ -41,23 +47,14 @@ INPUTS = [
 ]
 
 
-class RewardTrainConfig(StrictModel):
-    seed: int = Field(0, description="seeds score head init, data order and on-policy sampling")
-    epochs: float = Field(1.0, gt=0, description="passes over the training pairs when max_steps is -1")
-    max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
+class RewardTrainConfig(TrainerLoopConfig):
+    """The shared Trainer loop keys (alignline.config.TrainerLoopConfig) plus the reward model's own."""
+
     batch_size: int = Field(32, gt=0, description="per-device pairs per step")
-    grad_accum: int = Field(1, gt=0, description="batches accumulated per optimizer step")
     max_length: int = Field(
         256, gt=0, description="tokens per prompt + answer, in training and eval; longer are cut"
     )
     center_rewards_coefficient: float | None = Field(None, ge=0, description="push mean reward toward 0")
-    eval_every: int = Field(50, gt=0, description="Trainer eval on the val pairs every N steps")
-    save_every: int = Field(50, gt=0, description="Trainer checkpoint under state/ every N steps")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 off the CPU")
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations in backward to save memory"
-    )
     max_train_examples: int | None = Field(
         None, ge=1, description="first N pairs of preference/train.jsonl only (on-policy pairs come on top)"
     )

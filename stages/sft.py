@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
 from alignline.artifacts import StageRun, model_dir
-from alignline.config import LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
+from alignline.config import (
+    LoggingConfig,
+    LoraArgs,
+    OptimConfig,
+    ScheduleConfig,
+    StrictModel,
+    TrainerLoopConfig,
+)
 from alignline.files import read_jsonl
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
 
@@ -36,27 +42,15 @@ INPUTS = [
 ]
 
 
-class SFTTrainConfig(StrictModel):
-    seed: int = Field(0, description="seeds LoRA init, data order and dropout (Trainer seed/data_seed)")
-    epochs: float = Field(1.0, gt=0, description="passes over sft/train.jsonl when max_steps is -1")
-    max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
+class SFTTrainConfig(TrainerLoopConfig):
+    """The shared Trainer loop keys (alignline.config.TrainerLoopConfig) plus SFT's own."""
+
     batch_size: int = Field(32, gt=0, description="per-device batch (conversations, or packed rows)")
-    grad_accum: int = Field(1, gt=0, description="batches accumulated per optimizer step")
-    max_length: int = Field(256, gt=0, description="tokens per training row; longer conversations are cut")
     packing: bool = Field(False, description="pack conversations into rows of max_length tokens (TRL)")
     assistant_only_loss: bool = Field(
         True, description="loss on assistant tokens only ({% generation %} tags)"
     )
-    eval_every: int = Field(50, gt=0, description="val loss every N steps")
-    save_every: int = Field(50, gt=0, description="Trainer checkpoint under state/ every N steps")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 off the CPU")
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations in backward to save memory"
-    )
-    max_train_examples: int | None = Field(
-        None, ge=1, description="use the first N rows of sft/train.jsonl only"
-    )
+    max_train_examples: int | None = Field(None, ge=1, description="use the first N rows of sft/train.jsonl only")
 
 
 class SFTEvalConfig(StrictModel):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from stages import pipeline_stages
+
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -121,6 +123,7 @@ FAKE_STAGE = textwrap.dedent(
     '''
 )
 
+# One fake per registered pipeline stage (stages.REGISTRY), with the inputs the real one takes.
 FAKE_INPUTS = {
     "data": [],
     "tokenizer": ["data"],
@@ -130,6 +133,7 @@ FAKE_INPUTS = {
     "rlhf": ["data", "sft", "reward"],
     "evaluate": ["data", "sft", "reward", "rlhf"],
 }
+assert tuple(FAKE_INPUTS) == pipeline_stages(), "a pipeline stage was registered: give it a fake here"
 
 
 # Extra Config lines per fake stage: rlhf selects its variant (output dir) by `algorithm`, as stages/rlhf.py does.

@@ -223,8 +223,8 @@ def _fake_pipeline_cmd(tmp_path: Path, run_dir: Path, *extra: str) -> list[str]:
 
     pkg = make_fake_stages(tmp_path / "src")
     (tmp_path / "pipeline.yaml").write_text("{}\n")
-    cmd = [sys.executable, "-m", "flows.pipeline", "--config", str(tmp_path / "pipeline.yaml"), "--to", "tokenizer",
-           *extra]
+    cmd = [sys.executable, "-m", "alignline_cli", "pipeline", "--config", str(tmp_path / "pipeline.yaml"),
+           "--to", "tokenizer", *extra]
     for s in fake_pipeline_overrides(pkg, run_dir) + ["data.steps=3", "tokenizer.steps=3"]:
         cmd += ["--set", s]
     return cmd
@@ -259,7 +259,7 @@ def test_two_pipelines_at_once_one_is_refused_and_neither_corrupts_the_other(tmp
     assert second.returncode == 2, second.stdout + second.stderr
     assert "Traceback" not in second.stderr
     assert second.stderr.count("error:") == 1 and second.stderr.strip().startswith("error: run directory")
-    assert f"pid {first.pid}" in second.stderr and "flows.pipeline" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and "alignline_cli pipeline" in second.stderr
     assert refused_in < 30, f"refused after {refused_in:.1f}s: it must not start Prefect first"
     assert first.returncode == 0, out
     for stage in ("data", "tokenizer"):

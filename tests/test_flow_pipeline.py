@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from alignline.config import ConfigError
+from stages import pipeline_stages
 from tests.prefect_fixtures import fake_pipeline_overrides, make_fake_stages, prefect_harness  # noqa: F401
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
-ALL = ["data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate"]
+ALL = list(pipeline_stages())  # the registry's pipeline stages, in run order
 # Output dirs: the rlhf stage writes rlhf-<algorithm>/ (the fake rlhf's default algorithm is ppo).
 DIRS = {**{s: s for s in ALL}, "rlhf": "rlhf-ppo"}
 

@@ -1,5 +1,4 @@
-"""SIGTERM to `alignline pipeline` ends the whole process tree (issue 15, part 6); SIGINT to
-`python -m flows.pipeline` too (part 7: the module entry point runs the same command code).
+"""SIGTERM or SIGINT (Ctrl-C) to `alignline pipeline` ends the whole process tree (issue 15, part 6).
 
     .venv/bin/pytest tests/test_flow_signals.py
 
@@ -50,8 +49,8 @@ def _session(pid: int) -> int | None:
         return None
 
 
-# The two entry points of the pipeline command: both end the whole tree on SIGTERM/SIGINT.
-ENTRY = {"alignline": ["-m", "alignline_cli", "pipeline"], "flows.pipeline": ["-m", "flows.pipeline"]}
+# The pipeline command as its own process (what `alignline pipeline` runs).
+ENTRY = {"alignline": ["-m", "alignline_cli", "pipeline"]}
 
 
 def _pipeline(tmp_path: Path, run_dir: Path, *extra: str, sleep: str, entry: str = "alignline") -> subprocess.Popen:
@@ -105,10 +104,10 @@ def _signal(proc, sig):
     return tree, cmdlines, started, sid, proc.returncode, time.monotonic() - t0, out
 
 
-def test_sigint_to_python_m_flows_pipeline_ends_the_process_tree(tmp_path: Path) -> None:
-    """`python -m flows.pipeline` handles signals like `alignline pipeline` (the same code)."""
+def test_sigint_ends_the_process_tree(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) ends the pipeline's whole tree like SIGTERM does."""
     run_dir = tmp_path / "run"
-    proc = _pipeline(tmp_path, run_dir, sleep="0.3", entry="flows.pipeline")
+    proc = _pipeline(tmp_path, run_dir, sleep="0.3")
     try:
         _wait_for_stage(proc, run_dir)
         tree, cmdlines, started, sid, code, elapsed, out = _signal(proc, signal.SIGINT)

@@ -122,24 +122,29 @@ def test_interrupted_ppo_resumes_from_state(tiny_chain, tmp_path, monkeypatch):
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
-    """The final policy checkpoint and the last resumable state (policy + critic weights, AdamW
-    moments) of two runs are bitwise equal."""
+    """The final policy checkpoint and the last resumable state (the trainer's own state_dict:
+    policy + critic weights, AdamW moments, lr schedules, KL controller, reward statistics) of two
+    runs are bitwise equal."""
     from safetensors.torch import load_file
 
-    for rel in ("checkpoint/model.safetensors", "state/step_00000004/model.safetensors"):
-        wa, wb = load_file(str(a / rel)), load_file(str(b / rel))
-        assert wa.keys() == wb.keys(), rel
-        for k in wa:
-            assert torch.equal(wa[k], wb[k]), f"{rel}: {k} differs"
-    oa, ob = (torch.load(p / "state/step_00000004/optimizer.pt", weights_only=True) for p in (a, b))
-    assert oa.keys() == ob.keys() and {"optimizer", "critic_optimizer"} <= oa.keys()
+    wa, wb = load_file(str(a / "checkpoint/model.safetensors")), load_file(str(b / "checkpoint/model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"checkpoint: {k} differs"
+    sa, sb = (torch.load(p / "state/step_00000004/trainer.pt", weights_only=True) for p in (a, b))
+    assert sa.keys() == sb.keys() and {"weights", "optimizer", "critic_optimizer", "kl_ctl", "step"} <= sa.keys()
+    assert sa["step"] == sb["step"] == 4
+    for head in ("policy", "value_model"):
+        assert sa["weights"][head].keys() == sb["weights"][head].keys() and sa["weights"][head], head
+        for k, t in sa["weights"][head].items():
+            assert torch.equal(t, sb["weights"][head][k]), f"state {head}.{k} differs"
     for which in ("optimizer", "critic_optimizer"):  # policy and critic AdamW moments
-        assert oa[which]["state"], which
-        for i, st in oa[which]["state"].items():
+        assert sa[which]["state"], which
+        for i, st in sa[which]["state"].items():
             for k, t in st.items():
-                assert torch.equal(t, ob[which]["state"][i][k]), f"{which} state {i}.{k} differs"
-    for which in ("scheduler", "critic_scheduler"):
-        assert oa[which] == ob[which], which
+                assert torch.equal(t, sb[which]["state"][i][k]), f"{which} state {i}.{k} differs"
+    for which in ("scheduler", "critic_scheduler", "kl_ctl", "reward_norm"):
+        assert sa[which] == sb[which], which
 
 
 def _fake_stage(run_dir: Path, stage: str, fill) -> Path:
@@ -223,7 +228,7 @@ def test_trl_algorithms_fill_the_same_slot(tiny_chain, tmp_path, algorithm):
     assert out == tmp_path / f"rlhf-{algorithm}"  # each algorithm has its own output dir
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # `optim.lr` is TRL's learning rate (constant schedule, no warmup: every step at lr).
-    lrs = [r["learning_rate"] for r in rows if "learning_rate" in r]
+    lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs and all(x == pytest.approx(lr) for x in lrs), lrs
     if algorithm == "dpo":
         # DPO's implicit reward margin on the training pairs must grow from 0.

@@ -403,8 +403,8 @@ def test_oom_in_evaluation_after_training_reruns_the_evaluation_only(tiny_init, 
     """Issue 15 §7 for the TRL stages: the Trainer saved the final step before the evaluation failed,
     so the re-run restores it (alignline.training.train_or_restore), trains nothing and only evaluates;
     its weights are the ones training ended with."""
+    import alignline.evaluation
     import alignline.training
-    import stages.reward
     from tests.conftest import run_stage
 
     def oom(*a, **k):
@@ -422,7 +422,8 @@ def test_oom_in_evaluation_after_training_reruns_the_evaluation_only(tiny_init, 
 
     monkeypatch.setattr(alignline.training, "train_or_restore", train_then_oom)
     if stage == "reward":
-        monkeypatch.setattr(stages.reward, "score_conversations", oom)
+        # The reward stage imports it where it runs (its module stays torch-free for --help).
+        monkeypatch.setattr(alignline.evaluation, "score_conversations", oom)
     over = SFT_FAST if stage == "sft" else RM_FAST
     inputs = {"init": tiny_init["init0"], "data": tiny_init["data"]}
     with pytest.raises(torch.OutOfMemoryError):

@@ -260,11 +260,12 @@ def test_pipeline_arguments_checked_before_prefect(case: str, tmp_path: Path, mo
 
 
 @pytest.mark.parametrize("case", ["bad-from", "unknown-set-key"])
-def test_python_m_flows_pipeline_user_errors_exit_2_without_traceback(case: str, tmp_path: Path) -> None:
-    """The module entry point runs the same command code as `alignline pipeline` (flows.cli)."""
+def test_pipeline_process_user_errors_exit_2_without_traceback(case: str, tmp_path: Path) -> None:
+    """The command as its own process (what a user's shell sees): one `error:` line, exit 2."""
     args, expected = {"bad-from": (["--from", "sftt"], ["'sftt'", "did you mean 'sft'"]),
                       "unknown-set-key": (["--set", "gates.enabeld=false"], ["gates.enabeld", "unknown key"])}[case]
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "alignline_cli", "pipeline", "--config",
+                           str(REPO / "configs/pipeline/tiny.yaml"),
                            "--run-dir", str(tmp_path / "run"), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
