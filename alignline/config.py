@@ -41,6 +41,10 @@ def debug_enabled() -> bool:
     return os.environ.get("ALIGNLINE_DEBUG", "") not in ("", "0")
 
 
+class InputError(UserError, ValueError):
+    """A model, tokenizer, data file or chat template that cannot be used, found before any training."""
+
+
 class ConfigError(UserError, ValueError):
     """A configuration problem, with where it is and how to fix it in the message."""
 

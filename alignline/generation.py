@@ -130,10 +130,10 @@ def generate_exactly(model, generation_config, **inputs):
 
 def load_model(checkpoint: str | Path, device: str | None = None, dtype: str = "auto"):
     """(model, tokenizer) from a save_pretrained dir holding both; model in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.distributed import pick_device
+    from alignline.models import load_causal_lm
 
     path = Path(checkpoint)
     if not (path / "config.json").is_file():
@@ -149,7 +149,7 @@ def load_model(checkpoint: str | Path, device: str | None = None, dtype: str = "
             "(tokenizer.save_pretrained(CKPT))."
         ) from err
     device = device or pick_device()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = load_causal_lm(path, dtype=dtype, device=device).eval()
     return model, tokenizer
 
 

@@ -56,16 +56,14 @@ class Config(StrictModel):
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
+    from alignline.distributed import pick_device
     from alignline.evaluation import gold_eval, load_prompts, reward_normalisation, score_responses
+    from alignline.models import load_causal_lm, load_classifier
     from alignline.tokenizer import load_tokenizer
     from alignline.training import seed_everything
 
     stage_inputs = {k: v for k, v in inputs.items() if v is not None}
-    from alignline.distributed import pick_device
-
     device = pick_device(config.device)  # before the stage dir exists: device: cuda without one is a user error
     run = StageRun(run_dir, "evaluate", config, inputs=stage_inputs, source=__file__)
     seed_everything(config.seed)
@@ -81,7 +79,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     if "reward" in stage_inputs:
         rm_mean, rm_std = reward_normalisation(run.input("reward"))
         ckpt = run.input("reward").checkpoint
-        rm = AutoModelForSequenceClassification.from_pretrained(str(ckpt)).to(device)
+        rm = load_classifier(ckpt, device=device)
         rm_tok = load_tokenizer(ckpt)
 
     results: dict[str, dict] = {}
@@ -93,7 +91,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         ckpt = src.checkpoint
         log.info("evaluate: %s (%s, %d/%d) from %s on %d prompts", stage, src.path.name, i + 1, len(models), ckpt,
                  len(rows))
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt)).to(device)
+        model = load_causal_lm(ckpt, device=device)
         tok = load_tokenizer(ckpt)
         gold = gold_eval(model, tok, rows, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
         responses[stage] = [s["response"] for s in gold.samples]

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,15 +45,16 @@ from pydantic import Field, model_validator
 
 from alignline.chat import CHATML_TEMPLATE, encode_conversations, resolve_mask_mode
 from alignline.config import (
+    InputError,
     LoggingConfig,
     LoraArgs,
     OptimConfig,
     ScheduleConfig,
     StrictModel,
-    UserError,
     load_config,
 )
 from alignline.data.loaders import Columns, DataValidationError, Format, LoaderConfig, load_records
+from alignline.models import ModelSource, check_causal_lm, hash_weights, load_causal_lm, resolve_model
 from alignline.stage_cli import ConfigFlag, flag_overrides, stage_main
 
 log = logging.getLogger("alignline.stages.lora")
@@ -62,10 +63,6 @@ STAGE = "lora"
 
 DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE  # alignline.chat: ChatML-style, the base's own eos ends every turn
 
-
-
-class LoraInputError(UserError, ValueError):
-    """A bad input to the LoRA stage (base, tokenizer, data, targets), found before training."""
 
 
 # --------------------------------------------------------------------------- config
@@ -179,120 +176,7 @@ def load_lora_config(path: str | Path | None = None, overrides: list[str] | None
 # --------------------------------------------------------------------------- base model
 
 
-@dataclass
-class BaseInfo:
-    """Where the base weights are and who they are (for the manifest)."""
-
-    spec: str
-    path: Path
-    source: Literal["local", "hub", "stage"]
-    hub_id: str | None = None
-    revision: str | None = None
-    stage_dir: Path | None = None
-    weight_hashes: dict[str, str] = field(default_factory=dict)
-
-    def identity(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"spec": self.spec, "source": self.source, "path": str(self.path)}
-        if self.hub_id:
-            out.update(hub_id=self.hub_id, revision=self.revision)
-        if self.stage_dir:
-            out["stage_dir"] = str(self.stage_dir)
-        out["weight_sha256"] = self.weight_hashes
-        return out
-
-
-_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-
-
-def resolve_base(cfg: LoraStageConfig) -> BaseInfo:
-    """Find the base on disk (downloading a hub id's snapshot) without loading any weights."""
-    spec = cfg.base
-    if not spec:
-        raise LoraInputError("no base model: pass --base DIR_OR_HUB_ID (or set `base:` in the config)")
-    p = Path(spec).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise LoraInputError(f"--base {spec}: is a file; pass the model directory (with config.json)")
-        if (p / "manifest.json").is_file():
-            from alignline.artifacts import load_stage
-
-            sd = load_stage(p)
-            return BaseInfo(spec, sd.checkpoint.resolve(), "stage", stage_dir=p.resolve())
-        if not (p / "config.json").is_file():
-            raise LoraInputError(
-                f"--base {spec}: no config.json in {p}; pass an HF model directory or a finished stage dir"
-            )
-        return BaseInfo(spec, p.resolve(), "local")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise LoraInputError(f"--base {spec}: no such directory (and it is not a hub id like org/name)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-        if cfg.trust_remote_code:
-            patterns.append("*.py")
-        local = snapshot_download(repo_id=spec, revision=cfg.base_revision, allow_patterns=patterns)
-    except Exception as exc:  # hub errors come in many classes; all mean "could not fetch"
-        raise LoraInputError(
-            f"--base {spec}: not a local directory, and downloading it from the Hugging Face hub failed "
-            f"({type(exc).__name__}: {exc}). Check the id/revision and your network, or pass a local dir."
-        ) from exc
-    local_path = Path(local)
-    if not list(local_path.glob("*.safetensors")):
-        raise LoraInputError(f"hub model {spec} has no *.safetensors weights; convert it or pass a local dir")
-    # snapshot dirs are named by the commit sha, which pins the revision exactly.
-    return BaseInfo(spec, local_path, "hub", hub_id=spec, revision=local_path.name)
-
-
-def hash_base_weights(info: BaseInfo) -> None:
-    from tqdm.auto import tqdm
-
-    from alignline.artifacts import sha256_file
-
-    files = sorted(f for g in _WEIGHT_GLOBS for f in info.path.glob(g))
-    if not files:
-        raise LoraInputError(f"base {info.path} has no weight files ({', '.join(_WEIGHT_GLOBS)})")
-    for f in tqdm(files, desc="hashing base weights", disable=len(files) < 2):
-        info.weight_hashes[f.name] = sha256_file(f)
-
-
-def check_causal_lm(path: Path, trust_remote_code: bool = False):
-    """Load the base config and refuse anything that is not a causal LM; returns the config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise LoraInputError(f"{path / 'config.json'}: cannot read the model config ({exc})") from exc
-    causal_names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
-    registered = None
-    if type(config) in AutoModelForCausalLM._model_mapping:
-        registered = AutoModelForCausalLM._model_mapping[type(config)]
-        causal_names |= {c.__name__ for c in (registered if isinstance(registered, tuple) else (registered,))}
-    archs = list(getattr(config, "architectures", None) or [])
-    if archs:
-        ok = any(a in causal_names or a.endswith("ForCausalLM") for a in archs)
-        what = ", ".join(archs)
-    else:
-        encoder_only = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
-            config, "is_decoder", False
-        )
-        ok = registered is not None and not encoder_only
-        what = f"model_type={config.model_type!r} (encoder-only)" if encoder_only else f"model_type={config.model_type!r}"
-    if not ok or getattr(config, "is_encoder_decoder", False):
-        raise LoraInputError(
-            f"{path / 'config.json'}: the base is {what}, not a causal language model. The lora stage "
-            "fine-tunes decoder-only *ForCausalLM checkpoints (Llama, Qwen, Mistral, Gemma, GPT-2, alignline); "
-            "for a reward/classifier model use the reward stage."
-        )
-    return config
-
-
-def load_base_tokenizer(cfg: LoraStageConfig, base: BaseInfo):
+def load_base_tokenizer(cfg: LoraStageConfig, base: ModelSource):
     from transformers import AutoTokenizer
 
     src = cfg.tokenizer or str(base.path)
@@ -300,16 +184,16 @@ def load_base_tokenizer(cfg: LoraStageConfig, base: BaseInfo):
     if src_path.is_dir():
         names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         if not any((src_path / n).is_file() for n in names):
-            raise LoraInputError(
+            raise InputError(
                 f"no tokenizer in {src_path} (looked for {', '.join(names)}); copy the base's tokenizer files "
                 "there or pass one with --set tokenizer=DIR"
             )
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise LoraInputError(f"cannot load the tokenizer from {src} ({exc}); pass --set tokenizer=DIR") from exc
+        raise InputError(f"cannot load the tokenizer from {src} ({exc}); pass --set tokenizer=DIR") from exc
     if tok.eos_token is None:
-        raise LoraInputError(
+        raise InputError(
             f"the tokenizer from {src} has no eos_token, so generations could never stop; set eos_token in its "
             "tokenizer_config.json"
         )
@@ -330,7 +214,7 @@ def resolve_chat_template(cfg: ChatConfig, tokenizer, config_dir: Path | None = 
     if cfg.template_source in ("auto", "base") and base_template:
         return base_template, "base"
     if cfg.template_source == "base":
-        raise LoraInputError(
+        raise InputError(
             "chat.template_source is 'base' but the base tokenizer has no chat template; set "
             "chat.template_source=auto (uses chat.template or the built-in ChatML-style default)"
         )
@@ -342,7 +226,7 @@ def resolve_chat_template(cfg: ChatConfig, tokenizer, config_dir: Path | None = 
         if not p.is_absolute() and config_dir is not None and not p.exists():
             p = config_dir / p
         if not p.is_file():
-            raise LoraInputError(f"chat.template: {text!r} is neither Jinja text nor an existing .jinja file")
+            raise InputError(f"chat.template: {text!r} is neither Jinja text nor an existing .jinja file")
         text = p.read_text(encoding="utf-8")
     return text, "config"
 
@@ -352,16 +236,16 @@ def resolve_chat_template(cfg: ChatConfig, tokenizer, config_dir: Path | None = 
 
 def _validate_conversation(messages: Any, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise LoraInputError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise LoraInputError(f"{where}: message {j} must be {{'role': str, 'content': str}}, got {m!r:.120}")
+            raise InputError(f"{where}: message {j} must be {{'role': str, 'content': str}}, got {m!r:.120}")
         if m["role"] not in ("system", "user", "assistant"):
-            raise LoraInputError(f"{where}: message {j} has role {m['role']!r}; use system, user or assistant")
+            raise InputError(f"{where}: message {j} has role {m['role']!r}; use system, user or assistant")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
-        raise LoraInputError(f"{where}: no assistant message, so there is nothing to train on")
+        raise InputError(f"{where}: no assistant message, so there is nothing to train on")
     return out
 
 
@@ -383,7 +267,7 @@ def load_conversations(cfg: LoraDataConfig, spec: str, split: str) -> list[list[
     try:
         records = load_records(loader)
     except DataValidationError as exc:
-        raise LoraInputError(f"chat data {spec}: {exc}") from exc
+        raise InputError(f"chat data {spec}: {exc}") from exc
     out = []
     for i, r in enumerate(records):
         out.append(_validate_conversation(r.get("messages"), f"{spec} record {i}"))
@@ -392,7 +276,7 @@ def load_conversations(cfg: LoraDataConfig, spec: str, split: str) -> list[list[
 
 def split_data(cfg: LoraDataConfig, seed: int) -> tuple[list, list]:
     if not cfg.train:
-        raise LoraInputError("no training data: pass --data FILE_OR_DATASET (or set data.train)")
+        raise InputError("no training data: pass --data FILE_OR_DATASET (or set data.train)")
     train = load_conversations(cfg, cfg.train, cfg.split)
     if cfg.val:
         val = load_conversations(cfg, cfg.val, cfg.val_split)
@@ -400,7 +284,7 @@ def split_data(cfg: LoraDataConfig, seed: int) -> tuple[list, list]:
         val = load_conversations(cfg, cfg.train, cfg.val_split)  # a data stage dir has its own held-out split
     else:
         if len(train) < 2:
-            raise LoraInputError(f"data {cfg.train}: {len(train)} conversation(s); need 2+ to hold one out")
+            raise InputError(f"data {cfg.train}: {len(train)} conversation(s); need 2+ to hold one out")
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
         n_val = min(cfg.max_val_examples, max(1, round(len(train) * cfg.val_fraction)))
@@ -483,7 +367,7 @@ class Prepared:
     """Everything checked before any weights load."""
 
     cfg: LoraStageConfig
-    base: BaseInfo
+    base: ModelSource
     model_config: Any
     tokenizer: Any
     template: str
@@ -497,15 +381,15 @@ class Prepared:
 
 
 def prepare(cfg: LoraStageConfig, config_dir: Path | None = None) -> Prepared:
-    """Check every input (in order of cost) and tokenize the data; raises LoraInputError on the first problem."""
+    """Check every input (in order of cost) and tokenize the data; raises InputError on the first problem."""
     from alignline.peft_utils import QLoraUnavailableError, require_qlora_support, resolve_target_modules
 
     if cfg.qlora:
         try:
             require_qlora_support()  # before anything loads
         except QLoraUnavailableError as exc:
-            raise LoraInputError(str(exc)) from exc
-    base = resolve_base(cfg)
+            raise InputError(str(exc)) from exc
+    base = resolve_model(cfg.base, cfg.base_revision, cfg.trust_remote_code)
     model_config = check_causal_lm(base.path, cfg.trust_remote_code)
     tokenizer = load_base_tokenizer(cfg, base)
     template, template_from = resolve_chat_template(cfg.chat, tokenizer, config_dir)
@@ -522,8 +406,8 @@ def prepare(cfg: LoraStageConfig, config_dir: Path | None = None) -> Prepared:
     try:
         targets = resolve_target_modules(cfg.lora, skeleton)
     except ValueError as exc:
-        raise LoraInputError(str(exc)) from exc
-    hash_base_weights(base)
+        raise InputError(str(exc)) from exc
+    hash_weights(base)
     return Prepared(cfg, base, model_config, tokenizer, template, template_from, mask_mode, train_rows, val_rows,
                     val, targets, {"train": d_train, "val": d_val})
 
@@ -543,20 +427,16 @@ def _dtype(precision: str):
 
 
 def load_base_model(prep: Prepared, dtype, quantize: bool):
-    from transformers import AutoModelForCausalLM
+    """The base in `dtype` on the picked device, or 4-bit NF4 on GPU 0 for QLoRA."""
+    from alignline.distributed import pick_device
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": prep.cfg.trust_remote_code}
-    if quantize:
-        from alignline.peft_utils import bnb_4bit_config
-
-        kwargs["quantization_config"] = bnb_4bit_config(compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(str(prep.base.path), **kwargs)
     if not quantize:
-        from alignline.distributed import pick_device
+        return load_causal_lm(prep.base.path, dtype=dtype, device=pick_device(),
+                              trust_remote_code=prep.cfg.trust_remote_code)
+    from alignline.peft_utils import bnb_4bit_config
 
-        model.to(pick_device())
-    return model
+    return load_causal_lm(prep.base.path, dtype=dtype, trust_remote_code=prep.cfg.trust_remote_code,
+                          quantization_config=bnb_4bit_config(compute_dtype=dtype), device_map={"": 0})
 
 
 def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:

@@ -116,15 +116,13 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]
 
 def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[list, list, dict]:
     """(train pairs, val pairs, stats) sampled from the init policy; see OnPolicyConfig."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from alignline.distributed import pick_device
+    from alignline.models import load_causal_lm
     from alignline.rl.policy_pairs import sample_policy_pairs
 
     o = config.onpolicy
     device = pick_device(config.train.device)
-    policy = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device)
+    policy = load_causal_lm(src, device=device)
     kw = dict(samples_per_prompt=o.samples_per_prompt, max_pairs_per_prompt=o.max_pairs_per_prompt,
               temperature=o.temperature, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
               seed=config.train.seed, progress=config.logging.progress)
@@ -141,14 +139,14 @@ def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     # Heavy imports here, not at the top: `alignline stage reward --help` answers without torch.
-    import torch
     from datasets import Dataset
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.distributed import pick_device
     from alignline.evaluation import score_conversations
+    from alignline.models import load_classifier
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
         build_optimizer,
@@ -172,13 +170,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
                          "the last token of each sequence")
 
     seed_everything(config.train.seed)
-    hf_cfg = AutoConfig.from_pretrained(str(src))
-    if hf_cfg.model_type == "alignline":
-        from alignline.model import AlignlineForSequenceClassification as cls
-    else:
-        cls = AutoModelForSequenceClassification
     # The causal-LM checkpoint has no score head: it is created fresh (the load warning says so).
-    model = cls.from_pretrained(str(src), num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
+    model = load_classifier(src, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     if config.lora.enabled:
         model = attach_lora(model, config.lora, config.train.gradient_checkpointing, task_type="SEQ_CLS")
 

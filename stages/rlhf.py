@@ -275,34 +275,31 @@ def encode_prompts(tokenizer, rows: list[dict], max_tokens: int, source: Path) -
 
 
 def load_models(cfg: RLHFConfig, sft_ckpt: Path, reward_ckpt: Path, device: torch.device, need_value: bool):
-    """(tokenizer, policy, ref or None, value or None, reward model), dropout off everywhere."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    """(tokenizer, policy, ref or None, value or None, reward model), fp32, dropout off everywhere."""
+    from transformers import AutoTokenizer
 
-    import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
+    from alignline.models import load_causal_lm, load_classifier
     from alignline.rl.rollout import disable_dropout
 
     tok = AutoTokenizer.from_pretrained(str(sft_ckpt))
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise ValueError(f"{sft_ckpt}: the tokenizer needs a pad token distinct from eos (<|pad|>)")
-    policy = AutoModelForCausalLM.from_pretrained(str(sft_ckpt), dtype=torch.float32).to(device)
+    policy = load_causal_lm(sft_ckpt, device=device)
     ref = None
     if cfg.lora.enabled:
         from alignline.peft_utils import attach_lora
 
         policy = attach_lora(policy, cfg.lora)
     else:
-        ref = AutoModelForCausalLM.from_pretrained(str(sft_ckpt), dtype=torch.float32).to(device)
+        ref = load_causal_lm(sft_ckpt, device=device)
         ref.requires_grad_(False)
         disable_dropout(ref)
-    rm = AutoModelForSequenceClassification.from_pretrained(str(reward_ckpt), dtype=torch.float32).to(device)
+    rm = load_classifier(reward_ckpt, device=device)
     rm.requires_grad_(False)
-    value = None
-    if need_value:
-        value = AutoModelForSequenceClassification.from_pretrained(str(reward_ckpt), dtype=torch.float32).to(device)
-        disable_dropout(value)
-    for m in (policy, rm):
-        disable_dropout(m)
+    value = load_classifier(reward_ckpt, device=device) if need_value else None
+    for m in (policy, rm, value):
+        if m is not None:
+            disable_dropout(m)
     return tok, policy, ref, value, rm
 
 

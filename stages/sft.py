@@ -74,18 +74,6 @@ class Config(StrictModel):
     )
 
 
-def load_causal_lm(src: Path):
-    """An HF causal LM from `src` in fp32: our class for alignline checkpoints, AutoModelForCausalLM otherwise."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if AutoConfig.from_pretrained(str(src)).model_type == "alignline":
-        from alignline.model import AlignlineForCausalLM
-
-        return AlignlineForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-
-
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     # Heavy imports here, not at the top: `alignline stage sft --help` answers without torch.
     from datasets import Dataset
@@ -95,6 +83,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.distributed import pick_device
     from alignline.evaluation import gold_eval, load_prompts
+    from alignline.models import load_causal_lm
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
         build_optimizer,

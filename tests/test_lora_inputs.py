@@ -42,10 +42,11 @@ def env(tmp_path_factory):
 
 def _run_expecting_error(env, base, data, tmp_path, *extra, match):
     from alignline.chat import ChatTemplateError
-    from stages.lora import LoraInputError, build_config, run
+    from alignline.config import InputError
+    from stages.lora import build_config, run
 
     cfg = build_config(None, str(base), str(data), lora_overrides() + list(extra))
-    with pytest.raises((LoraInputError, ChatTemplateError), match=match) as info:
+    with pytest.raises((InputError, ChatTemplateError), match=match) as info:
         run(cfg, None, tmp_path / "run")
     assert not (tmp_path / "run" / "lora").exists(), "a stage dir was created before the input was checked"
     return str(info.value)
@@ -217,11 +218,12 @@ def test_default_template_masks_answer_and_eos(env):
 def test_template_source_base_without_template_is_an_error(env):
     from transformers import AutoTokenizer
 
-    from stages.lora import ChatConfig, LoraInputError, resolve_chat_template
+    from alignline.config import InputError
+    from stages.lora import ChatConfig, resolve_chat_template
 
     tok = AutoTokenizer.from_pretrained(str(env["llama"]))
     tok.chat_template = None
-    with pytest.raises(LoraInputError, match="no chat template"):
+    with pytest.raises(InputError, match="no chat template"):
         resolve_chat_template(ChatConfig(template_source="base"), tok)
     assert resolve_chat_template(ChatConfig(), tok)[1] == "default"
     assert resolve_chat_template(ChatConfig(template=CHATML_TAGGED), tok) == (CHATML_TAGGED, "config")

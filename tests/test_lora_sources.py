@@ -58,14 +58,15 @@ def test_hub_id_is_resolved_and_pinned(tmp_path, monkeypatch):
 def test_unreachable_hub_id_is_a_clear_error(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from stages.lora import LoraInputError, build_config, prepare
+    from alignline.config import InputError
+    from stages.lora import build_config, prepare
 
     def offline(*a, **kw):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     cfg = build_config(None, "someorg/nothing", str(tmp_path / "x.jsonl"), [])
-    with pytest.raises(LoraInputError, match="not a local directory.*network is unreachable"):
+    with pytest.raises(InputError, match="not a local directory.*network is unreachable"):
         prepare(cfg)
 
 
