@@ -15,7 +15,7 @@ Guarantees:
 - on Linux the child also gets SIGTERM if the launching thread dies (PR_SET_PDEATHSIG), which
   covers a hard kill of the flow process.
 
-Runs without Prefect; `python -m alignline.launch -- CMD ...` runs any command this way.
+Runs without Prefect (flows.tasks calls it for `launcher: subprocess` and torchrun stages).
 """
 
 from __future__ import annotations
@@ -281,22 +281,3 @@ def launch(
             list(tail),
         )
     return LaunchResult(returncode=returncode, wall_s=wall, tail=list(tail))
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        print("usage: python -m alignline.launch -- CMD [ARGS...]", file=sys.stderr)
-        return 2
-    try:
-        launch(argv, on_line=print)
-    except LaunchError as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.returncode or 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
