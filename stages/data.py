@@ -62,7 +62,6 @@ class Config(StrictModel):
     size: Literal["tiny", "default", "small"] = Field("default", description="built-in suite preset")
     suite: dict[str, Any] = Field(default_factory=dict, description="SuiteConfig fields overriding the preset")
     files: FilesConfig | None = Field(None, description="source: files -> the local data sources to read")
-    seed: int = Field(0, description="not read by this stage; the built-in suite's seed is suite.seed")
 
     @model_validator(mode="after")
     def _check(self) -> Config:
