@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignline.degeneration import output_stats
 from alignline.files import write_text
 
 # Curve kinds: a metrics.jsonl key goes into the first kind whose marker it contains.
@@ -76,6 +77,7 @@ class ReportCard:
     plots: dict[str, Path]
     path: Path
     records: list[StageRecord] = field(default_factory=list)  # the rows, kept variants included
+    health: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> degeneration detectors
 
 
 # --------------------------------------------------------------------------- reading stage dirs
@@ -235,6 +237,21 @@ def sample_rows(run_dir: str | Path, stages: list[str], limit: int = 8) -> list[
     return [table[p] for p in order]
 
 
+def responses(stage_dir: str | Path) -> list[str]:
+    """The responses a stage wrote to samples.jsonl (greedy answers on the fixed test prompts)."""
+    return [str(s.get("response", s.get("completion", ""))) for s in _read_jsonl(Path(stage_dir) / "samples.jsonl")]
+
+
+def output_health(run_dir: str | Path, stages: list[str]) -> dict[str, dict[str, Any]]:
+    """The degeneration detectors (alignline.degeneration) of every stage that wrote samples.jsonl."""
+    out = {}
+    for stage in stages:
+        texts = responses(Path(run_dir) / stage)
+        if texts and stage != "evaluate":
+            out[stage] = output_stats(texts)
+    return out
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -247,6 +264,7 @@ def render_markdown(
     samples: list[dict[str, Any]] | None = None,
     run_dir: Path | None = None,
     embed_images: bool = False,
+    health: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The report card. Images are relative links (report.md) or data URIs (`embed_images`)."""
     lines = [f"# alignline report card: {title}", ""]
@@ -283,6 +301,18 @@ def render_markdown(
             src = png_data_uri(path) if embed_images else (
                 str(Path(path).relative_to(run_dir)) if run_dir and Path(path).is_relative_to(run_dir) else str(path))
             lines += [f"### {kind}", "", f"![{kind}]({src})", ""]
+    if health:
+        lines += ["## Are the answers still answers?", "",
+                  "Degeneration detectors on each stage's samples (alignline/degeneration.py): a collapsed policy "
+                  "repeats one string (identical share up), loops (repeated 3-grams up) or loses variety "
+                  "(distinct-2 down).", "",
+                  "| stage | n | mean length | distinct-1 | distinct-2 | repeated 3-grams | identical share | empty |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for stage, h in health.items():
+            cells = [h["n"], h["mean_length"], h["distinct_1"], h["distinct_2"], h["repeated_3gram_rate"],
+                     h["identical_share"], h["empty_share"]]
+            lines.append(f"| {stage} | " + " | ".join("-" if c is None else _fmt(c) for c in cells) + " |")
+        lines.append("")
     if samples:
         names = [r.name for r in records] + [k for row in samples for k in row if k not in ("prompt", "answer")]
         stage_cols = [s for s in dict.fromkeys(names) if any(s in row for row in samples)]
@@ -385,11 +415,12 @@ def build_report(
     # Plotting costs a second or two; the flow skips it for the interim report after each stage.
     pngs = plot_curves(run_dir, names) if plots else {}
     samples = sample_rows(run_dir, names, limit=sample_limit)
+    health = output_health(run_dir, names)
     md = render_markdown(records, title=title or run_dir.name, notes=notes, plots=pngs, samples=samples,
-                         run_dir=run_dir)
+                         run_dir=run_dir, health=health)
     path = write_text(run_dir / "report.md", md + "\n")
     return ReportCard(markdown=md, metrics_rows=metrics_rows(records), sample_rows=samples, plots=pngs, path=path,
-                      records=records)
+                      records=records, health=health)
 
 
 def records_from_run_dir(run_dir: str | Path, stages: Sequence[str]) -> list[StageRecord]:

@@ -47,8 +47,9 @@ from alignline.config import (
     read_config,
     save_config,
 )
+from alignline.degeneration import collapse_reasons
 from alignline.locks import run_lock
-from alignline.report import StageRecord, build_report, render_markdown
+from alignline.report import StageRecord, build_report, render_markdown, responses
 from flows.tasks import (
     REPO_ROOT,
     ResolvedStage,
@@ -82,6 +83,18 @@ class GateConfig(StrictModel):
     )
     gold_must_not_drop: bool = Field(True, description="mark the run when RLHF gold accuracy < SFT's")
     gold_tolerance: float = Field(0.0, ge=0, description="allowed drop of gold accuracy before marking")
+    collapse: bool = Field(
+        True, description="mark the run when RLHF's answers collapse relative to SFT's (alignline.degeneration)"
+    )
+    max_identical_share: float = Field(
+        0.5, gt=0, le=1, description="collapse: more than this share of RLHF answers are one string"
+    )
+    min_distinct2_ratio: float = Field(
+        0.5, ge=0, le=1, description="collapse: RLHF's distinct-2 below this multiple of SFT's"
+    )
+    max_repetition: float = Field(
+        0.5, gt=0, le=1, description="collapse: more than this share of an answer's 3-grams repeat within it"
+    )
 
 
 class ReportConfig(StrictModel):
@@ -290,6 +303,13 @@ def rlhf_marks(gates: GateConfig, run_dir: Path, rlhf_dir: Path | None = None,
             sft = _metric("sft", sft_dir, gates.gold_metric)
         if rl < sft - gates.gold_tolerance:
             marks.append(f"WARNING: RLHF {gates.gold_metric}={rl:.3f} dropped below SFT's {sft:.3f}{which}")
+    if gates.collapse:
+        policy, reference = responses(rlhf_dir), responses(sft_dir)
+        if policy and reference:  # no samples (a stage that writes none): nothing to compare
+            for reason in collapse_reasons(policy, reference, max_identical_share=gates.max_identical_share,
+                                           min_distinct2_ratio=gates.min_distinct2_ratio,
+                                           max_repetition=gates.max_repetition):
+                marks.append(f"WARNING: RLHF answers collapsed: {reason}{which}")
     return marks
 
 
@@ -317,7 +337,7 @@ def publish_report(config: PipelineConfig, run_dir: Path, records: list[StageRec
     if config.report.embed_images and card.plots:
         # The UI cannot read files from the run dir; embed the (small) PNGs as data URIs.
         md = render_markdown(card.records, title=config.name, notes=notes, plots=card.plots,
-                             samples=card.sample_rows, run_dir=run_dir, embed_images=True)
+                             samples=card.sample_rows, run_dir=run_dir, embed_images=True, health=card.health)
     create_markdown_artifact(markdown=md, key=f"{slug}-report-card",
                              description=f"alignline report card; also at {card.path}")
     if card.metrics_rows:

@@ -57,6 +57,7 @@ class Config(StrictModel):
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     import torch
 
+    from alignline.degeneration import output_stats
     from alignline.distributed import pick_device
     from alignline.evaluation import gold_eval, load_prompts, reward_normalisation, score_responses
     from alignline.models import load_causal_lm, load_classifier
@@ -98,7 +99,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         golds[stage] = [s["score"] for s in gold.samples]
         results[stage] = {"gold_accuracy": gold.accuracy, "per_task": gold.per_task, "checkpoint": str(ckpt),
                           "dir": src.path.name, **({"variant": src.manifest["variant"]}
-                                                   if src.manifest.get("variant") else {})}
+                                                   if src.manifest.get("variant") else {}),
+                          "outputs": output_stats(responses[stage])}  # degeneration detectors
         if rm is not None:
             raw = score_responses(rm, rm_tok, conversations, responses[stage], gold.finished, config.batch_size)
             rms[stage] = [(x - rm_mean) / rm_std for x in raw]

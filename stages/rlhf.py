@@ -48,6 +48,7 @@ from pydantic import Field, field_validator
 
 from alignline.chat import prompt_ids
 from alignline.config import ConfigError, LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
+from alignline.degeneration import output_stats
 from alignline.files import read_jsonl
 from alignline.rl.args import PPOArgs, PPOHyperparameters
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
@@ -397,6 +398,7 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, temperature):
             "per_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
             "eos_rate": sum(int(len(x) > 0 and int(x[-1]) == tok.eos_token_id) for x in responses) / len(responses),
             "response_length": sum(len(x) for x in responses) / len(responses),
+            "outputs": output_stats(texts),  # degeneration detectors (alignline.degeneration)
         }
         per_model[name] = scores
         if name == "policy":

@@ -74,6 +74,7 @@ FAKE_STAGE = textwrap.dedent(
         kl: float = 0.05
         gold_accuracy: float = 0.5
         data_file: str | None = None  # a file read from outside the run dir (fingerprinted into the key)
+        collapse: bool = False  # a collapsed policy: every answer is the same looping string
         {extra}
 
 
@@ -107,7 +108,8 @@ FAKE_STAGE = textwrap.dedent(
             hold = os.environ.get("FAKE_HOLD_FILE")  # the stage waits while this file exists
             while hold and Path(hold).exists():
                 time.sleep(0.05)
-        samples = [{{"prompt": f"What is {{i}}+1?", "response": f"{{run.name}}-{{i}}", "answer": str(i + 1)}}
+        samples = [{{"prompt": f"What is {{i}}+1?", "answer": str(i + 1),
+                    "response": "1. 1. 1. 1. 1. 1." if config.collapse else f"{{run.name}}-{{i}}"}}
                    for i in range(3)]
         headline = {{"loss": config.lr / config.steps, "accuracy": config.accuracy, "kl": config.kl,
                     "gold_accuracy": config.gold_accuracy, "resumed_from": start}}

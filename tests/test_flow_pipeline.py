@@ -163,6 +163,22 @@ def test_reward_gate_stops_before_rlhf(fake) -> None:
     assert "GATE: reward model" in report and "| rlhf-ppo | stopped by gate |" in report
 
 
+def test_a_collapsed_policy_marks_the_run_by_default(fake) -> None:
+    """A planted collapse (every RLHF answer the same looping string) marks the run, whatever the
+    KL and gold say, and the report card's detector table shows it."""
+    run, run_dir = fake
+    result = run("rlhf.collapse=true")
+    collapsed = [n for n in result["notes"] if "RLHF answers collapsed" in n]
+    assert any("100% of the answers are one and the same string (SFT: 33%" in n for n in collapsed), result["notes"]
+    assert any("3-grams repeat within it" in n for n in collapsed)
+    report = (run_dir / "report.md").read_text()
+    assert "## Are the answers still answers?" in report and "WARNING: RLHF answers collapsed" in report
+    assert "| rlhf-ppo | 3 | 6 |" in report and "| sft | 3 | 1 |" in report
+    healthy = run()  # the same run without the collapse: no mark
+    assert not [n for n in healthy["notes"] if "collapsed" in n]
+    assert not [n for n in run("rlhf.collapse=true", "gates.collapse=false")["notes"] if "collapsed" in n]
+
+
 def test_rlhf_gates_mark_the_run(fake) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags

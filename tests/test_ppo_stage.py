@@ -56,8 +56,13 @@ def _check_contract(out: Path, algorithm: str) -> dict:
     assert {"rm_score", "gold_accuracy", "kl", "win_rate"} <= set(sd.headline)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert rows, "no metrics logged"
-    samples = (out / "samples.jsonl").read_text().splitlines()
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == ev["num_prompts"]
+    # The degeneration detectors of the trained policy are those of its samples.
+    from alignline.degeneration import output_stats
+
+    assert ev["policy"]["outputs"] == output_stats([s["response"] for s in samples])
+    assert ev["sft"]["outputs"]["n"] == ev["num_prompts"]
     return ev
 
 
