@@ -106,7 +106,22 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+def warn_if_warmup_fills_the_run(warmup_steps: int, total_steps: int, what: str = "schedule.warmup_steps") -> bool:
+    """Log a warning when the warmup is as long as the run (the lr never reaches its setting); True then."""
+    if total_steps > 0 and warmup_steps >= total_steps:
+        log.warning("%s=%d >= the run's %d steps: the learning rate is still warming up when training ends and "
+                    "never reaches its setting (optim.lr); lower %s", what, warmup_steps, total_steps, what)
+        return True
+    return False
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int,
+                    warmup_key: str | None = "schedule.warmup_steps"):
+    """Warmup then decay (LambdaLR); `warmup_key` names the config key in the warning a too-long
+    warmup gets (None: no warning, e.g. a second optimizer on the same schedule)."""
+    if warmup_key:
+        warn_if_warmup_fills_the_run(cfg.warmup_steps, total_steps, warmup_key)
+
     # A plain closure: LambdaLR then stores nothing for it in state_dict, so the state file stays
     # loadable with weights_only=True.
     def fn(step: int) -> float:
@@ -353,6 +368,7 @@ def hf_trainer_args(
     `report_to` is always "none": metrics reach jsonl, TensorBoard, W&B and MLflow through the
     stage's MetricsLogger (`metrics_callback`), once. `precision`: auto = bf16 off the CPU."""
     sched, sched_kwargs = hf_schedule(schedule)
+    warn_if_warmup_fills_the_run(schedule.warmup_steps, max_steps)
     use_cpu = pick_device(device) == "cpu"
     bf16 = precision == "bf16" or (precision == "auto" and not use_cpu)
     # Passed only when on: the name is deprecated in recent transformers (activation_checkpointing),

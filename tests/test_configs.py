@@ -286,3 +286,26 @@ def test_every_config_field_has_a_description():
         walk(config_class(stage))
     walk(PipelineConfig)
     assert not missing, f"{len(missing)} config field(s) without a description=:\n" + "\n".join(missing)
+
+
+def test_a_warmup_as_long_as_the_run_is_named(tmp_path, caplog):
+    """10 warmup steps in a 4-step run leave the lr at a fraction of optim.lr: every loop says so."""
+    import logging
+
+    import torch
+
+    from alignline.config import LoggingConfig, OptimConfig, ScheduleConfig
+    from alignline.training import build_scheduler, hf_trainer_args
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with caplog.at_level(logging.WARNING, logger="alignline.training"):
+        build_scheduler(opt, ScheduleConfig(warmup_steps=10), 4, "ppo.warmup_iterations")
+        hf_trainer_args(output_dir=tmp_path, optim=OptimConfig(), schedule=ScheduleConfig(warmup_steps=10),
+                        logging=LoggingConfig(), seed=0, max_steps=4, batch_size=1, save_every=2, device="cpu")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2 and "ppo.warmup_iterations=10 >= the run's 4 steps" in msgs[0], msgs
+    assert "schedule.warmup_steps=10 >= the run's 4 steps" in msgs[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignline.training"):
+        build_scheduler(opt, ScheduleConfig(warmup_steps=3), 4)
+    assert not caplog.records

@@ -184,8 +184,8 @@ class PPOTrainer:
         sched = ScheduleConfig(kind=args.lr_schedule, warmup_steps=args.warmup_iterations,
                                min_lr_ratio=args.min_lr_ratio)
         horizon = args.decay_iterations or total_iterations or 1
-        self.scheduler = build_scheduler(self.optimizer, sched, horizon)
-        self.critic_scheduler = build_scheduler(self.critic_optimizer, sched, horizon)
+        self.scheduler = build_scheduler(self.optimizer, sched, horizon, "ppo.warmup_iterations")
+        self.critic_scheduler = build_scheduler(self.critic_optimizer, sched, horizon, None)
         k = args.kl
         self.kl_ctl = (
             AdaptiveKLController(k.beta, k.target, k.horizon, k.min_beta) if k.adaptive
