@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignline.artifacts import StageRun
-from alignline.config import StrictModel
+from alignline.config import InputError, StrictModel
 from alignline.stage_cli import InputSpec, stage_main
 
 INPUTS = [InputSpec("data", default="data", kinds=("data",), help="data stage directory (its pretrain/train.jsonl is the corpus)")]
@@ -45,6 +45,19 @@ class Config(StrictModel):
         return self
 
 
+def _record_text(rec: dict, where: str) -> str:
+    """The text a tokenizer learns from one JSONL record: `text` (pretraining), or the contents of
+    a chat (`messages`) or a preference pair (`prompt` + `chosen` + `rejected`), one per line."""
+    if isinstance(rec.get("text"), str):
+        return rec["text"]
+    turns = [m for key in ("messages", "prompt", "chosen", "rejected") for m in (rec.get(key) or [])
+             if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    if turns:
+        return "\n".join(m["content"] for m in turns)
+    raise InputError(f"{where}: a corpus record needs a `text` field, `messages` (chat) or `prompt`/`chosen`/"
+                     f"`rejected` (preference pairs); got keys {sorted(rec)}. Check `corpus:` in the config")
+
+
 def _texts(paths: list[Path], max_docs: int | None) -> Iterator[str]:
     n = 0
     jsonl = [p for p in paths if p.suffix == ".jsonl"]
@@ -54,10 +67,7 @@ def _texts(paths: list[Path], max_docs: int | None) -> Iterator[str]:
             for i, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                rec = json.loads(line)
-                if "text" not in rec:
-                    raise ValueError(f"{p}:{i}: a pretraining record needs a 'text' field; got keys {sorted(rec)}")
-                yield rec["text"]
+                yield _record_text(json.loads(line), f"{p}:{i}")
                 n += 1
                 if max_docs and n >= max_docs:
                     return

@@ -155,3 +155,23 @@ def test_trl_accepts_the_template_for_assistant_only_loss(tok):
 
     assert has_generation_markers(tok.chat_template)
     assert is_chat_template_stop_token_trained(tok)
+
+
+def test_the_stage_learns_from_chats_and_preference_pairs(tmp_path):
+    """`corpus:` may name the data stage's sft/ and preference/ files: the tokenizer learns their
+    messages' text, one line per turn."""
+    import json
+
+    from stages import tokenizer as stage
+    from tests.test_user_errors import fake_stage
+
+    data = fake_stage(tmp_path / "run" / "data", "data")
+    chat = {"messages": [{"role": "user", "content": "把这句话翻译成英文"}, {"role": "assistant", "content": "翻译好了"}]}
+    pair = {"prompt": [{"role": "user", "content": "你好吗"}], "chosen": [{"role": "assistant", "content": "很好"}],
+            "rejected": [{"role": "assistant", "content": "不好"}]}
+    (data / "sft").mkdir()
+    (data / "sft" / "train.jsonl").write_text("\n".join(json.dumps(chat, ensure_ascii=False) for _ in range(50)))
+    (data / "preference").mkdir()
+    (data / "preference" / "train.jsonl").write_text("\n".join(json.dumps(pair, ensure_ascii=False) for _ in range(50)))
+    texts = list(stage._texts([data / "sft" / "train.jsonl", data / "preference" / "train.jsonl"], None))
+    assert texts[0] == "把这句话翻译成英文\n翻译好了" and texts[50] == "你好吗\n很好\n不好" and len(texts) == 100

@@ -119,6 +119,11 @@ def _bogus_model_type(t):
     return ["--init", str(hf_dir(t / "hf", model_type="llamaa")), "--run-dir", str(t / "run")]
 
 
+def _corpus_record_without_text(t):
+    bad = write(t / "in/corpus.jsonl", json.dumps({"foo": 1}) + "\n")
+    return ["--data", str(fake_stage(t / "run/data", "data")), "--set", f"corpus=[{bad}]"]
+
+
 def _cuda_without_gpu(t):
     return ["--set", "device=cuda", "--data", str(fake_stage(t / "run/data", "data")),
             "--sft", str(fake_stage(t / "run/sft", "sft")), "--run-dir", str(t / "run")]
@@ -140,6 +145,8 @@ CASES = {
     "hf-truncated-safetensors": ("sft", _truncated_safetensors, ["model.safetensors", "truncated"]),
     "hf-bogus-model-type": ("sft", _bogus_model_type, ["config.json", "llamaa"]),
     # alignline.distributed.pick_device, checked before the stage dir exists (this suite runs without CUDA)
+    "tokenizer-corpus-record-without-text": ("tokenizer", _corpus_record_without_text,
+                                             ["corpus.jsonl:1", "`text` field, `messages`", "['foo']"]),
     "device-cuda-without-gpu": ("evaluate", _cuda_without_gpu, ["'cuda'", "CUDA is not available", "device: auto"]),
 }
 
