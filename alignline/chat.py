@@ -111,6 +111,27 @@ def prompt_ids(tokenizer, conversations: list[list[dict]], template: str | None 
             for c in conversations]
 
 
+def conversation_ids(tokenizer, conversations: list[list[dict]], template: str | None = None) -> list[list[int]]:
+    """Token ids of each whole conversation rendered with the chat template (what a trainer sees)."""
+    return [tokenizer(render(tokenizer, c, template), add_special_tokens=False)["input_ids"] for c in conversations]
+
+
+def length_fit(lengths: list[int], max_length: int, action: str) -> dict:
+    """How a set of examples fits `max_length` tokens: {n, over_max_length, share, longest, max_length,
+    action}. `action` says what the trainer does with a longer one ("truncated" or "dropped")."""
+    over = sum(n > max_length for n in lengths)
+    return {"n": len(lengths), "over_max_length": over, "share": over / len(lengths) if lengths else 0.0,
+            "longest": max(lengths, default=0), "max_length": max_length, "action": action}
+
+
+def warn_if_cut(fit: dict, what: str, key: str = "train.max_length", limit: float = 0.05) -> None:
+    """Log a warning when more than `limit` of the examples do not fit (the report card shows it too)."""
+    if fit["share"] > limit:
+        log.warning("%s: %d of %d examples (%.0f%%) are longer than %s=%d tokens (longest %d) and are %s; raise "
+                    "%s", what, fit["over_max_length"], fit["n"], 100 * fit["share"], key, fit["max_length"],
+                    fit["longest"], fit["action"], key)
+
+
 def encode_render(tokenizer, messages: list[dict], template: str) -> tuple[list[int], list[int]]:
     """Token ids and assistant mask, found by rendering each assistant turn's prefix.
 

@@ -78,6 +78,7 @@ class ReportCard:
     path: Path
     records: list[StageRecord] = field(default_factory=list)  # the rows, kept variants included
     health: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> degeneration detectors
+    fits: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # stage -> split -> length fit
 
 
 # --------------------------------------------------------------------------- reading stage dirs
@@ -242,6 +243,22 @@ def responses(stage_dir: str | Path) -> list[str]:
     return [str(s.get("response", s.get("completion", ""))) for s in _read_jsonl(Path(stage_dir) / "samples.jsonl")]
 
 
+def length_fits(run_dir: str | Path, stages: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{stage: {split: fit}}: how each stage's examples fit its max_length (eval.json `length_fit`,
+    written by sft, reward and dpo; see alignline.chat.length_fit)."""
+    out = {}
+    for stage in stages:
+        p = Path(run_dir) / stage / "eval.json"
+        if p.is_file():
+            try:
+                fit = json.loads(p.read_text(encoding="utf-8")).get("length_fit")
+            except json.JSONDecodeError:
+                continue
+            if isinstance(fit, dict) and fit:
+                out[stage] = fit
+    return out
+
+
 def output_health(run_dir: str | Path, stages: list[str]) -> dict[str, dict[str, Any]]:
     """The degeneration detectors (alignline.degeneration) of every stage that wrote samples.jsonl."""
     out = {}
@@ -265,6 +282,7 @@ def render_markdown(
     run_dir: Path | None = None,
     embed_images: bool = False,
     health: dict[str, dict[str, Any]] | None = None,
+    fits: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> str:
     """The report card. Images are relative links (report.md) or data URIs (`embed_images`)."""
     lines = [f"# alignline report card: {title}", ""]
@@ -301,6 +319,23 @@ def render_markdown(
             src = png_data_uri(path) if embed_images else (
                 str(Path(path).relative_to(run_dir)) if run_dir and Path(path).is_relative_to(run_dir) else str(path))
             lines += [f"### {kind}", "", f"![{kind}]({src})", ""]
+    cut = [(stage, split, f) for stage, by in (fits or {}).items() for split, f in by.items() if f.get("over_max_length")]
+    if cut:
+        lines += ["## Examples longer than max_length", "",
+                  "| stage | split | examples | longer | share | longest | max_length | what happens |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for stage, split, f in cut:
+            what = f["action"]
+            if f.get("identical_after_truncation"):
+                what += f"; {f['identical_after_truncation']} pairs identical after the cut"
+            if f.get("prompt_fills_max_length"):
+                what += f"; {f['prompt_fills_max_length']} prompts fill max_length (nothing to train on)"
+            lines.append(f"| {stage} | {split} | {f['n']} | {f['over_max_length']} | {f['share']:.1%} | "
+                         f"{f['longest']} | {f['max_length']} | {what} |")
+        lines.append("")
+        lines += [f"> **WARNING: {stage} {split}: {f['share']:.0%} of the examples are longer than max_length and "
+                  f"are {f['action']}; raise the stage's max_length**" for stage, split, f in cut if f["share"] > 0.05]
+        lines.append("")
     if health:
         lines += ["## Are the answers still answers?", "",
                   "Degeneration detectors on each stage's samples (alignline/degeneration.py): a collapsed policy "
@@ -416,11 +451,12 @@ def build_report(
     pngs = plot_curves(run_dir, names) if plots else {}
     samples = sample_rows(run_dir, names, limit=sample_limit)
     health = output_health(run_dir, names)
+    fits = length_fits(run_dir, names)
     md = render_markdown(records, title=title or run_dir.name, notes=notes, plots=pngs, samples=samples,
-                         run_dir=run_dir, health=health)
+                         run_dir=run_dir, health=health, fits=fits)
     path = write_text(run_dir / "report.md", md + "\n")
     return ReportCard(markdown=md, metrics_rows=metrics_rows(records), sample_rows=samples, plots=pngs, path=path,
-                      records=records, health=health)
+                      records=records, health=health, fits=fits)
 
 
 def records_from_run_dir(run_dir: str | Path, stages: Sequence[str]) -> list[StageRecord]:

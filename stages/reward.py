@@ -144,6 +144,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from trl import RewardConfig, RewardTrainer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
+    from alignline.chat import conversation_ids, length_fit, warn_if_cut
     from alignline.distributed import pick_device
     from alignline.evaluation import score_conversations
     from alignline.models import load_classifier
@@ -188,6 +189,19 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                   for r in rows])
 
+    # TRL drops a training pair whose chosen or rejected conversation is longer than max_length; the
+    # evaluation scores the first max_length tokens. Say how many, and how many val pairs the cut
+    # makes identical (a pair the RM cannot tell apart counts as a miss), before training.
+    fit = {}
+    for name, rows in (("train", train_rows), ("val", val_rows)):
+        chosen_ids = conversation_ids(tokenizer, [r["prompt"] + r["chosen"] for r in rows])
+        rejected_ids = conversation_ids(tokenizer, [r["prompt"] + r["rejected"] for r in rows])
+        fit[name] = length_fit([max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids, strict=True)],
+                               t.max_length, "dropped" if name == "train" else "truncated")
+        if name == "val":
+            fit[name]["identical_after_truncation"] = sum(
+                c[: t.max_length] == r[: t.max_length] for c, r in zip(chosen_ids, rejected_ids, strict=True))
+        warn_if_cut(fit[name], f"reward {name} pairs")
     args = RewardConfig(**hf_trainer_args(
             output_dir=run.mark_state() / "trainer", optim=config.optim, schedule=config.schedule,
             logging=config.logging, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
@@ -220,6 +234,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
                                     config.eval.batch_size, t.max_length)
             metrics["onpolicy_accuracy"] = pair_metrics(c, r)["accuracy"]
     metrics["train_steps"] = trainer.state.global_step
+    metrics["length_fit"] = fit  # pairs longer than train.max_length (train: dropped by TRL; val: cut)
     ckpt = run.staging / "checkpoint"
     trained.save_pretrained(str(ckpt))
     tokenizer.save_pretrained(str(ckpt))

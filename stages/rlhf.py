@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from alignline.chat import prompt_ids
+from alignline.chat import conversation_ids, length_fit, prompt_ids, warn_if_cut
 from alignline.config import ConfigError, LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
 from alignline.degeneration import output_stats
 from alignline.files import read_jsonl
@@ -602,6 +602,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     resume, start = trainer_resume_point(state_dir, run.metrics, run.name)
     callbacks = [metrics_callback(run.metrics, skip_through=start)]
     section = getattr(cfg, algo)
+    fit = None
     common = hf_trainer_args(
         output_dir=state_dir, optim=cfg.optim, schedule=cfg.schedule, logging=cfg.logging, seed=cfg.seed,
         max_steps=cfg.steps, batch_size=section.batch_size, save_every=cfg.save_every, device=device.type,
@@ -613,6 +614,14 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
 
         d = section
         rows = read_jsonl(data_dir / "preference" / "train.jsonl")
+        # DPO keeps the first max_length tokens of prompt + answer; a pair whose prompt fills them
+        # trains on nothing. Say how many, before training.
+        chosen_ids = conversation_ids(tok, [r["prompt"] + r["chosen"] for r in rows])
+        rejected_ids = conversation_ids(tok, [r["prompt"] + r["rejected"] for r in rows])
+        fit = length_fit([max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids, strict=True)],
+                         d.max_length, "truncated")
+        fit["prompt_fills_max_length"] = sum(len(p) >= d.max_length for p in prompt_ids(tok, [r["prompt"] for r in rows]))
+        warn_if_cut(fit, "dpo train pairs", "dpo.max_length")
         ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
         args = DPOConfig(beta=d.beta, max_length=d.max_length, loss_type=[d.loss_type], **common)
         trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
@@ -653,6 +662,8 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     temperature = 1.0 if algo == "dpo" else section.temperature
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2)}
+    if fit is not None:
+        ev["length_fit"] = {"train": fit}
     save_policy(policy, tok, run.staging, cfg.lora.enabled)
     return ev, samples
 

@@ -81,6 +81,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from trl import SFTConfig, SFTTrainer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
+    from alignline.chat import conversation_ids, length_fit, warn_if_cut
     from alignline.distributed import pick_device
     from alignline.evaluation import gold_eval, load_prompts
     from alignline.models import load_causal_lm
@@ -122,6 +123,12 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     val_ds = Dataset.from_list([{"messages": r["messages"]} for r in val_rows])
 
     t = config.train
+    # Longer conversations are cut at max_length by the trainer: say how many, before training.
+    fit = {name: length_fit([len(x) for x in conversation_ids(tokenizer, [r["messages"] for r in rows])],
+                            t.max_length, "truncated")
+           for name, rows in (("train", train_rows), ("val", val_rows))}
+    for name, f in fit.items():
+        warn_if_cut(f, f"sft {name}")
     args = SFTConfig(
         **hf_trainer_args(
             output_dir=run.mark_state() / "trainer", optim=config.optim, schedule=config.schedule,
@@ -160,6 +167,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         "gold_per_task": gold.per_task if gold else {},
         "train_steps": trainer.state.global_step,
         "lora": config.lora.enabled,
+        "length_fit": fit,  # examples longer than train.max_length (truncated by the trainer)
     }
     extra = {"external_init": str(init_path.resolve())} if external else {}
     return run.finalize(eval=eval_out, headline={"val_loss": val_loss, "gold_accuracy": eval_out["gold_accuracy"]},

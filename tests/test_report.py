@@ -148,3 +148,20 @@ def test_wall_time_of_a_kept_dir_reads_its_manifest_and_says_when_it_cannot(tmp_
     (d / "manifest.json").write_text('{"wall_time_s": 12')
     assert _wall_time(d) is None
     assert f"cannot read {d / 'manifest.json'}" in capsys.readouterr().err
+
+
+def test_examples_longer_than_max_length_are_a_table_and_a_warning(tmp_path: Path) -> None:
+    """A stage's eval.json `length_fit` (alignline.chat.length_fit) reaches the card: the counts, what
+    the trainer did with them, and a warning above 5%."""
+    from alignline.chat import length_fit
+
+    run = _run(tmp_path)
+    fit = {"train": length_fit([10, 300, 40, 500], 256, "dropped"),
+           "val": {**length_fit([100, 100], 256, "truncated"), "identical_after_truncation": 0}}
+    assert fit["train"] == {"n": 4, "over_max_length": 2, "share": 0.5, "longest": 500, "max_length": 256,
+                            "action": "dropped"}
+    (run / "rlhf" / "eval.json").write_text(json.dumps({"length_fit": fit}))
+    md = build_report(run, records_from_run_dir(run, stage_order())).markdown
+    assert "| rlhf | train | 4 | 2 | 50.0% | 500 | 256 | dropped |" in md
+    assert "| rlhf | val |" not in md  # nothing cut there
+    assert "WARNING: rlhf train: 50% of the examples are longer than max_length and are dropped" in md

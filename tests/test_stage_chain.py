@@ -94,6 +94,12 @@ def test_reward_model_ranks_held_out_pairs(tiny_chain):
     assert ev["accuracy"] > 0.8, ev
     assert ev["margin"] > 0 and ev["reward_std"] > 0
     assert ev["reward_mean"] > ev["rejected_mean"]
+    # Every val pair is counted against max_length (none is cut at the tiny config's 128 tokens).
+    val = read_jsonl(tiny_chain.data / "preference" / "val.jsonl")
+    assert ev["length_fit"]["val"] == {"n": len(val), "over_max_length": 0, "share": 0.0, "max_length": 128,
+                                       "longest": ev["length_fit"]["val"]["longest"], "action": "truncated",
+                                       "identical_after_truncation": 0}
+    assert 10 < ev["length_fit"]["val"]["longest"] <= 128
 
 
 def test_reward_stage_adds_pairs_from_the_policys_own_samples(tiny_chain):
