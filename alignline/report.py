@@ -178,17 +178,19 @@ def plot_curves(run_dir: str | Path, stages: list[str], out_dir: str | Path | No
     for kind, series in curve_series(run_dir, stages).items():
         # One panel per stage: step counts and scales differ too much between stages to share axes.
         owners = list(dict.fromkeys(label.split("/", 1)[0] for label, _, _ in series))
-        fig, axes = plt.subplots(1, len(owners), figsize=(3.2 * len(owners) + 0.8, 3.0), dpi=80, squeeze=False)
+        # Sized for the Prefect UI, which shows the PNG at about its pixel width: 11-12 px tick labels.
+        fig, axes = plt.subplots(1, len(owners), figsize=(4.0 * len(owners) + 0.8, 3.4), dpi=110, squeeze=False)
         for ax, owner in zip(axes[0], owners):
             for label, xs, ys in series:
                 if label.split("/", 1)[0] == owner:
                     ax.plot(xs, ys, label=label.split("/", 1)[1], linewidth=1.2,
                             marker="." if len(xs) < 20 else None)
-            ax.set_xlabel("step")
-            ax.set_title(f"{owner}: {kind}", fontsize=9)
+            ax.set_xlabel("step", fontsize=11)
+            ax.set_title(f"{owner}: {kind}", fontsize=12)
+            ax.tick_params(labelsize=10)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="best")
-        axes[0][0].set_ylabel(kind)
+            ax.legend(fontsize=9, loc="best")
+        axes[0][0].set_ylabel(kind, fontsize=11)
         fig.tight_layout()
         path = out_dir / f"{kind}.png"
         fig.savefig(path)
