@@ -169,9 +169,11 @@ def encode_prompt(tokenizer, messages_or_text: list[dict] | str, use_chat_templa
             "this tokenizer has no chat template, so a conversation cannot be rendered; use a checkpoint "
             "saved with a chat template (alignline tokenizer stage) or pass plain text."
         )
-    ids = tokenizer.apply_chat_template(messages_or_text, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
-    return ids
+    import torch
+
+    from alignline.chat import prompt_ids
+
+    return torch.tensor(prompt_ids(tokenizer, [messages_or_text]))
 
 
 def stream_generate(

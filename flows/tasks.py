@@ -20,7 +20,6 @@ pipeline command then prints the message once and exits 2. ALIGNLINE_DEBUG=1 kee
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -176,7 +175,7 @@ def data_files(module: ModuleType, config: Any) -> dict[str, Path]:
 
 def current_key(module_name: str, config: Any, inputs: dict[str, str | Path]) -> dict[str, Any]:
     """The reuse key this run of the stage has (the same `stage_key` the stage's StageRun computes)."""
-    module = importlib.import_module(module_name)
+    module = load_stage_module(module_name.rsplit(".", 1)[-1], module_name)  # already imported: a lookup
     return stage_key(config, dict(inputs), module.__file__, data_files(module, config))
 
 

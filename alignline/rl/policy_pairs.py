@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from alignline.chat import prompt_ids
 from alignline.data.tasks import gold_score
 from alignline.rl.rollout import generate, left_pad
 
@@ -41,11 +42,7 @@ def sample_responses(
     device = next(model.parameters()).device
     was = model.training
     model.eval()
-    ids = [
-        tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-                  add_special_tokens=False)["input_ids"]
-        for c in conversations
-    ]
+    ids = prompt_ids(tokenizer, conversations)
     flat = [p for p in ids for _ in range(samples_per_prompt)]
     eos = tokenizer.eos_token_id
     # Released checkpoints often pad with EOS; only decoding happens here, so that is fine.
