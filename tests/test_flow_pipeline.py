@@ -372,12 +372,16 @@ def test_stage_command_with_flow_runs_caches_forces_and_refuses_bad_keys(tmp_pat
 def test_a_registered_stage_runs_in_the_pipeline_with_nothing_else_changed(fake, tmp_path: Path) -> None:
     """Adding a stage is a module plus a registry entry: the pipeline config, its order, inputs, the
     cache, --from and the report card all pick it up from stages.REGISTRY."""
+    import importlib
+
     import stages
     from tests.prefect_fixtures import FAKE_STAGE
 
     run, run_dir = fake
-    src = tmp_path / "src" / "fakestages"
+    # Next to the fake stages this session imported (the package is imported once, from the first test's dir).
+    src = Path(importlib.import_module("fakestages").__path__[0])
     (src / "toy.py").write_text(FAKE_STAGE.format(stage="toy", inputs=["sft"], extra=""))
+    importlib.invalidate_caches()
     stages.register(stages.StageSpec("toy", "fakestages.toy", "a toy stage between sft and reward"), after="sft")
     try:
         assert stages.pipeline_stages() == ("data", "tokenizer", "pretrain", "sft", "toy", "reward", "rlhf",
