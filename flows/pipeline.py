@@ -262,21 +262,32 @@ def _slug(text: str) -> str:
 # --------------------------------------------------------------------------- gates
 
 
-def _metric(stage: str, stage_dir: Path, key: str) -> float:
+def _metric(stage: str, stage_dir: Path, key: str) -> float | None:
+    """The stage's `key` from its headline (manifest) or eval.json; None when it has none (a metric
+    that does not exist for this data, e.g. gold accuracy without a verifier)."""
     sd = load_stage(stage_dir, verify=False)
     for source in (sd.headline, sd.eval):
-        if key in source and isinstance(source[key], int | float):
-            return float(source[key])
-    raise GateFailed(
-        f"gate needs metric {key!r} of stage {stage!r}, but {stage_dir}/manifest.json headline has "
-        f"{sorted(sd.headline)} and eval.json has {sorted(sd.eval)}; set the gate's metric name "
-        "(gates.*_metric) or disable gates (gates.enabled=false)"
-    )
+        value = source.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
 
 
-def reward_gate(gates: GateConfig, run_dir: Path, reward_dir: Path | None = None) -> str | None:
-    """A reason to stop before RLHF, or None."""
-    acc = _metric("reward", reward_dir or run_dir / "reward", gates.reward_metric)
+def _skipped(gate: str, stage_dir: Path, key: str, setting: str) -> str:
+    return (f"NOTE: gate {gate} skipped: {stage_dir.name} has no {key!r} (not measured for this data, e.g. no "
+            f"verifier); name another metric with {setting} or turn the gate off")
+
+
+def reward_gate(gates: GateConfig, run_dir: Path, reward_dir: Path | None = None,
+                skipped: list[str] | None = None) -> str | None:
+    """A reason to stop before RLHF, or None. A metric the reward stage does not have skips the gate
+    (a note goes to `skipped`): it never fails or passes on a missing number."""
+    reward_dir = reward_dir or run_dir / "reward"
+    acc = _metric("reward", reward_dir, gates.reward_metric)
+    if acc is None:
+        if skipped is not None:
+            skipped.append(_skipped("min_reward_accuracy", reward_dir, gates.reward_metric, "gates.reward_metric"))
+        return None
     if acc < gates.min_reward_accuracy:
         return (f"GATE: reward model held-out {gates.reward_metric}={acc:.3f} < {gates.min_reward_accuracy}; "
                 "stopped before RLHF (improve the reward model or lower gates.min_reward_accuracy)")
@@ -284,24 +295,30 @@ def reward_gate(gates: GateConfig, run_dir: Path, reward_dir: Path | None = None
 
 
 def rlhf_marks(gates: GateConfig, run_dir: Path, rlhf_dir: Path | None = None,
-               sft_dir: Path | None = None) -> list[str]:
-    """Warnings that mark (not stop) the run after RLHF; `rlhf_dir`: the selected variant's dir."""
+               sft_dir: Path | None = None, skipped: list[str] | None = None) -> list[str]:
+    """Warnings that mark (not stop) the run after RLHF; `rlhf_dir`: the selected variant's dir. A gate
+    whose metric is missing is skipped, with a note in `skipped`."""
     rlhf_dir = rlhf_dir or run_dir / "rlhf"
     sft_dir = sft_dir or run_dir / "sft"
+    skipped = skipped if skipped is not None else []
     which = f" ({rlhf_dir.name})"
     marks = []
     if gates.max_kl is not None:
         kl = _metric("rlhf", rlhf_dir, gates.kl_metric)
-        if kl > gates.max_kl:
+        if kl is None:
+            skipped.append(_skipped("max_kl", rlhf_dir, gates.kl_metric, "gates.kl_metric"))
+        elif kl > gates.max_kl:
             marks.append(f"WARNING: RLHF {gates.kl_metric}={kl:.4g} exceeds gates.max_kl={gates.max_kl}{which}")
     if gates.gold_must_not_drop:
         rl = _metric("rlhf", rlhf_dir, gates.gold_metric)
         # RLHF evaluates its SFT starting point on the same prompts; prefer that number.
-        if gates.sft_gold_metric in load_stage(rlhf_dir, verify=False).headline:
-            sft = _metric("rlhf", rlhf_dir, gates.sft_gold_metric)
-        else:
+        sft = _metric("rlhf", rlhf_dir, gates.sft_gold_metric)
+        if sft is None:
             sft = _metric("sft", sft_dir, gates.gold_metric)
-        if rl < sft - gates.gold_tolerance:
+        if rl is None or sft is None:
+            skipped.append(_skipped("gold_must_not_drop", rlhf_dir if rl is None else sft_dir, gates.gold_metric,
+                                    "gates.gold_metric"))
+        elif rl < sft - gates.gold_tolerance:
             marks.append(f"WARNING: RLHF {gates.gold_metric}={rl:.3f} dropped below SFT's {sft:.3f}{which}")
     if gates.collapse:
         policy, reference = responses(rlhf_dir), responses(sft_dir)
@@ -415,7 +432,7 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
                 rec.message = f"after --to {to_stage}"
                 continue
             if stage == "rlhf" and config.gates.enabled and "reward" in enabled:
-                reason = reward_gate(config.gates, run_dir, run_dir / dirs["reward"])
+                reason = reward_gate(config.gates, run_dir, run_dir / dirs["reward"], skipped=notes)
                 if reason:
                     notes.append(reason)
                     for later in pipeline_stages()[i:]:
@@ -446,7 +463,8 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
             build_report(run_dir, list(records.values()), title=config.name, notes=notes,
                          sample_limit=config.report.sample_limit, plots=False)
             if stage == "rlhf" and config.gates.enabled:
-                marks = rlhf_marks(config.gates, run_dir, run_dir / dirs["rlhf"], run_dir / dirs["sft"])
+                marks = rlhf_marks(config.gates, run_dir, run_dir / dirs["rlhf"], run_dir / dirs["sft"],
+                                   skipped=notes)
                 if marks:
                     notes.extend(marks)
                     for m in marks:

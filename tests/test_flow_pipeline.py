@@ -179,6 +179,20 @@ def test_a_collapsed_policy_marks_the_run_by_default(fake) -> None:
     assert not [n for n in run("rlhf.collapse=true", "gates.collapse=false")["notes"] if "collapsed" in n]
 
 
+def test_a_gate_whose_metric_is_absent_is_skipped_with_a_note(fake) -> None:
+    """A metric the data cannot have (no verifier: no gold accuracy) skips its gate with a line in the
+    report; it never stops or marks the run on a missing number."""
+    run, run_dir = fake
+    result = run("gates.gold_metric=pass_at_1", "gates.reward_metric=auc", "gates.kl_metric=kl_to_ref")
+    assert statuses(result)["evaluate"] == "ran"  # the reward gate did not stop it
+    notes = result["notes"]
+    assert any(n.startswith("NOTE: gate min_reward_accuracy skipped: reward has no 'auc'") for n in notes), notes
+    assert any("gate gold_must_not_drop skipped: rlhf-ppo has no 'pass_at_1'" in n for n in notes)
+    assert any("gate max_kl skipped: rlhf-ppo has no 'kl_to_ref'" in n for n in notes)
+    assert not [n for n in notes if n.startswith(("WARNING", "GATE"))]
+    assert "NOTE: gate gold_must_not_drop skipped" in (run_dir / "report.md").read_text()
+
+
 def test_rlhf_gates_mark_the_run(fake) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
