@@ -151,6 +151,22 @@ def test_missing_and_empty_fields(tmp_path):
         f"{f}:2: missing field 'output'", f"{f}:3: field 'instruction' is empty"]
 
 
+def test_kto_labels_are_refused_not_ignored(tmp_path):
+    """Unpaired good/bad labels (TRL's KTO `label`, LLaMA-Factory's `kto_tag`) read as SFT would train
+    on the bad answers too: each labelled record is an error naming the line and the fix."""
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "hello"}],
+             "label": True},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "go away"}],
+             "kto_tag": False}]
+    f = _jsonl(tmp_path / "kto.jsonl", rows)
+    problems = _problems(f, kind="sft")
+    assert [p.split(": ", 1)[0] for p in problems] == [f"{f}:1", f"{f}:2"]
+    assert "`label` marks this answer good or bad" in problems[0] and "kto_tag=true records" in problems[1]
+    # A `label` that is not a good/bad flag (e.g. a topic string) is left alone.
+    ok = _jsonl(tmp_path / "ok.jsonl", [{"instruction": "a", "output": "b", "label": "math"}])
+    assert load_records(ok, kind="sft")[0]["messages"][1]["content"] == "b"
+
+
 def test_unknown_role(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]}]
     f = _jsonl(tmp_path / "d.jsonl", rows)

@@ -391,6 +391,13 @@ class Converter:
             return {"text": obj}
         if not isinstance(obj, dict):
             raise _Bad(f"record must be a JSON object, got {type(obj).__name__}")
+        tag = next((k for k in ("label", "kto_tag") if isinstance(obj.get(k), bool)), None)
+        if tag and self.cfg.kind in ("sft", "preference"):
+            # KTO-style data: one answer marked good or bad. Read as SFT it would train on the bad ones too.
+            raise _Bad(f"`{tag}` marks this answer good or bad: unpaired labelled (KTO) data, which kind="
+                       f"{self.cfg.kind} cannot use (it would ignore the label and learn the bad answers too). "
+                       f"For SFT keep only the {tag}=true records and drop the field; for preference data pair "
+                       "a good and a bad answer to the same prompt as chosen/rejected")
         return getattr(self, f"_{fmt}")(obj)
 
     def _text(self, obj: dict) -> dict:
