@@ -116,12 +116,13 @@ def conversation_ids(tokenizer, conversations: list[list[dict]], template: str |
     return [tokenizer(render(tokenizer, c, template), add_special_tokens=False)["input_ids"] for c in conversations]
 
 
-def length_fit(lengths: list[int], max_length: int, action: str) -> dict:
+def length_fit(lengths: list[int], max_length: int, action: str, key: str = "train.max_length") -> dict:
     """How a set of examples fits `max_length` tokens: {n, over_max_length, share, longest, max_length,
-    action}. `action` says what the trainer does with a longer one ("truncated" or "dropped")."""
+    action, key}. `action` says what the trainer does with a longer one ("truncated" or "dropped");
+    `key` is the config key that sets the limit (the report names it in its warning)."""
     over = sum(n > max_length for n in lengths)
     return {"n": len(lengths), "over_max_length": over, "share": over / len(lengths) if lengths else 0.0,
-            "longest": max(lengths, default=0), "max_length": max_length, "action": action}
+            "longest": max(lengths, default=0), "max_length": max_length, "action": action, "key": key}
 
 
 def warn_if_cut(fit: dict, what: str, key: str = "train.max_length", limit: float = 0.05) -> None:

@@ -18,7 +18,12 @@ used by every causal-LM stage, so their samples and accuracies are comparable.
 Metric names mean one thing in every eval.json: `rm_score` is the reward model's score normalised
 with the reward stage's statistics, (raw - reward_mean) / reward_std (`reward_normalisation`), the
 scale PPO trains on; `rm_score_raw` is the RM's raw output. `gold_accuracy` is the share of exact
-gold answers under greedy decoding.
+gold answers under greedy decoding, and exists only where a verifier does: the built-in suite's
+prompts, or a prompt file whose rows carry an `answer` and a scorer (`has_verifier`). Elsewhere it
+is absent from eval.json, never 0.
+
+Held-out proportions (reward accuracy, win rate, gold accuracy) carry their sample size and a 95%
+Wilson interval in eval.json `estimates` (`estimate`), which the report card shows.
 """
 
 from __future__ import annotations
@@ -53,12 +58,56 @@ def reward_normalisation(reward_dir) -> tuple[float, float]:
     return mean, std
 
 
+def has_verifier(rows: list[dict]) -> bool:
+    """Whether gold accuracy exists on these prompt rows: every row has a gold `answer`."""
+    return bool(rows) and all(r.get("answer") is not None for r in rows)
+
+
+def gold_scores(texts: list[str], rows: list[dict]) -> list[float]:
+    """The gold scorer on each text against its row's `answer` and `match` (alignline.data.tasks.gold_score)."""
+    from alignline.data.tasks import gold_score
+
+    return [gold_score(t, r["answer"], r.get("match", "exact")) for t, r in zip(texts, rows, strict=True)]
+
+
+def proportion_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% at z=1.96). It stays inside [0, 1] and is
+    honest at small n and at 0 or n successes, where the normal approximation collapses to a point.
+    A tie counted as half a success (win rate) enters as a fractional count."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def estimate(successes: float, n: int) -> dict[str, float | int]:
+    """{"value", "n", "low", "high"}: a held-out proportion with its sample size and 95% interval."""
+    lo, hi = proportion_interval(successes, n)
+    return {"value": successes / n if n else math.nan, "n": n, "low": round(lo, 4), "high": round(hi, 4)}
+
+
 @dataclass
 class GoldResult:
-    accuracy: float
+    accuracy: float | None  # None: the prompts have no verifier (no gold answers)
     per_task: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)  # per sample: the model emitted eos
+
+
+def gold_summary(gold: GoldResult | None) -> dict[str, Any]:
+    """The eval.json fields of a gold evaluation: `gold_accuracy`, `gold_per_task` and its estimate
+    (n, 95% interval) where the prompts have a verifier; `verifier: "none"` and no gold_accuracy where
+    they do not; nothing when no prompts were evaluated."""
+    if gold is None:
+        return {}
+    n = len(gold.samples)
+    if gold.accuracy is None:
+        return {"verifier": "none", "gold_prompts": n}
+    return {"gold_accuracy": gold.accuracy, "gold_per_task": gold.per_task, "gold_prompts": n,
+            "estimates": {"gold_accuracy": estimate(gold.accuracy * n, n)}}
 
 
 def load_prompts(data_dir: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -220,21 +269,24 @@ def kl_to_reference(
 
 
 def gold_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 32) -> GoldResult:
-    """Greedy-decode each prompt row and score it against its gold answer."""
-    from alignline.data.tasks import gold_score
-
+    """Greedy-decode each prompt row and, where the rows have a verifier, score it against its gold
+    answer. Without one, `accuracy` is None and the samples carry no score."""
     ids = greedy_responses(model, prompt_ids(tokenizer, [r["prompt"] for r in rows]),
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            max_new_tokens=max_new_tokens, batch_size=batch_size)
     responses = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    finished = [bool(x) and x[-1] == tokenizer.eos_token_id for x in ids]
+    if not has_verifier(rows):
+        samples = [{"prompt": r["prompt"][-1]["content"], "response": t, "task": r.get("task")}
+                   for r, t in zip(rows, responses, strict=True)]
+        return GoldResult(accuracy=None, samples=samples, finished=finished)
+    scores = gold_scores(responses, rows)
     by_task: dict[str, list[float]] = defaultdict(list)
     samples = []
-    for row, resp in zip(rows, responses, strict=True):
-        score = float(gold_score(resp, row["answer"], row.get("match", "exact")))
+    for row, resp, score in zip(rows, responses, scores, strict=True):
         by_task[row.get("task", "all")].append(score)
         samples.append({"prompt": row["prompt"][-1]["content"], "response": resp, "answer": row["answer"],
                         "task": row.get("task"), "score": score})
-    total = [s for v in by_task.values() for s in v]
-    acc = sum(total) / len(total) if total else math.nan
+    acc = sum(scores) / len(scores) if scores else math.nan
     return GoldResult(accuracy=acc, per_task={k: sum(v) / len(v) for k, v in sorted(by_task.items())},
-                      samples=samples, finished=[bool(x) and x[-1] == tokenizer.eos_token_id for x in ids])
+                      samples=samples, finished=finished)

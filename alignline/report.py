@@ -79,6 +79,7 @@ class ReportCard:
     records: list[StageRecord] = field(default_factory=list)  # the rows, kept variants included
     health: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> degeneration detectors
     fits: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # stage -> split -> length fit
+    estimates: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # stage -> metric -> n, CI
 
 
 # --------------------------------------------------------------------------- reading stage dirs
@@ -234,7 +235,7 @@ def sample_rows(run_dir: str | Path, stages: list[str], limit: int = 8) -> list[
             if prompt not in table:
                 if len(order) >= limit:
                     continue
-                table[prompt] = {"prompt": prompt, "answer": sample.get("answer", "")}
+                table[prompt] = {"prompt": prompt, "answer": sample.get("answer") or ""}
                 order.append(prompt)
             table[prompt][stage] = sample.get("response", sample.get("completion", ""))
     return [table[p] for p in order]
@@ -245,20 +246,54 @@ def responses(stage_dir: str | Path) -> list[str]:
     return [str(s.get("response", s.get("completion", ""))) for s in _read_jsonl(Path(stage_dir) / "samples.jsonl")]
 
 
+def read_eval(stage_dir: str | Path) -> dict[str, Any]:
+    """A stage's eval.json ({} when missing or unreadable: an unfinished stage has none)."""
+    p = Path(stage_dir) / "eval.json"
+    if not p.is_file():
+        return {}
+    try:
+        ev = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return ev if isinstance(ev, dict) else {}
+
+
 def length_fits(run_dir: str | Path, stages: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
     """{stage: {split: fit}}: how each stage's examples fit its max_length (eval.json `length_fit`,
     written by sft, reward and dpo; see alignline.chat.length_fit)."""
     out = {}
     for stage in stages:
-        p = Path(run_dir) / stage / "eval.json"
-        if p.is_file():
-            try:
-                fit = json.loads(p.read_text(encoding="utf-8")).get("length_fit")
-            except json.JSONDecodeError:
-                continue
-            if isinstance(fit, dict) and fit:
-                out[stage] = fit
+        fit = read_eval(Path(run_dir) / stage).get("length_fit")
+        if isinstance(fit, dict) and fit:
+            out[stage] = fit
     return out
+
+
+def held_out_estimates(run_dir: str | Path, stages: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{stage: {metric: {value, n, low, high}}}: the held-out proportions each stage measured, with
+    sample size and 95% interval (eval.json `estimates`, alignline.evaluation.estimate)."""
+    out = {}
+    for stage in stages:
+        est = read_eval(Path(run_dir) / stage).get("estimates")
+        if isinstance(est, dict) and est:
+            out[stage] = est
+    return out
+
+
+def measurement_notes(run_dir: str | Path, stages: list[str]) -> list[str]:
+    """What the run could not measure, and why: prompts without a verifier (no gold accuracy),
+    on-policy reward pairs skipped for the same reason."""
+    notes = []
+    no_verifier = [s for s in stages if s != "data" and read_eval(Path(run_dir) / s).get("verifier") == "none"]
+    if no_verifier:
+        notes.append(f"no verifier: the prompts have no gold answers, so gold accuracy is not measured "
+                     f"({', '.join(no_verifier)}); RM scores, win rates and the detectors below are what "
+                     "there is. Give prompts with an answer column (files.prompts) to measure it")
+    for s in stages:
+        onpolicy = read_eval(Path(run_dir) / s).get("onpolicy")
+        if isinstance(onpolicy, dict) and onpolicy.get("skipped"):
+            notes.append(f"{s}: on-policy pairs skipped ({onpolicy['skipped']})")
+    return notes
 
 
 def output_health(run_dir: str | Path, stages: list[str]) -> dict[str, dict[str, Any]]:
@@ -285,6 +320,7 @@ def render_markdown(
     embed_images: bool = False,
     health: dict[str, dict[str, Any]] | None = None,
     fits: dict[str, dict[str, dict[str, Any]]] | None = None,
+    estimates: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> str:
     """The report card. Images are relative links (report.md) or data URIs (`embed_images`)."""
     lines = [f"# alignline report card: {title}", ""]
@@ -302,7 +338,7 @@ def render_markdown(
         ckpt = "-"
         if rec.path and rec.status in FINISHED:
             ck = Path(rec.path) / "checkpoint"
-            ckpt = f"`{ck}`" if ck.is_dir() else f"`{rec.path}`"
+            ckpt = f"`{_short(ck if ck.is_dir() else Path(rec.path), run_dir)}`"
         status = STATUS_ICON.get(rec.status, rec.status)
         if rec.message and rec.status != "ran":  # why a stage ran gets its own section below
             status += f" ({_cell(rec.message, 80)})"
@@ -336,7 +372,18 @@ def render_markdown(
                          f"{f['longest']} | {f['max_length']} | {what} |")
         lines.append("")
         lines += [f"> **WARNING: {stage} {split}: {f['share']:.0%} of the examples are longer than max_length and "
-                  f"are {f['action']}; raise the stage's max_length**" for stage, split, f in cut if f["share"] > 0.05]
+                  f"are {f['action']}; raise {stage}'s {f.get('key', 'max_length')}**" for stage, split, f in cut if f["share"] > 0.05]
+        lines.append("")
+    rows = [(stage, name, e) for stage, by in (estimates or {}).items() for name, e in by.items()
+            if isinstance(e, dict) and e.get("n")]
+    if rows:
+        lines += ["## Held-out measurements", "",
+                  "Proportions measured on held-out data, with the number of examples and a 95% Wilson interval: "
+                  "a difference inside the interval is not a difference.", "",
+                  "| stage | metric | value | n | 95% interval |", "|---|---|---|---|---|"]
+        for stage, name, e in rows:
+            lines.append(f"| {stage} | {name} | {_fmt(float(e['value']))} | {e['n']} | "
+                         f"{_fmt(float(e['low']))} – {_fmt(float(e['high']))} |")
         lines.append("")
     if health:
         lines += ["## Are the answers still answers?", "",
@@ -353,15 +400,24 @@ def render_markdown(
     if samples:
         names = [r.name for r in records] + [k for row in samples for k in row if k not in ("prompt", "answer")]
         stage_cols = [s for s in dict.fromkeys(names) if any(s in row for row in samples)]
-        lines += ["## Samples on the fixed test prompts", "",
-                  "| prompt | answer | " + " | ".join(stage_cols) + " |",
-                  "|---|---|" + "---|" * len(stage_cols)]
+        # A gold-answer column only where the prompts have answers (a user's own prompts may not).
+        answers = any(row.get("answer") not in (None, "") for row in samples)
+        lines += ["## Samples on held-out prompts", "",
+                  "| prompt | " + ("answer | " if answers else "") + " | ".join(stage_cols) + " |",
+                  "|---|" + ("---|" if answers else "") + "---|" * len(stage_cols)]
         for row in samples:
-            cells = [_cell(row.get("prompt", ""), 70), _cell(row.get("answer", ""), 30)]
+            cells = [_cell(row.get("prompt", ""), 70)] + ([_cell(row.get("answer", ""), 30)] if answers else [])
             cells += [_cell(row.get(s, ""), 50) for s in stage_cols]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _short(path: Path, run_dir: Path | None) -> str:
+    """A stage path relative to the run directory (named above the table), so the column fits."""
+    if run_dir is not None and path.is_relative_to(run_dir):
+        return str(path.relative_to(run_dir))
+    return str(path)
 
 
 def _variants_section(records: list[StageRecord]) -> list[str]:
@@ -454,11 +510,13 @@ def build_report(
     samples = sample_rows(run_dir, names, limit=sample_limit)
     health = output_health(run_dir, names)
     fits = length_fits(run_dir, names)
+    estimates = held_out_estimates(run_dir, names)
+    notes = [*(notes or []), *(f"NOTE: {n}" for n in measurement_notes(run_dir, names))]
     md = render_markdown(records, title=title or run_dir.name, notes=notes, plots=pngs, samples=samples,
-                         run_dir=run_dir, health=health, fits=fits)
+                         run_dir=run_dir, health=health, fits=fits, estimates=estimates)
     path = write_text(run_dir / "report.md", md + "\n")
     return ReportCard(markdown=md, metrics_rows=metrics_rows(records), sample_rows=samples, plots=pngs, path=path,
-                      records=records, health=health, fits=fits)
+                      records=records, health=health, fits=fits, estimates=estimates)
 
 
 def records_from_run_dir(run_dir: str | Path, stages: Sequence[str]) -> list[StageRecord]:

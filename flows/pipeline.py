@@ -288,10 +288,23 @@ def reward_gate(gates: GateConfig, run_dir: Path, reward_dir: Path | None = None
         if skipped is not None:
             skipped.append(_skipped("min_reward_accuracy", reward_dir, gates.reward_metric, "gates.reward_metric"))
         return None
-    if acc < gates.min_reward_accuracy:
-        return (f"GATE: reward model held-out {gates.reward_metric}={acc:.3f} < {gates.min_reward_accuracy}; "
-                "stopped before RLHF (improve the reward model or lower gates.min_reward_accuracy)")
-    return None
+    if acc >= gates.min_reward_accuracy:
+        return None
+    # With its sample size: below the bar only when the whole 95% interval is (15 pairs at 0.6 do
+    # not show that the reward model is worse than 0.7; 1,500 do).
+    est = load_stage(reward_dir, verify=False).eval.get("estimates", {}).get(gates.reward_metric)
+    if isinstance(est, dict) and est.get("n"):
+        where = f" (on {est['n']} held-out pairs, 95% interval {est['low']:.2f}-{est['high']:.2f})"
+        if est["high"] >= gates.min_reward_accuracy:
+            if skipped is not None:
+                skipped.append(f"NOTE: reward model held-out {gates.reward_metric}={acc:.3f} < "
+                               f"gates.min_reward_accuracy={gates.min_reward_accuracy}, but{where} the interval "
+                               "reaches the bar: too few pairs to stop on, RLHF ran (hold out more pairs to know)")
+            return None
+    else:
+        where = " (no sample size recorded)"
+    return (f"GATE: reward model held-out {gates.reward_metric}={acc:.3f} < {gates.min_reward_accuracy}{where}; "
+            "stopped before RLHF (improve the reward model or lower gates.min_reward_accuracy)")
 
 
 def rlhf_marks(gates: GateConfig, run_dir: Path, rlhf_dir: Path | None = None,

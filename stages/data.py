@@ -5,13 +5,26 @@
 
 Output (the layout of docs/ARCHITECTURE.md): pretrain/{train,val}.jsonl, sft/{train,val,test}.jsonl,
 preference/{train,val,test}.jsonl, prompts/{train,val,test}.jsonl, suite.json, plus the stage files
-(config.yaml, manifest.json). `source: builtin` uses `alignline.data.tasks`; `source: files` reads
-local files through `alignline.data.loaders` (pretraining text, SFT and preference data) and still
-takes the held-out prompts (and gold answers) from the built-in suite, so gold accuracy stays defined.
+(config.yaml, manifest.json). `source: builtin` uses `alignline.data.tasks`.
+
+`source: files` reads the user's files through `alignline.data.loaders` (pretraining text, SFT
+chats, preference pairs, prompts) and holds out `val_fraction` of EVERY source on its own (each
+pretraining file too), so every stage evaluates on the user's data:
+- The split is by a hash of each record's prompt (its text for pretraining): deterministic, stable
+  when rows are appended, and the same prompt is held out everywhere it appears (an SFT chat, a
+  preference pair and the prompt derived from them are on the same side).
+- prompts/ (RL training prompts, held-out evaluation and sample prompts) come from `files.prompts`
+  when given; else from the prompts of the SFT chats and preference pairs (deduplicated). Prompt
+  rows carry a gold `answer` and scorer (`match`: exact | numeric | module:callable) only when
+  the prompt file has an answer column; without one there is no verifier and the stages report no
+  gold accuracy. Only when no SFT, preference or prompt file is given are the built-in suite's
+  prompts (with their gold answers) kept.
+- val and test are the same held-out rows for files (the built-in suite has separate ones).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +33,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from alignline.artifacts import StageRun
-from alignline.config import StrictModel
+from alignline.config import InputError, StrictModel
 from alignline.data.loaders import LoaderConfig
 from alignline.files import write_jsonl
 from alignline.stage_cli import InputSpec, stage_main
@@ -37,14 +50,18 @@ class FilesConfig(StrictModel):
     pretrain: list[LoaderConfig] = Field(default_factory=list, description="pretraining text sources")
     sft: LoaderConfig | None = Field(None, description="SFT source (alpaca, sharegpt, messages, ...)")
     preference: LoaderConfig | None = Field(None, description="preference source (sharegpt, hh, TRL layout)")
-    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of each source held out as val")
+    prompts: LoaderConfig | None = Field(
+        None, description="RL and evaluation prompts, with an optional gold answer column (`answer`) and scorer "
+        "(`match` / default_match: exact | numeric | module:callable); default: the sft and preference prompts")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of each source held out as val/test "
+                                "(by a hash of each record's prompt)")
 
     @model_validator(mode="before")
     @classmethod
     def _kinds(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = dict(data)
-            for kind in ("sft", "preference"):
+            for kind in ("sft", "preference", "prompts"):
                 if isinstance(data.get(kind), dict):
                     data[kind] = {"kind": kind, **data[kind]}
             if isinstance(data.get("pretrain"), list):
@@ -78,9 +95,57 @@ class Config(StrictModel):
         return suite_config(self.size, overrides)
 
 
-def _split(rows: list[dict], frac: float) -> tuple[list[dict], list[dict]]:
-    n_val = max(1, int(len(rows) * frac))
-    return rows[n_val:], rows[:n_val]
+def split_key(record: dict) -> str:
+    """What decides a record's side of the split: its prompt (chats, pairs, prompts) or its text."""
+    if "text" in record:
+        return record["text"]
+    prompt = record.get("prompt") or record["messages"][:-1]
+    return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+
+
+def _hash_unit(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_held_out(rows: list[dict], frac: float, what: str) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a record is held out when the hash of its split_key falls below `frac`.
+    Deterministic and independent of row order, so appended rows never move old ones across the
+    split. At least one record lands on each side; a source with fewer than two is refused."""
+    if len(rows) < 2:
+        raise InputError(f"{what}: {len(rows)} record(s); a source needs at least 2 so one can be held out "
+                         "for evaluation")
+    units = [_hash_unit(split_key(r)) for r in rows]
+    held = [u < frac for u in units]
+    if not any(held):
+        held[min(range(len(rows)), key=units.__getitem__)] = True
+    if all(held):
+        held[max(range(len(rows)), key=units.__getitem__)] = False
+    return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
+
+
+def derived_prompts(loaded: dict[str, list[dict]], files: FilesConfig) -> list[dict]:
+    """Prompt rows from the SFT chats' and preference pairs' prompts, first occurrence kept, tagged
+    with the source file; no gold answer (no verifier)."""
+    out, seen = [], set()
+    for kind in ("sft", "preference"):
+        src = getattr(files, kind)
+        for r in loaded.get(kind, []):
+            prompt = r["prompt"] if kind == "preference" else r["messages"][:-1]
+            key = split_key({"prompt": prompt})
+            if prompt and prompt[-1]["role"] == "user" and key not in seen:
+                seen.add(key)
+                out.append({"prompt": prompt, "task": Path(src.path).stem})
+    return out
+
+
+def _check_verifier(rows: list[dict], src: LoaderConfig) -> None:
+    """A prompt file has a verifier on every row or on none: a metric over a silent subset misleads."""
+    with_answer = sum(r.get("answer") is not None for r in rows)
+    if 0 < with_answer < len(rows):
+        raise InputError(
+            f"{src.path}: {with_answer} of {len(rows)} prompts have a gold answer (column "
+            f"{src.columns.answer!r}) and {len(rows) - with_answer} do not; give every prompt an answer (gold "
+            "accuracy is measured on all of them) or none (no verifier)")
 
 
 def _load_files(cfg: Config) -> dict[str, list[dict]]:
@@ -90,29 +155,67 @@ def _load_files(cfg: Config) -> dict[str, list[dict]]:
     files = cfg.files
     assert files is not None
     loaded: dict[str, list[dict]] = {}
-    if files.pretrain:
-        loaded["pretrain"] = [r for src in files.pretrain for r in load_records(src, progress=True)]
-    for kind, src in (("sft", files.sft), ("preference", files.preference)):
+    for i, src in enumerate(files.pretrain):
+        loaded[f"pretrain[{i}]"] = load_records(src, progress=True)
+    for kind in ("sft", "preference", "prompts"):
+        src = getattr(files, kind)
         if src is not None:
             loaded[kind] = load_records(src, progress=True)
+    if "prompts" in loaded:
+        _check_verifier(loaded["prompts"], files.prompts)
     return loaded
 
 
-def _write_files(cfg: Config, loaded: dict[str, list[dict]], out: Path) -> dict[str, Any]:
+Splits = dict[str, tuple[list[dict], list[dict]]]
+
+
+def split_files(cfg: Config, loaded: dict[str, list[dict]]) -> tuple[Splits, dict[str, Any]]:
+    """({kind: (train, held out)}, {kind: {train, val, source(s)}}) for the user's sources."""
     files = cfg.files
     assert files is not None
+    frac = files.val_fraction
+    splits: dict[str, tuple[list[dict], list[dict]]] = {}
     info: dict[str, Any] = {}
-    for kind, rows in loaded.items():
-        train, val = _split(rows, files.val_fraction)
-        (out / kind).mkdir(parents=True, exist_ok=True)
+    if files.pretrain:  # per source: a 1 MB file does not crowd a small one out of the val split
+        train, val, per = [], [], []
+        for i, src in enumerate(files.pretrain):
+            t, v = split_held_out(loaded[f"pretrain[{i}]"], frac, src.path)
+            train += t
+            val += v
+            per.append({"path": src.path, "train": len(t), "val": len(v)})
+        splits["pretrain"] = (train, val)
+        info["pretrain"] = {"train": len(train), "val": len(val), "sources": per}
+    for kind in ("sft", "preference", "prompts"):
+        if kind in loaded:
+            splits[kind] = split_held_out(loaded[kind], frac, getattr(files, kind).path)
+            info[kind] = {"source": getattr(files, kind).path}
+    if "prompts" not in splits and ("sft" in loaded or "preference" in loaded):
+        rows = derived_prompts(loaded, files)
+        splits["prompts"] = split_held_out(rows, frac, "prompts derived from the sft and preference data")
+        info["prompts"] = {"source": "derived from the " + " and ".join(k for k in ("sft", "preference")
+                                                                      if k in loaded) + " prompts"}
+    for kind, (train, val) in splits.items():
+        info[kind].update(train=len(train), val=len(val))
+    if "prompts" in splits:
+        info["prompts"]["verifier"] = "gold" if all("answer" in r for r in splits["prompts"][0]) else "none"
+    return splits, info
+
+
+def write_splits(splits: Splits, out: Path) -> None:
+    """<kind>/{train,val}.jsonl, and test.jsonl = val for the chat kinds (files: one held-out set)."""
+    for kind, (train, val) in splits.items():
+        shutil.rmtree(out / kind, ignore_errors=True)  # the built-in part this source replaces
+        (out / kind).mkdir(parents=True)
         write_jsonl(out / kind / "train.jsonl", train)
         write_jsonl(out / kind / "val.jsonl", val)
-        if kind == "pretrain":
-            info[kind] = {"train": len(train), "val": len(val)}
-        else:
+        if kind != "pretrain":
             write_jsonl(out / kind / "test.jsonl", val)
-            info[kind] = {"train": len(train), "val": len(val), "source": getattr(files, kind).path}
-    return info
+
+
+def written_sizes(out: Path) -> dict[str, int]:
+    """{"<kind>/<split>.jsonl": rows} of what the stage wrote (eval.json `sizes`; the report's data row)."""
+    return {str(p.relative_to(out)): sum(1 for line in p.open(encoding="utf-8") if line.strip())
+            for p in sorted(out.glob("*/*.jsonl"))}
 
 
 def data_files(config: Config) -> dict[str, Path]:
@@ -123,27 +226,33 @@ def data_files(config: Config) -> dict[str, Path]:
     if config.source != "files" or config.files is None:
         return {}
     srcs = [(f"pretrain[{i}]", s) for i, s in enumerate(config.files.pretrain)]
-    srcs += [(k, s) for k, s in (("sft", config.files.sft), ("preference", config.files.preference)) if s]
+    srcs += [(k, s) for k in ("sft", "preference", "prompts") if (s := getattr(config.files, k))]
     return {name: p for name, s in srcs if (p := local_source(s)) is not None}
 
 
 def run(config: Config, inputs: dict[str, Path] | None, run_dir: str | Path) -> Path:
     from alignline.data.tasks import write_suite
 
-    # Real data is read and validated before the stage dir is touched: a bad file leaves nothing behind.
-    loaded = _load_files(config) if config.source == "files" else {}
+    # Real data is read, validated and split before the stage dir is touched: a bad file leaves
+    # nothing behind.
+    splits, info = split_files(config, _load_files(config)) if config.source == "files" else ({}, {})
     run = StageRun(run_dir, "data", config, inputs={}, source=__file__, data=data_files(config))
     suite_cfg = config.suite_config()
-    # The built-in suite is always written: its held-out prompts + gold answers are the fixed eval set.
-    meta = write_suite(run.staging, suite_cfg)
-    headline: dict[str, Any] = {"source": config.source, "sizes": meta["sizes"]}
+    # The built-in suite is always written; with files, what the user gives replaces its parts.
+    write_suite(run.staging, suite_cfg)
+    evaluation: dict[str, Any] = {"source": config.source}
     if config.source == "files":
-        # Real data replaces the built-in training files; the built-in held-out prompts stay.
-        for sub in ("pretrain", "sft", "preference"):
-            if getattr(config.files, sub):
-                shutil.rmtree(run.staging / sub)
-        headline["files"] = _write_files(config, loaded, run.staging)
-    return run.finalize(eval={}, headline=headline)
+        write_splits(splits, run.staging)
+        evaluation["files"] = info
+    evaluation["sizes"] = written_sizes(run.staging)
+    return run.finalize(eval=evaluation, headline={"source": config.source, "rows": rows_line(evaluation["sizes"])})
+
+
+def rows_line(sizes: dict[str, int]) -> str:
+    """"pretrain 6799/753, sft 902/97, ... (train/held-out)": the report card's data row."""
+    kinds = [k for k in ("pretrain", "sft", "preference", "prompts") if f"{k}/train.jsonl" in sizes]
+    parts = [f"{k} {sizes.get(f'{k}/train.jsonl', 0)}/{sizes.get(f'{k}/val.jsonl', 0)}" for k in kinds]
+    return ", ".join(parts) + " (train/held-out rows)"
 
 
 def main(argv: list[str] | None = None) -> Path | None:

@@ -5,8 +5,9 @@
 
 For each of the run's `pretrain`, `sft` and `rlhf` stage outputs that exists (complete), it greedily
 answers the first `num_prompts` prompts of `prompts/<split>.jsonl` (data stage) and reports
-gold accuracy (exact/numeric match against the answer) and the mean score of the response
-under the reward model (`reward` stage, when present). `rm_score` is normalised with the reward
+gold accuracy (the prompts' scorer against their answer, with n and a 95% interval; only where the
+prompts have a verifier, else `verifier: "none"` and no gold numbers) and the mean score of the
+response under the reward model (`reward` stage, when present). `rm_score` is normalised with the reward
 stage's statistics, the same meaning (and scale) as the rlhf stage's `rm_score`; `rm_score_raw` is
 the RM's raw output (alignline.evaluation). Outputs (stage contract): eval.json (per stage:
 gold_accuracy, per_task, rm_score, rm_score_raw, checkpoint; the normalisation used), samples.jsonl
@@ -59,7 +60,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
 
     from alignline.degeneration import output_stats
     from alignline.distributed import pick_device
-    from alignline.evaluation import gold_eval, load_prompts, reward_normalisation, score_responses
+    from alignline.evaluation import estimate, gold_eval, load_prompts, reward_normalisation, score_responses
     from alignline.models import load_causal_lm, load_classifier
     from alignline.tokenizer import load_tokenizer
     from alignline.training import seed_everything
@@ -86,6 +87,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     results: dict[str, dict] = {}
     responses: dict[str, list[str]] = {}
     golds: dict[str, list[float]] = {}
+    estimates: dict[str, dict] = {}  # held-out proportions with n and a 95% interval
     rms: dict[str, list[float]] = {}
     for i, stage in enumerate(models):
         src = run.input(stage)
@@ -96,17 +98,20 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         tok = load_tokenizer(ckpt)
         gold = gold_eval(model, tok, rows, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
         responses[stage] = [s["response"] for s in gold.samples]
-        golds[stage] = [s["score"] for s in gold.samples]
-        results[stage] = {"gold_accuracy": gold.accuracy, "per_task": gold.per_task, "checkpoint": str(ckpt),
-                          "dir": src.path.name, **({"variant": src.manifest["variant"]}
-                                                   if src.manifest.get("variant") else {}),
+        results[stage] = {"checkpoint": str(ckpt), "dir": src.path.name,
+                          **({"variant": src.manifest["variant"]} if src.manifest.get("variant") else {}),
                           "outputs": output_stats(responses[stage])}  # degeneration detectors
+        if gold.accuracy is not None:  # the prompts have a verifier
+            golds[stage] = [s["score"] for s in gold.samples]
+            results[stage].update(gold_accuracy=gold.accuracy, per_task=gold.per_task)
+            estimates[f"{stage}_gold_accuracy"] = estimate(sum(golds[stage]), len(rows))
         if rm is not None:
             raw = score_responses(rm, rm_tok, conversations, responses[stage], gold.finished, config.batch_size)
             rms[stage] = [(x - rm_mean) / rm_std for x in raw]
             results[stage]["rm_score"] = sum(rms[stage]) / len(rms[stage])
             results[stage]["rm_score_raw"] = sum(raw) / len(raw)
-        run.metrics.log(i, **{f"{stage}_gold_accuracy": gold.accuracy})
+        if gold.accuracy is not None:
+            run.metrics.log(i, **{f"{stage}_gold_accuracy": gold.accuracy})
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -115,20 +120,23 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     for j, row in enumerate(rows):
         samples.append({
             "prompt": row["prompt"][-1]["content"],
-            "answer": row["answer"],
+            **({"answer": row["answer"]} if golds else {}),
             "task": row.get("task"),
             "responses": {s: responses[s][j] for s in models},
-            "gold": {s: golds[s][j] for s in models},
+            **({"gold": {s: golds[s][j] for s in models}} if golds else {}),
             **({"rm_score": {s: rms[s][j] for s in models}} if rms else {}),
         })
     headline: dict[str, float] = {}
     for s in models:
-        headline[f"{s}_gold_accuracy"] = results[s]["gold_accuracy"]
-        if "rm_score" in results[s]:
-            headline[f"{s}_rm_score"] = results[s]["rm_score"]
-    best = max(models, key=lambda s: (results[s]["gold_accuracy"] if not math.isnan(results[s]["gold_accuracy"])
-                                      else -1.0))
+        for key in ("gold_accuracy", "rm_score"):
+            if key in results[s]:
+                headline[f"{s}_{key}"] = results[s][key]
+    # The best stage by gold accuracy where there is a verifier, else by the reward model's score.
+    rank_by = "gold_accuracy" if golds else ("rm_score" if rms else None)
+    best = (max(models, key=lambda s: -1.0 if math.isnan(results[s][rank_by]) else results[s][rank_by])
+            if rank_by else None)
     evaluation = {"split": config.split, "num_prompts": len(rows), "stages": results, "best_stage": best,
+                  "best_by": rank_by, "verifier": "gold" if golds else "none", "estimates": estimates,
                   "reward_model": str(run.input("reward").checkpoint) if rm is not None else None,
                   **({"rm_normalisation": {"reward_mean": rm_mean, "reward_std": rm_std}} if rm is not None else {})}
     return run.finalize(eval=evaluation, headline=headline, samples=samples)

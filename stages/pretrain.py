@@ -204,7 +204,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.checkpointing import gather_states
     from alignline.data.shards import BlockSampler, PackedBlocks, build_shards
     from alignline.distributed import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
-    from alignline.evaluation import gold_eval, load_prompts
+    from alignline.evaluation import gold_eval, gold_summary, load_prompts
     from alignline.tokenizer import load_tokenizer
     from alignline.training import (
         build_optimizer,
@@ -357,10 +357,10 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         eval_out = {
             "val_loss": val_loss, "val_ppl": math.exp(val_loss), "initial_val_loss": initial_val,
             "tokens_seen": tc.max_steps * tokens_per_step, "n_params": n_params,
-            "gold_accuracy": gold.accuracy if gold else None,
-            "gold_per_task": gold.per_task if gold else {},
+            **gold_summary(gold),
         }
-        headline = {k: eval_out[k] for k in ("val_loss", "val_ppl", "initial_val_loss", "gold_accuracy")}
+        headline = {k: eval_out[k] for k in ("val_loss", "val_ppl", "initial_val_loss", "gold_accuracy")
+                    if k in eval_out}
         out = run.finalize(eval=eval_out, headline=headline, samples=gold.samples if gold else [])
     barrier(dist)
     cleanup(dist)

@@ -12,8 +12,11 @@ With `onpolicy.enabled`, the init policy is sampled on prompts/train.jsonl first
 wrong sample (by the suite's gold scorer) is paired against the gold answer and added to the
 training pairs (alignline/rl/policy_pairs.py): the RM then sees the mistakes PPO will exploit.
 
-eval.json, on the held-out val pairs: `accuracy` (chosen scored above rejected), mean `margin`,
-and `reward_mean` / `reward_std` of the chosen (reference) responses; PPO normalises with these.
+eval.json, on the held-out val pairs: `accuracy` (chosen scored above rejected; with `n_pairs` and a
+95% interval in `estimates`), mean `margin`, and `reward_mean` / `reward_std` of the chosen
+(reference) responses; PPO normalises with these. On-policy pairs need a verifier (gold answers on
+the prompts); with a user's prompts that have none they are skipped, with a warning and
+`onpolicy.skipped` in eval.json.
 With on-policy pairs also `onpolicy_accuracy` (the same on pairs sampled from prompts/val.jsonl)
 and `onpolicy` (sample accuracy and pair counts).
 Resume: Trainer checkpoints under `reward/state/trainer/`, like sft.
@@ -105,7 +108,9 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]
     mean = sum(chosen) / n
     std = math.sqrt(sum((c - mean) ** 2 for c in chosen) / max(n - 1, 1))
     return {
-        "accuracy": sum(m > 0 for m in margins) / n,
+        # A tie counts half (as in win_rate): a val pair the max_length cut made identical is scored
+        # identically, and is a coin flip, not a miss (length_fit counts those pairs).
+        "accuracy": (sum(m > 0 for m in margins) + 0.5 * sum(m == 0 for m in margins)) / n,
         "margin": sum(margins) / n,
         "reward_mean": mean,
         "reward_std": std,
@@ -115,12 +120,23 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]
 
 
 def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[list, list, dict]:
-    """(train pairs, val pairs, stats) sampled from the init policy; see OnPolicyConfig."""
+    """(train pairs, val pairs, stats) sampled from the init policy; see OnPolicyConfig.
+
+    A pair needs a verifier to tell the right sample from the wrong one: prompts without gold answers
+    (a user's own prompts) give no on-policy pairs. That is logged and recorded in eval.json
+    (`onpolicy.skipped`), so the reward model trains on the user's preference pairs alone."""
     from alignline.distributed import pick_device
+    from alignline.evaluation import has_verifier
     from alignline.models import load_causal_lm
     from alignline.rl.policy_pairs import sample_policy_pairs
 
     o = config.onpolicy
+    path = data_dir / "prompts" / "train.jsonl"
+    if not has_verifier(read_jsonl(path, o.prompts)):
+        why = (f"no verifier: {path} has no gold answers, so right and wrong samples cannot be told apart; "
+               "the reward model trains on the preference pairs alone (set onpolicy.enabled=false to say so)")
+        log.warning("on-policy pairs skipped: %s", why)
+        return [], [], {"skipped": why}
     device = pick_device(config.train.device)
     policy = load_causal_lm(src, device=device)
     kw = dict(samples_per_prompt=o.samples_per_prompt, max_pairs_per_prompt=o.max_pairs_per_prompt,
@@ -146,7 +162,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.chat import conversation_ids, length_fit, warn_if_cut
     from alignline.distributed import pick_device
-    from alignline.evaluation import score_conversations
+    from alignline.evaluation import estimate, score_conversations
     from alignline.models import load_classifier
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
@@ -225,6 +241,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     rejected = score_conversations(trained, tokenizer, [r["prompt"] + r["rejected"] for r in val_rows],
                                    config.eval.batch_size, t.max_length)
     metrics = pair_metrics(chosen, rejected)
+    # Held-out accuracy with its sample size and 95% interval: 15 pairs say much less than 1,500.
+    metrics["estimates"] = {"accuracy": estimate(metrics["accuracy"] * metrics["n_pairs"], metrics["n_pairs"])}
     if onpolicy_stats is not None:
         metrics["onpolicy"] = onpolicy_stats
         if onpolicy_val:
@@ -233,14 +251,15 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             r = score_conversations(trained, tokenizer, [r["prompt"] + r["rejected"] for r in onpolicy_val],
                                     config.eval.batch_size, t.max_length)
             metrics["onpolicy_accuracy"] = pair_metrics(c, r)["accuracy"]
+            metrics["estimates"]["onpolicy_accuracy"] = estimate(metrics["onpolicy_accuracy"] * len(c), len(c))
     metrics["train_steps"] = trainer.state.global_step
     metrics["length_fit"] = fit  # pairs longer than train.max_length (train: dropped by TRL; val: cut)
     ckpt = run.staging / "checkpoint"
     trained.save_pretrained(str(ckpt))
     tokenizer.save_pretrained(str(ckpt))
     run.metrics.log(trainer.state.global_step, val_accuracy=metrics["accuracy"], val_margin=metrics["margin"])
-    headline = {k: metrics[k] for k in ("accuracy", "margin", "reward_mean", "reward_std", "onpolicy_accuracy")
-                if k in metrics}
+    headline = {k: metrics[k] for k in ("accuracy", "margin", "n_pairs", "reward_mean", "reward_std",
+                                        "onpolicy_accuracy") if k in metrics}
     extra = {"external_init": str(init_path.resolve())} if external else {}
     return run.finalize(eval=metrics, headline=headline, extra_manifest=extra)
 

@@ -17,10 +17,11 @@ LoRA), state/ (resumable), metrics.jsonl, tb/, eval.json, samples.jsonl, manifes
 `rlhf-<its algorithm>/` when the stage next runs.
 
 eval.json compares the SFT and the trained policy on held-out prompts (prompts/test.jsonl):
-RM score of greedy answers (normalised), gold accuracy (greedy, `gold_score`), KL to the
-reference (exact over the vocabulary along sampled answers), win rate of the trained policy
-over SFT under the RM, and `overoptimisation: true` when the RM score rose while gold
-accuracy fell.
+RM score of greedy answers (normalised), KL to the reference (exact over the vocabulary along
+sampled answers), win rate of the trained policy over SFT under the RM (with n and a 95% interval
+in `estimates`), and, where the prompts have a verifier (gold answers: the built-in suite, or a
+prompt file with an answer column), gold accuracy and `overoptimisation: true` when the RM score
+rose while gold accuracy fell. Without a verifier those are absent (`verifier: "none"`), never 0.
 
 Under torchrun (PPO only; `nproc_per_node: N` in the pipeline): every rank generates and scores
 rollouts for its 1/N of each iteration's prompts (`ppo.rollout_batch_size` must split evenly, and
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from alignline.chat import conversation_ids, length_fit, prompt_ids, warn_if_cut
-from alignline.config import ConfigError, LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
+from alignline.config import ConfigError, InputError, LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
 from alignline.degeneration import output_stats
 from alignline.files import read_jsonl
 from alignline.rl.args import PPOArgs, PPOHyperparameters
@@ -69,7 +70,10 @@ STAGE = "rlhf"
 
 class PromptsConfig(StrictModel):
     max_train: int | None = Field(None, gt=0, description="use at most this many training prompts")
-    max_prompt_tokens: int = Field(128, gt=0, description="longer prompts are an error (say which)")
+    max_prompt_tokens: int = Field(128, gt=0, description="prompt length cap in tokens, chat template included")
+    on_too_long: Literal["drop", "error"] = Field(
+        "drop", description="a longer prompt: drop it (counted in eval.json length_fit, warned above 5%, shown "
+        "in the report) or refuse the run naming it")
 
 
 class PtxConfig(StrictModel):
@@ -262,17 +266,22 @@ def find_data_stage(start: Path, max_depth: int = 6) -> Path:
     )
 
 
-def encode_prompts(tokenizer, rows: list[dict], max_tokens: int, source: Path) -> list[list[int]]:
-    """Each row's chat-templated `prompt` as token ids (`alignline.chat.prompt_ids`), each at
-    most `max_tokens` long."""
-    out = prompt_ids(tokenizer, [row["prompt"] for row in rows])
-    for i, ids in enumerate(out):
-        if len(ids) > max_tokens:
-            raise ValueError(
-                f"{source}:{i + 1}: prompt has {len(ids)} tokens > prompts.max_prompt_tokens={max_tokens}; "
-                "raise prompts.max_prompt_tokens"
-            )
-    return out
+def fit_prompts(tokenizer, rows: list[dict], cfg: PromptsConfig, source: Path, what: str
+                ) -> tuple[list[dict], list[list[int]], dict]:
+    """(rows, their chat-templated prompt ids, length fit) keeping the prompts of at most
+    `max_prompt_tokens` tokens. A user's prompts vary in length: the longer ones are dropped and
+    counted (`on_too_long: drop`) or refused (`error`); when none fits, that is an error."""
+    ids = prompt_ids(tokenizer, [row["prompt"] for row in rows])
+    fit = length_fit([len(x) for x in ids], cfg.max_prompt_tokens, "dropped", "prompts.max_prompt_tokens")
+    over = [i for i, x in enumerate(ids) if len(x) > cfg.max_prompt_tokens]
+    if over and (cfg.on_too_long == "error" or len(over) == len(rows)):
+        raise InputError(
+            f"{source}:{over[0] + 1}: prompt has {len(ids[over[0]])} tokens > prompts.max_prompt_tokens="
+            f"{cfg.max_prompt_tokens} ({len(over)} of {len(rows)} {what} are longer); raise prompts.max_prompt_tokens"
+            + ("" if cfg.on_too_long == "drop" else " or set prompts.on_too_long=drop"))
+    warn_if_cut(fit, f"rlhf {what}", "prompts.max_prompt_tokens")
+    keep = [i for i, x in enumerate(ids) if len(x) <= cfg.max_prompt_tokens]
+    return [rows[i] for i in keep], [ids[i] for i in keep], fit
 
 
 def load_models(cfg: RLHFConfig, sft_ckpt: Path, reward_ckpt: Path, device: torch.device, need_value: bool):
@@ -327,16 +336,11 @@ class PtxSampler:
         return torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()])
 
 
-def gold_scores(texts: list[str], rows: list[dict]) -> list[float]:
-    """The suite's gold scorer on each text against its row's `answer` (and `match`, default exact)."""
-    from alignline.data.tasks import gold_score
-
-    return [gold_score(t, r["answer"], r.get("match", "exact")) for t, r in zip(texts, rows, strict=True)]
-
-
 def gold_verifier(tok, rows: list[dict]):
     """A PPO verifier for one rollout batch: 1.0 where the decoded response is the row's gold answer."""
     import torch
+
+    from alignline.evaluation import gold_scores
 
 
     def verify(responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -364,6 +368,14 @@ def prompt_batch(n_prompts: int, batch: int, step: int, seed: int) -> list[int]:
 # --------------------------------------------------------------------------- evaluation
 
 
+def eval_prompts(cfg, tok, data_dir: Path) -> tuple[list[dict], dict]:
+    """The first `eval.num_prompts` held-out prompts (prompts/test.jsonl) that fit
+    prompts.max_prompt_tokens, and how many did not."""
+    path = data_dir / "prompts" / "test.jsonl"
+    rows, _, fit = fit_prompts(tok, read_jsonl(path, cfg.eval.num_prompts), cfg.prompts, path, "held-out prompts")
+    return rows, fit
+
+
 def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, temperature):
     """SFT vs trained policy on held-out prompts -> (eval dict, samples of the trained policy).
 
@@ -372,11 +384,22 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, temperature):
 
     from contextlib import nullcontext
 
-    from alignline.evaluation import greedy_responses, kl_to_reference, overoptimised, rm_scores, win_rate
+    from alignline.evaluation import (
+        estimate,
+        gold_scores,
+        greedy_responses,
+        has_verifier,
+        kl_to_reference,
+        overoptimised,
+        rm_scores,
+        win_rate,
+    )
 
     e = cfg.eval
     prompts = prompt_ids(tok, [r["prompt"] for r in rows])
-    result: dict[str, Any] = {}
+    verified = has_verifier(rows)  # gold accuracy exists only where the prompts carry gold answers
+    result: dict[str, Any] = {"num_prompts": len(rows), "verifier": "gold" if verified else "none",
+                              "estimates": {}}
     samples = []
     per_model: dict[str, torch.Tensor] = {}
     for name in ("sft", "policy"):
@@ -388,33 +411,38 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, temperature):
         raw = rm_scores(rm, [p + r for p, r in zip(prompts, responses, strict=True)], tok.pad_token_id, e.batch_size)
         scores = (raw - mean) / std
         texts = tok.batch_decode(responses, skip_special_tokens=True)
-        gold = gold_scores(texts, rows)
-        by_task: dict[str, list[float]] = {}
-        for g, r in zip(gold, rows):
-            by_task.setdefault(r.get("task", "all"), []).append(g)
         result[name] = {
             "rm_score": float(scores.mean()),
-            "gold_accuracy": sum(gold) / len(gold),
-            "per_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
             "eos_rate": sum(int(len(x) > 0 and int(x[-1]) == tok.eos_token_id) for x in responses) / len(responses),
             "response_length": sum(len(x) for x in responses) / len(responses),
             "outputs": output_stats(texts),  # degeneration detectors (alignline.degeneration)
         }
+        gold: list[float | None] = [None] * len(rows)
+        if verified:
+            gold = gold_scores(texts, rows)
+            by_task: dict[str, list[float]] = {}
+            for g, r in zip(gold, rows):
+                by_task.setdefault(r.get("task", "all"), []).append(g)
+            result[name]["gold_accuracy"] = sum(gold) / len(gold)
+            result[name]["per_task"] = {k: sum(v) / len(v) for k, v in sorted(by_task.items())}
+            result["estimates"][f"{name}_gold_accuracy"] = estimate(sum(gold), len(gold))
         per_model[name] = scores
         if name == "policy":
             samples = [
-                {"prompt": r["prompt"][-1]["content"], "response": t, "answer": r["answer"], "task": r.get("task"),
-                 "score": g, "rm_score": float(s)}
+                {"prompt": r["prompt"][-1]["content"], "response": t, "task": r.get("task"), "rm_score": float(s),
+                 **({"answer": r["answer"], "score": g} if verified else {})}
                 for r, t, g, s in zip(rows, texts, gold, scores.tolist())
             ]
     result["kl_to_ref"] = kl_to_reference(policy, ref, prompts, eos_token_id=tok.eos_token_id,
                                           pad_token_id=tok.pad_token_id, max_new_tokens=e.max_new_tokens,
                                           batch_size=e.batch_size, temperature=temperature, samples=e.kl_samples)
     result["win_rate"] = win_rate(per_model["policy"], per_model["sft"])
+    # The win rate's interval: a tie counts half a win, as in win_rate.
+    result["estimates"]["win_rate"] = estimate(result["win_rate"] * len(rows), len(rows))
     result["rm_score_gain"] = result["policy"]["rm_score"] - result["sft"]["rm_score"]
-    result["gold_accuracy_gain"] = result["policy"]["gold_accuracy"] - result["sft"]["gold_accuracy"]
-    result["overoptimisation"] = overoptimised(result["rm_score_gain"], result["gold_accuracy_gain"])
-    result["num_prompts"] = len(rows)
+    if verified:
+        result["gold_accuracy_gain"] = result["policy"]["gold_accuracy"] - result["sft"]["gold_accuracy"]
+        result["overoptimisation"] = overoptimised(result["rm_score_gain"], result["gold_accuracy_gain"])
     return result, samples
 
 
@@ -443,7 +471,7 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
     from tqdm.auto import tqdm
 
     from alignline.distributed import DistInfo, broadcast_object
-    from alignline.evaluation import reward_normalisation
+    from alignline.evaluation import has_verifier, reward_normalisation
     from alignline.rl.ppo import PPOTrainer
     from alignline.training import maybe_interrupt, seed_everything
 
@@ -454,14 +482,9 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
     mean, std = reward_normalisation(reward)
     tok, policy, ref, value, rm = load_models(cfg, sft.checkpoint, reward.checkpoint, device, need_value=True)
     prompt_path = data_dir / "prompts" / "train.jsonl"
-    rows = read_jsonl(prompt_path, cfg.prompts.max_train)
-    prompts = encode_prompts(tok, rows, cfg.prompts.max_prompt_tokens, prompt_path)
-    has_gold = all("answer" in r for r in rows)
-    if cfg.ppo.verifier_weight > 0 and not has_gold:
-        raise ValueError(
-            f"ppo.verifier_weight={cfg.ppo.verifier_weight} needs a gold `answer` on every row of {prompt_path} "
-            "(the built-in suite's prompts have one); set ppo.verifier_weight=0 for prompts without answers"
-        )
+    rows, prompts, prompt_fit = fit_prompts(tok, read_jsonl(prompt_path, cfg.prompts.max_train), cfg.prompts,
+                                            prompt_path, "training prompts")
+    has_gold = has_verifier(rows)  # rollouts are scored against gold answers too (logged; verifier_weight)
     ptx = None
     if cfg.ppo.ptx_coef > 0:
         ptx = PtxSampler(tok, data_dir / "pretrain" / "train.jsonl", cfg.ptx.batch_size, cfg.ptx.seq_len, cfg.seed)
@@ -537,8 +560,9 @@ def run_ppo(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device, dist=None
 
     # The final iteration's state is saved above, before evaluating: a failure (OOM, bug) from here on
     # costs a re-run the evaluation only, not the training.
-    rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
+    rows_test, eval_fit = eval_prompts(cfg, tok, data_dir)
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, cfg.ppo.temperature)
+    ev["length_fit"] = {"prompts": prompt_fit, "eval prompts": eval_fit}
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2),
                    "final": {k: last.get(k) for k in ("score", "kl", "eos_rate", "response_length", "beta")}}
     if dist.enabled:
@@ -619,7 +643,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         chosen_ids = conversation_ids(tok, [r["prompt"] + r["chosen"] for r in rows])
         rejected_ids = conversation_ids(tok, [r["prompt"] + r["rejected"] for r in rows])
         fit = length_fit([max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids, strict=True)],
-                         d.max_length, "truncated")
+                         d.max_length, "truncated", "dpo.max_length")
         fit["prompt_fills_max_length"] = sum(len(p) >= d.max_length for p in prompt_ids(tok, [r["prompt"] for r in rows]))
         warn_if_cut(fit, "dpo train pairs", "dpo.max_length")
         ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
@@ -628,9 +652,10 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
                              callbacks=callbacks)
     else:
         g = section
-        rows = read_jsonl(data_dir / "prompts" / "train.jsonl", cfg.prompts.max_train)
-        ds = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "match": r.get("match", "exact")}
-                                for r in rows])
+        path = data_dir / "prompts" / "train.jsonl"
+        rows, _, fit = fit_prompts(tok, read_jsonl(path, cfg.prompts.max_train), cfg.prompts, path, "training prompts")
+        ds = Dataset.from_list([{"prompt": r["prompt"], **({"answer": r["answer"], "match": r.get("match", "exact")}
+                                                            if g.gold_reward else {})} for r in rows])
         funcs: list = [RMReward(rm, tok, mean, std, g.missing_eos_penalty)]
         weights = [1.0]
         if g.gold_reward:
@@ -658,17 +683,38 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     disable_dropout(policy)
     if ref is None and not cfg.lora.enabled:
         raise RuntimeError("internal: no reference model for evaluation")
-    rows_test = read_jsonl(data_dir / "prompts" / "test.jsonl", cfg.eval.num_prompts)
+    rows_test, eval_fit = eval_prompts(cfg, tok, data_dir)
     temperature = 1.0 if algo == "dpo" else section.temperature
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2)}
-    if fit is not None:
-        ev["length_fit"] = {"train": fit}
+    ev["length_fit"] = {"train" if algo == "dpo" else "prompts": fit, "eval prompts": eval_fit}
     save_policy(policy, tok, run.staging, cfg.lora.enabled)
     return ev, samples
 
 
 # --------------------------------------------------------------------------- entry points
+
+
+def check_verifier_needs(cfg: RLHFConfig, data_dir: Path) -> None:
+    """A verifiable reward (ppo.verifier_weight, grpo/rloo gold_reward) needs gold answers on the
+    training prompts; refused before the stage dir exists when they have none."""
+    from alignline.evaluation import has_verifier
+
+    section = getattr(cfg, cfg.algorithm)
+    if cfg.algorithm == "ppo":
+        key, wants = "ppo.verifier_weight", section.verifier_weight > 0
+    else:
+        key, wants = f"{cfg.algorithm}.gold_reward", bool(getattr(section, "gold_reward", False))
+    if not wants:
+        return
+    path = data_dir / "prompts" / "train.jsonl"
+    if not has_verifier(read_jsonl(path, cfg.prompts.max_train)):
+        off = "ppo.verifier_weight=0" if cfg.algorithm == "ppo" else f"{key}=false"
+        raise InputError(
+            f"{key} needs a gold `answer` on every row of {path}; the built-in suite's prompts have one, and so "
+            f"do prompt files with an answer column (data stage files.prompts). Set {off} for prompts "
+            "without answers")
+
 
 
 def run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path) -> Path:
@@ -706,6 +752,7 @@ def _run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path, dist) -> Path:
     else:
         data_dir = find_data_stage(Path(inputs["init"]))
     stage_inputs["data"] = data_dir
+    check_verifier_needs(cfg, data_dir)
     pick_device(cfg.device)  # device: cuda on a machine without one fails before the stage dir exists
     run_ = StageRun(run_dir, STAGE, cfg, inputs=stage_inputs, source=__file__, resume_keys=RESUME_KEYS)
     sft, reward = run_.input("init"), run_.input("reward")
@@ -723,14 +770,15 @@ def _run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path, dist) -> Path:
     ev = {"algorithm": cfg.algorithm, **ev, "wall_time_s": round(time.time() - t0, 2)}
     headline = {
         "rm_score": ev["policy"]["rm_score"],
-        "gold_accuracy": ev["policy"]["gold_accuracy"],
+        "gold_accuracy": ev["policy"].get("gold_accuracy"),  # absent without a verifier
         "sft_rm_score": ev["sft"]["rm_score"],
-        "sft_gold_accuracy": ev["sft"]["gold_accuracy"],
+        "sft_gold_accuracy": ev["sft"].get("gold_accuracy"),
         "win_rate": ev["win_rate"],
         "kl": ev["kl_to_ref"],
         "kl_to_ref": ev["kl_to_ref"],
-        "overoptimisation": ev["overoptimisation"],
+        "overoptimisation": ev.get("overoptimisation"),
     }
+    headline = {k: v for k, v in headline.items() if v is not None}
     out = run_.finalize(eval=ev, headline=headline, samples=samples)
     if dist is not None:
         barrier(dist)

@@ -10,13 +10,16 @@ Loss is on assistant tokens only (the chat template marks them with {% generatio
 optional. With `lora.enabled`, `adapter/` holds the PEFT adapter and `checkpoint/` the merged model.
 
 Resume: the Trainer's checkpoints live under `sft/state/trainer/`; re-running with the same config
-resumes from the newest one (`resume_from_checkpoint`). eval.json: val_loss and, on the built-in
-suite, gold_accuracy (greedy, chat template) on the first N held-out prompts of prompts/test.jsonl.
+resumes from the newest one (`resume_from_checkpoint`). eval.json: val_loss and val_ppl on the
+held-out chats (sft/val.jsonl, answers only), and greedy answers (chat template) to the first N
+held-out prompts of prompts/test.jsonl, scored as gold_accuracy (with n and a 95% interval) where
+the prompts have a verifier (the built-in suite; prompt files with answers), else `verifier: none`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from pydantic import Field
@@ -83,7 +86,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.chat import conversation_ids, length_fit, warn_if_cut
     from alignline.distributed import pick_device
-    from alignline.evaluation import gold_eval, load_prompts
+    from alignline.evaluation import gold_eval, gold_summary, load_prompts
     from alignline.models import load_causal_lm
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
@@ -163,14 +166,16 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         gold = gold_eval(trained, tokenizer, rows, config.eval.max_new_tokens, config.eval.batch_size)
     eval_out = {
         "val_loss": val_loss,
-        "gold_accuracy": gold.accuracy if gold else None,
-        "gold_per_task": gold.per_task if gold else {},
+        "val_ppl": math.exp(val_loss) if math.isfinite(val_loss) else math.nan,  # on the held-out chats' answers
+        "val_chats": len(val_rows),
+        **gold_summary(gold),
         "train_steps": trainer.state.global_step,
         "lora": config.lora.enabled,
         "length_fit": fit,  # examples longer than train.max_length (truncated by the trainer)
     }
     extra = {"external_init": str(init_path.resolve())} if external else {}
-    return run.finalize(eval=eval_out, headline={"val_loss": val_loss, "gold_accuracy": eval_out["gold_accuracy"]},
+    headline = {k: eval_out[k] for k in ("val_loss", "val_ppl", "gold_accuracy") if k in eval_out}
+    return run.finalize(eval=eval_out, headline=headline,
                         samples=gold.samples if gold else [], extra_manifest=extra)
 
 

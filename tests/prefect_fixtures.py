@@ -75,6 +75,7 @@ FAKE_STAGE = textwrap.dedent(
         gold_accuracy: float = 0.5
         data_file: str | None = None  # a file read from outside the run dir (fingerprinted into the key)
         collapse: bool = False  # a collapsed policy: every answer is the same looping string
+        accuracy_interval: list = []  # [n, low, high]: the held-out estimate of `accuracy`
         {extra}
 
 
@@ -113,7 +114,9 @@ FAKE_STAGE = textwrap.dedent(
                    for i in range(3)]
         headline = {{"loss": config.lr / config.steps, "accuracy": config.accuracy, "kl": config.kl,
                     "gold_accuracy": config.gold_accuracy, "resumed_from": start}}
-        return run.finalize(eval=headline, headline=headline, samples=samples)
+        est = config.accuracy_interval
+        estimates = {{"accuracy": {{"value": config.accuracy, "n": est[0], "low": est[1], "high": est[2]}}}} if est else {{}}
+        return run.finalize(eval={{**headline, "estimates": estimates}}, headline=headline, samples=samples)
 
 
     def main(argv=None):

@@ -179,7 +179,7 @@ def test_gold_score(response, answer, match, expected):
 
 
 def test_gold_score_unknown_match():
-    with pytest.raises(ValueError, match="unknown match kind"):
+    with pytest.raises(ValueError, match="is not .exact., .numeric. or a scorer"):
         gold_score("1", "1", "fuzzy")
 
 

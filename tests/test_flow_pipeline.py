@@ -161,6 +161,19 @@ def test_reward_gate_stops_before_rlhf(fake) -> None:
     assert not (run_dir / "rlhf-ppo").exists() and not (run_dir / "rlhf").exists()
     report = (run_dir / "report.md").read_text()
     assert "GATE: reward model" in report and "| rlhf-ppo | stopped by gate |" in report
+    # 0.5 on 200 pairs: the whole 95% interval is below the bar; the message says so.
+    with pytest.raises(GateFailed, match=r"accuracy=0.500 < 0.7 \(on 200 held-out pairs, 95% interval 0.43-0.57\)"):
+        run("reward.accuracy=0.5", "reward.accuracy_interval=[200,0.431,0.569]")
+
+
+def test_the_reward_gate_does_not_stop_on_too_few_pairs(fake) -> None:
+    """0.6 on 12 held-out pairs (interval 0.35-0.81) does not show the reward model is below 0.7:
+    RLHF runs, and the report says why the gate let it through."""
+    run, run_dir = fake
+    result = run("reward.accuracy=0.6", "reward.accuracy_interval=[12,0.354,0.807]")
+    assert statuses(result)["rlhf"] == "ran"
+    assert any("too few pairs to stop on" in n and "on 12 held-out pairs" in n for n in result["notes"])
+    assert "too few pairs to stop on" in (run_dir / "report.md").read_text()
 
 
 def test_a_collapsed_policy_marks_the_run_by_default(fake) -> None:

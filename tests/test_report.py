@@ -156,12 +156,13 @@ def test_examples_longer_than_max_length_are_a_table_and_a_warning(tmp_path: Pat
     from alignline.chat import length_fit
 
     run = _run(tmp_path)
-    fit = {"train": length_fit([10, 300, 40, 500], 256, "dropped"),
+    fit = {"train": length_fit([10, 300, 40, 500], 256, "dropped", "dpo.max_length"),
            "val": {**length_fit([100, 100], 256, "truncated"), "identical_after_truncation": 0}}
     assert fit["train"] == {"n": 4, "over_max_length": 2, "share": 0.5, "longest": 500, "max_length": 256,
-                            "action": "dropped"}
+                            "action": "dropped", "key": "dpo.max_length"}
     (run / "rlhf" / "eval.json").write_text(json.dumps({"length_fit": fit}))
     md = build_report(run, records_from_run_dir(run, stage_order())).markdown
     assert "| rlhf | train | 4 | 2 | 50.0% | 500 | 256 | dropped |" in md
     assert "| rlhf | val |" not in md  # nothing cut there
-    assert "WARNING: rlhf train: 50% of the examples are longer than max_length and are dropped" in md
+    assert ("WARNING: rlhf train: 50% of the examples are longer than max_length and are dropped; raise rlhf's "
+            "dpo.max_length") in md  # names the key to raise

@@ -15,7 +15,7 @@ transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..."), `messages` (TRL conversatio
 Outputs have the built-in suite's record shapes (alignline.data.tasks):
     pretrain   {"text"}                 sft      {"messages"}
     preference {"prompt", "chosen", "rejected"}  (lists of messages)
-    prompts    {"prompt", "answer", "task", "match"}
+    prompts    {"prompt", "task"} plus {"answer", "match"} where a verifier exists
 
 Validation collects EVERY problem (invalid JSON, non-UTF-8 bytes, missing/empty fields, unknown roles,
 empty dataset, chosen == rejected, prompts over `max_prompt_length`) and raises one `DataValidationError`
@@ -97,7 +97,8 @@ class Columns(StrictModel):
     )
     answer: str = Field("answer", description="gold answer column of prompts records")
     task: str = Field("task", description="task name column of prompts records (default: default_task)")
-    match: str = Field("match", description="gold match mode column of prompts records: exact | numeric")
+    match: str = Field(
+        "match", description="gold scorer column of prompts records: exact | numeric | module:callable")
     role_key: str = Field("from", description="ShareGPT message role key")
     content_key: str = Field("value", description="ShareGPT message content key")
 
@@ -133,7 +134,9 @@ class LoaderConfig(StrictModel):
     length_unit: Literal["tokens", "chars"] = "tokens"
     on_too_long: Literal["drop", "error"] = "drop"
     default_task: str = "custom"
-    default_match: Literal["exact", "numeric"] = "exact"
+    default_match: str = Field(
+        "exact", description="prompts records' scorer when the record has no `match`: exact | numeric | "
+        "module:callable (a function (response, answer) -> float in [0, 1])")
 
 
 # --------------------------------------------------------------------------- raw reading
@@ -526,15 +529,26 @@ class Converter:
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
     def _prompt_record(self, prompt: list[dict], obj: dict, answer_key: str | None = None) -> dict:
+        """A prompt, with its gold answer and scorer when the record has one. A prompt without an
+        answer has no verifier: it is still an RL and evaluation prompt, but no gold accuracy is
+        measured on it (the data stage refuses a file that mixes the two)."""
+        from alignline.data.tasks import check_match
+
         if not prompt or prompt[-1]["role"] != "user":
             raise _Bad("prompt must end with a user turn")
-        answer = _field(obj, answer_key or self.c.answer)
-        match = obj.get(self.c.match, self.cfg.default_match)
-        if match not in ("exact", "numeric"):
-            raise _Bad(f"match must be 'exact' or 'numeric', got {match!r}")
         task = obj.get(self.c.task, self.cfg.default_task)
         if not isinstance(task, str) or not task:
             raise _Bad(f"task must be a non-empty string, got {task!r}")
+        key = answer_key or self.c.answer
+        if obj.get(key) is None:
+            return {"prompt": prompt, "task": task}
+        raw = obj[key]
+        # A numeric answer in JSON (`"answer": 19`) is the text "19"; the numeric scorer compares values.
+        answer = str(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else _field(obj, key)
+        try:
+            match = check_match(obj.get(self.c.match, self.cfg.default_match))
+        except ValueError as exc:
+            raise _Bad(str(exc)) from None
         return {"prompt": prompt, "answer": answer, "task": task, "match": match}
 
 

@@ -132,15 +132,60 @@ def suite_config(size: str = "default", overrides: list[str] | None = None) -> S
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
+def user_scorer(match: str) -> Callable[[str, str], float]:
+    """The user's scorer named `module:callable` (importable from the working directory or the
+    installed packages), called as `scorer(response, answer) -> float in [0, 1]`. Raises ValueError
+    naming the reference and what is wrong; the data stage calls it on every prompt file's `match`
+    before anything trains."""
+    import pkgutil
+    import sys
+
+    if match in _SCORERS:
+        return _SCORERS[match]
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", match):
+        raise ValueError(f"match {match!r} is not 'exact', 'numeric' or a scorer 'module:callable'")
+    if "" not in sys.path and "." not in sys.path:  # a user's module next to their data, as `python -m` finds it
+        sys.path.insert(0, "")
+    try:
+        fn = pkgutil.resolve_name(match)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"scorer {match!r} cannot be imported ({type(exc).__name__}: {exc}); it must be "
+                         "`module:callable` importable from the working directory") from exc
+    if not callable(fn):
+        raise ValueError(f"scorer {match!r} is a {type(fn).__name__}, not a function (response, answer) -> float")
+    _SCORERS[match] = fn
+    return fn
+
+
+_SCORERS: dict[str, Callable[[str, str], float]] = {}
+
+
+def check_match(match: Any) -> str:
+    """`match` if it names a scorer gold_score can use, else ValueError saying what would."""
+    if not isinstance(match, str):
+        raise ValueError(f"match must be a string ('exact', 'numeric' or 'module:callable'), got {match!r}")
+    if match not in MATCH_KINDS:
+        user_scorer(match)
+    return match
+
+
 def gold_score(response: str, answer: str, match: str) -> float:
     """1.0 when `response` is exactly the answer, else 0.0. Kept apart from any reward model.
 
     Surrounding whitespace is ignored. `exact`: the text must equal `answer`. `numeric`: the text
     must be a single number equal to `answer` ("19", "19.0", "+19"); "19 apples" or "The answer is 19"
-    score 0, because the task asks for the bare answer.
+    score 0, because the task asks for the bare answer. `module:callable`: the user's scorer
+    (`user_scorer`), whose result must be a number in [0, 1].
     """
     if match not in MATCH_KINDS:
-        raise ValueError(f"gold_score: unknown match kind {match!r}; expected one of {MATCH_KINDS}")
+        fn = user_scorer(match)
+        value = fn(response, answer)
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"scorer {match} returned {value!r} for the answer {answer!r}; it must return a "
+                             "number in [0, 1]")
+        return float(value)
     text = response.strip()
     if match == "exact":
         return 1.0 if text == answer.strip() else 0.0

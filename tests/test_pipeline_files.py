@@ -1,0 +1,77 @@
+"""The pipeline on real files end to end: configs/pipeline/files_tiny.yaml (the ../shared/data
+samples: Shakespeare/Wikipedia/C4 text, Alpaca chats, ShareGPT preference pairs) with the few
+steps of configs/pipeline/ci.yaml, through the Prefect flow.
+
+    .venv/bin/pytest tests/test_pipeline_files.py      # ~3 min; skipped without ../shared
+
+The report card must make sense to someone who has never seen the built-in suite: the samples
+are the user's own held-out prompts, no gold accuracy appears (these prompts have no verifier)
+and says so, and held-out numbers come with their sample size and interval.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignline.files import read_jsonl
+from tests.prefect_fixtures import prefect_harness  # noqa: F401
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.usefixtures("prefect_harness"),
+              pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present (CI has it)")]
+
+
+def ci_steps() -> list[str]:
+    """configs/pipeline/ci.yaml's few-step settings for every training stage, as `--set` overrides."""
+    ci = yaml.safe_load((REPO / "configs/pipeline/ci.yaml").read_text())
+    return [f"{stage}.{item}" for stage in ("pretrain", "sft", "reward", "rlhf", "evaluate")
+            for item in ci["stages"][stage].get("set", [])]
+
+
+def test_real_files_pipeline_reports_only_what_exists_for_the_data(tmp_path, monkeypatch):
+    from flows.pipeline import load_pipeline_config, pipeline_flow
+
+    monkeypatch.chdir(REPO)  # data paths in configs/data/files_tiny.yaml are relative to the working directory
+    run_dir = tmp_path / "run"
+    cfg = load_pipeline_config(REPO / "configs/pipeline/files_tiny.yaml",
+                               [f"run_dir={run_dir}", "gates.min_reward_accuracy=0.0", *ci_steps()])
+    result = pipeline_flow(config=cfg)
+    assert {s: r["status"] for s, r in result["stages"].items()} == {
+        s: "ran" for s in ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate")}
+
+    def ev(stage: str) -> dict:
+        return json.loads((run_dir / stage / "eval.json").read_text())
+
+    # No verifier: gold accuracy is absent everywhere, never a 0.
+    for stage in ("pretrain", "sft", "rlhf-ppo"):
+        assert "gold_accuracy" not in ev(stage) and ev(stage)["verifier"] == "none", stage
+    assert "gold_accuracy" not in ev("rlhf-ppo")["policy"] and "overoptimisation" not in ev("rlhf-ppo")
+    evaluation = ev("evaluate")
+    assert evaluation["verifier"] == "none" and evaluation["best_by"] == "rm_score"
+    assert not any("gold_accuracy" in r for r in evaluation["stages"].values())
+    # Held-out numbers are on the user's held-out data, with n and an interval.
+    pref_val = read_jsonl(run_dir / "data/preference/val.jsonl")
+    est = ev("reward")["estimates"]["accuracy"]
+    assert est["n"] == len(pref_val) >= 20 and est["low"] <= est["value"] <= est["high"]
+    test_prompts = [r["prompt"][-1]["content"] for r in read_jsonl(run_dir / "data/prompts/test.jsonl")]
+    assert ev("rlhf-ppo")["estimates"]["win_rate"]["n"] == ev("rlhf-ppo")["num_prompts"] > 0
+    samples = read_jsonl(run_dir / "rlhf-ppo/samples.jsonl")
+    assert samples and all(s["prompt"] in test_prompts for s in samples)
+    assert "ppl" in " ".join(ev("sft")) and ev("sft")["val_chats"] == len(read_jsonl(run_dir / "data/sft/val.jsonl"))
+
+    report = (run_dir / "report.md").read_text()
+    assert "no verifier" in report and "gold_accuracy=" not in report  # no headline shows one
+    assert not re.search(r"What is \d+ ?[-+]", report)  # nothing of the built-in arithmetic suite
+    assert "## Held-out measurements" in report and f"| reward | accuracy |" in report
+    assert "| prompt | sft |" in report.replace("pretrain | ", "")  # samples table without an answer column
+    assert any(p[:40].replace("|", "\\|") in report for p in test_prompts)
+    assert any("gate gold_must_not_drop skipped" in n for n in result["notes"])
+    sizes = ev("data")["sizes"]
+    assert sizes["sft/train.jsonl"] + sizes["sft/val.jsonl"] == 999  # the real data's size, in the data row:
+    assert f"sft {sizes['sft/train.jsonl']}/{sizes['sft/val.jsonl']}" in report
