@@ -255,6 +255,11 @@ def stage_inputs(rs: ResolvedStage, run_dir: Path, enabled: set[str],
     return out
 
 
+def producers(rs: ResolvedStage) -> list[str]:
+    """The pipeline stages whose outputs this stage reads (its INPUTS' defaults not given explicitly)."""
+    return [spec.default for spec in rs.input_specs if spec.default and spec.name not in rs.entry.inputs]
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "pipeline"
 
@@ -426,6 +431,7 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
             logger.warning("%s", moved)
             notes.append(moved)
     slug = _slug(config.name)
+    done: dict[str, Any] = {}  # stage -> its task run's final state (upstream edges for the next ones)
     failure: BaseException | None = None
     try:
         for i, stage in enumerate(pipeline_stages()):
@@ -460,12 +466,16 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
                                              retry_condition_fn=not_a_user_error)
             t0 = time.monotonic()
             try:
-                out = runner(
+                # wait_for the producers' task runs: the Prefect UI draws the stage DAG from these edges.
+                state = runner(
                     stage=stage, module=rs.module, config=rs.config_dict,
                     inputs=stage_inputs(rs, run_dir, enabled, dirs), run_dir=str(run_dir), nproc=rs.nproc,
                     launcher=rs.entry.launcher, timeout_s=rs.entry.timeout_s, force=force or from_stage == stage,
                     progress_key=f"{slug}-{dirs[stage]}-progress", progress_every_s=config.report.progress_every_s,
+                    wait_for=[done[p] for p in producers(rs) if p in done], return_state=True,
                 )
+                out = state.result()  # raises the stage's exception when it failed
+                done[stage] = state
             except Exception as exc:
                 rec.status, rec.wall_s = "failed", round(time.monotonic() - t0, 3)
                 rec.message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -496,5 +506,7 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
     logger.info("report card: %s", report)
     if failure is not None:
         raise failure
-    return {"run_dir": str(run_dir), "report": str(report), "notes": notes,
+    from prefect.runtime import flow_run
+
+    return {"run_dir": str(run_dir), "report": str(report), "notes": notes, "flow_run_id": flow_run.get_id(),
             "stages": {s: r.to_dict() for s, r in records.items()}}

@@ -83,7 +83,7 @@ def test_report_card_file_and_artifacts(fake) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     run, run_dir = fake
-    run("name=card")  # its own artifact keys: other tests publish `fake-*` in the same harness
+    result = run("name=card")  # its own artifact keys: other tests publish `fake-*` in the same harness
     report = (run_dir / "report.md").read_text()
     for stage in ALL:
         assert f"| {DIRS[stage]} | ran |" in report
@@ -105,6 +105,18 @@ def test_report_card_file_and_artifacts(fake) -> None:
     assert {"stage": "reward", "metric": "accuracy", "value": 0.9} in table
     progress = [a for a in arts if a.key == "card-pretrain-progress"]
     assert max(float(a.data) for a in progress) == 100.0
+
+    # The run graph: each stage's task run waits for the task runs of the stages it reads.
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[result["flow_run_id"]])))
+    by_name = {t.name: t for t in tasks}
+    ids = {t.id: t.name for t in tasks}
+    edges = {name: {ids[i.id] for i in t.task_inputs.get("wait_for", [])} for name, t in by_name.items()}
+    assert edges["data"] == set() and edges["tokenizer"] == {"data"}
+    assert edges["rlhf-ppo"] == {"data", "sft", "reward"}
+    assert edges["evaluate"] == {"data", "sft", "reward", "rlhf-ppo"}
 
 
 def test_crash_resumes_at_failed_stage_from_its_state(fake, monkeypatch) -> None:

@@ -61,6 +61,8 @@ def test_real_files_pipeline_reports_only_what_exists_for_the_data(tmp_path, mon
     assert est["n"] == len(pref_val) >= 20 and est["low"] <= est["value"] <= est["high"]
     test_prompts = [r["prompt"][-1]["content"] for r in read_jsonl(run_dir / "data/prompts/test.jsonl")]
     assert ev("rlhf-ppo")["estimates"]["win_rate"]["n"] == ev("rlhf-ppo")["num_prompts"] > 0
+    fit = ev("rlhf-ppo")["length_fit"]["prompts"]  # long Alpaca prompts: dropped from PPO and counted
+    assert fit["n"] == len(read_jsonl(run_dir / "data/prompts/train.jsonl")) and fit["over_max_length"] > 0
     samples = read_jsonl(run_dir / "rlhf-ppo/samples.jsonl")
     assert samples and all(s["prompt"] in test_prompts for s in samples)
     assert "ppl" in " ".join(ev("sft")) and ev("sft")["val_chats"] == len(read_jsonl(run_dir / "data/sft/val.jsonl"))
@@ -72,6 +74,8 @@ def test_real_files_pipeline_reports_only_what_exists_for_the_data(tmp_path, mon
     assert "| prompt | sft |" in report.replace("pretrain | ", "")  # samples table without an answer column
     assert any(p[:40].replace("|", "\\|") in report for p in test_prompts)
     assert any("gate gold_must_not_drop skipped" in n for n in result["notes"])
+    assert "| `sft/checkpoint` |" in report  # the checkpoint column: relative to the run directory named above
+    assert "| rlhf-ppo | prompts |" in report and "raise rlhf-ppo's prompts.max_prompt_tokens" in report
     sizes = ev("data")["sizes"]
     assert sizes["sft/train.jsonl"] + sizes["sft/val.jsonl"] == 999  # the real data's size, in the data row:
     assert f"sft {sizes['sft/train.jsonl']}/{sizes['sft/val.jsonl']}" in report

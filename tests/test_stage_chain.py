@@ -98,7 +98,9 @@ def test_reward_model_ranks_held_out_pairs(tiny_chain):
     val = read_jsonl(tiny_chain.data / "preference" / "val.jsonl")
     assert ev["length_fit"]["val"] == {"n": len(val), "over_max_length": 0, "share": 0.0, "max_length": 128,
                                        "longest": ev["length_fit"]["val"]["longest"], "action": "truncated",
-                                       "identical_after_truncation": 0}
+                                       "identical_after_truncation": 0, "key": "train.max_length"}
+    est = ev["estimates"]["accuracy"]  # with its sample size and 95% interval
+    assert est["n"] == len(val) == ev["n_pairs"] and est["low"] < ev["accuracy"] < est["high"]
     assert 10 < ev["length_fit"]["val"]["longest"] <= 128
 
 
