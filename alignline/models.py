@@ -5,6 +5,7 @@
     hash_weights(src); src.identity()                            # what a manifest records
     model = load_causal_lm(src.path, device="cpu")               # fp32 unless told otherwise
     rm = load_classifier(reward_dir, device="cpu")               # a reward/value model (one score)
+    tok = load_chat_tokenizer(src.path); ensure_pad_token(tok, model)  # a pad token distinct from eos
 
 A model is named by a local HF directory (config.json + weights), an alignline stage directory
 (its checkpoint/ is used, and the stage is recorded as an input), or a hub id (`org/name`, with
@@ -158,3 +159,41 @@ def load_classifier(path: str | Path, *, dtype=None, device: str | None = None, 
 
     model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype or torch.float32, **kwargs)
     return model.to(device) if device is not None else model
+
+
+PAD_TOKEN = "<|pad|>"
+
+
+def load_chat_tokenizer(path: str | Path):
+    """The tokenizer of a chat checkpoint (an alignline one, or a released model's): it must have a
+    chat template and an eos token; InputError naming the directory otherwise."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a tokenizer from {path} ({exc})") from exc
+    if tok.chat_template is None or tok.eos_token_id is None:
+        what = "chat template" if tok.chat_template is None else "eos token"
+        raise InputError(f"the tokenizer in {path} has no {what}; a chat stage needs one (train the alignline "
+                         "tokenizer, or start from a chat model)")
+    return tok
+
+
+def ensure_pad_token(tokenizer, model) -> str | None:
+    """Give a released model a pad token distinct from eos, as PPO's masks and the reward model's
+    last-token lookup need: many released tokenizers have none, or reuse eos. Adds `<|pad|>` as a
+    special token, grows the embeddings (new rows at the mean of the old ones, so the padding
+    token's logit starts ordinary), and records the id in the model's config and generation config.
+    Returns what was done, for the log, or None when the tokenizer already had a distinct pad."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return None
+    before = tokenizer.pad_token
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    was = "no pad token" if before is None else f"pad token {before!r} = eos"
+    return f"the tokenizer had {was}; added {PAD_TOKEN!r} (id {tokenizer.pad_token_id}) as a distinct pad token"

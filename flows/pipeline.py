@@ -59,7 +59,7 @@ from flows.tasks import (
     resolve_stage,
     stage_task,
 )
-from stages import pipeline_stages
+from stages import load_stage_module, pipeline_stages
 
 
 def default_entry(stage: str) -> dict[str, Any]:
@@ -255,6 +255,16 @@ def stage_inputs(rs: ResolvedStage, run_dir: Path, enabled: set[str],
     return out
 
 
+def preflight(resolved: dict[str, ResolvedStage]) -> None:
+    """Each stage's explicit `inputs:` (directories from outside the run, such as a released model)
+    through the stage module's optional `preflight(config, inputs)`, before the first stage starts:
+    a base without a chat template fails now, not after the stages before it have run."""
+    for stage, rs in resolved.items():
+        check = getattr(load_stage_module(stage, rs.module), "preflight", None)
+        if check is not None and rs.entry.inputs:
+            check(rs.config, {k: Path(v) for k, v in rs.entry.inputs.items()})
+
+
 def producers(rs: ResolvedStage) -> list[str]:
     """The pipeline stages whose outputs this stage reads (its INPUTS' defaults not given explicitly)."""
     return [spec.default for spec in rs.input_specs if spec.default and spec.name not in rs.entry.inputs]
@@ -409,6 +419,7 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
     logger = get_run_logger()
     quiet_user_errors()  # a user error is one line in the run log, and one `error:` when the command stops
     resolved = resolve_pipeline(config)  # every stage config validated before anything runs
+    preflight(resolved)  # inputs from outside the run (a released model) checked before anything is written
     dirs = stage_dirs(config, resolved)
     from_stage = stage_slot("--from", from_stage, dirs, variant_keys(resolved))
     to_stage = stage_slot("--to", to_stage, dirs, variant_keys(resolved))

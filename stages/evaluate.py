@@ -61,8 +61,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.degeneration import output_stats
     from alignline.distributed import pick_device
     from alignline.evaluation import estimate, gold_eval, load_prompts, reward_normalisation, score_responses
-    from alignline.models import load_causal_lm, load_classifier
-    from alignline.tokenizer import load_tokenizer
+    from alignline.models import load_causal_lm, load_chat_tokenizer, load_classifier
     from alignline.training import seed_everything
 
     stage_inputs = {k: v for k, v in inputs.items() if v is not None}
@@ -82,7 +81,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         rm_mean, rm_std = reward_normalisation(run.input("reward"))
         ckpt = run.input("reward").checkpoint
         rm = load_classifier(ckpt, device=device)
-        rm_tok = load_tokenizer(ckpt)
+        rm_tok = load_chat_tokenizer(ckpt)
 
     results: dict[str, dict] = {}
     responses: dict[str, list[str]] = {}
@@ -95,7 +94,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         log.info("evaluate: %s (%s, %d/%d) from %s on %d prompts", stage, src.path.name, i + 1, len(models), ckpt,
                  len(rows))
         model = load_causal_lm(ckpt, device=device)
-        tok = load_tokenizer(ckpt)
+        tok = load_chat_tokenizer(ckpt)
         gold = gold_eval(model, tok, rows, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
         responses[stage] = [s["response"] for s in gold.samples]
         results[stage] = {"checkpoint": str(ckpt), "dir": src.path.name,

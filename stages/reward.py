@@ -156,14 +156,13 @@ def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     # Heavy imports here, not at the top: `alignline stage reward --help` answers without torch.
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.chat import conversation_ids, length_fit, warn_if_cut
     from alignline.distributed import pick_device
     from alignline.evaluation import estimate, score_conversations
-    from alignline.models import load_classifier
+    from alignline.models import ensure_pad_token, load_chat_tokenizer, load_classifier
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
         build_optimizer,
@@ -181,14 +180,16 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     run = StageRun(run_dir, "reward", config, inputs=stage_inputs, source=__file__,
                    external_inputs={"init": init_path} if external else {})
     src = model_dir(init_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"the tokenizer in {src} has no pad token; the reward model needs one to find "
-                         "the last token of each sequence")
+    tokenizer = load_chat_tokenizer(src)
 
     seed_everything(config.train.seed)
     # The causal-LM checkpoint has no score head: it is created fresh (the load warning says so).
     model = load_classifier(src, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    # The score is read at each sequence's last non-pad token: pad must differ from eos (a released
+    # base may have none, or reuse eos).
+    added = ensure_pad_token(tokenizer, model)
+    if added:
+        log.warning("reward: %s", added)
     if config.lora.enabled:
         model = attach_lora(model, config.lora, config.train.gradient_checkpointing, task_type="SEQ_CLS")
 

@@ -48,7 +48,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from alignline.chat import conversation_ids, length_fit, prompt_ids, warn_if_cut
-from alignline.config import ConfigError, InputError, LoggingConfig, LoraArgs, OptimConfig, ScheduleConfig, StrictModel
+from alignline.config import (
+    ConfigError,
+    InputError,
+    LoggingConfig,
+    LoraArgs,
+    OptimConfig,
+    ScheduleConfig,
+    StrictModel,
+)
 from alignline.degeneration import output_stats
 from alignline.files import read_jsonl
 from alignline.rl.args import PPOArgs, PPOHyperparameters
@@ -602,6 +610,8 @@ class RMReward:
 
 def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
     """Verifiable reward: 1 when the completion is exactly the gold answer."""
+    from alignline.evaluation import gold_scores
+
     rows = [{"answer": a, "match": m} for a, m in zip(answer, match, strict=True)]
     return gold_scores([c[-1]["content"] for c in completions], rows)
 

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from alignline.artifacts import StageRun, model_dir
 from alignline.config import (
+    InputError,
     LoggingConfig,
     LoraArgs,
     OptimConfig,
@@ -77,17 +78,41 @@ class Config(StrictModel):
     )
 
 
+def preflight(config: Config, inputs: dict[str, Path]) -> None:
+    """The pipeline's check before any stage runs: an `init` from outside the run (a released model)
+    exists and has a chat tokenizer (a missing pad token is fine: the stage adds one)."""
+    from alignline.models import load_chat_tokenizer
+
+    init = inputs.get("init")
+    if init is None or (init / "manifest.json").exists():
+        return
+    if not init.is_dir():
+        raise InputError(f"sft init {init} is not a directory; give a local HF model directory or a stage directory")
+    load_chat_tokenizer(model_dir(init))
+
+
+def masked_examples(tokenizer, rows: list[dict]) -> list[dict]:
+    """{"input_ids", "labels"} per chat, labels -100 outside the assistant turns
+    (alignline.chat.encode_render: found by rendering, for templates without generation tags)."""
+    from alignline.chat import encode_render
+
+    out = []
+    for r in rows:
+        ids, mask = encode_render(tokenizer, r["messages"], tokenizer.chat_template)
+        out.append({"input_ids": ids, "labels": [i if m else -100 for i, m in zip(ids, mask, strict=True)]})
+    return out
+
+
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     # Heavy imports here, not at the top: `alignline stage sft --help` answers without torch.
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
-    from alignline.chat import conversation_ids, length_fit, warn_if_cut
+    from alignline.chat import conversation_ids, has_generation_tags, length_fit, warn_if_cut
     from alignline.distributed import pick_device
     from alignline.evaluation import gold_eval, gold_summary, load_prompts
-    from alignline.models import load_causal_lm
+    from alignline.models import ensure_pad_token, load_causal_lm, load_chat_tokenizer
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
         build_optimizer,
@@ -108,22 +133,29 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     run = StageRun(run_dir, "sft", config, inputs=stage_inputs, source=__file__,
                    external_inputs={"init": init_path} if external else {})
     src = model_dir(init_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
-    if tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer in {src} has no chat template; SFT needs one (train the alignline "
-                         "tokenizer, or use a chat model)")
-    if tokenizer.pad_token is None:
-        raise ValueError(f"the tokenizer in {src} has no pad token; set one (pad != eos) before SFT")
+    tokenizer = load_chat_tokenizer(src)
 
     seed_everything(config.train.seed)
     model = load_causal_lm(src)
+    # A released base often has no pad token, or pad = eos; PPO and the reward model need a distinct one.
+    added = ensure_pad_token(tokenizer, model)
+    if added:
+        log.warning("sft: %s; it is saved with the checkpoint, so reward and rlhf use it", added)
     if config.lora.enabled:
         model = attach_lora(model, config.lora, gradient_checkpointing=config.train.gradient_checkpointing)
 
     train_rows = read_jsonl(data_dir / "sft" / "train.jsonl", config.train.max_train_examples)
     val_rows = read_jsonl(data_dir / "sft" / "val.jsonl")
-    train_ds = Dataset.from_list([{"messages": r["messages"]} for r in train_rows])
-    val_ds = Dataset.from_list([{"messages": r["messages"]} for r in val_rows])
+    assistant_only = config.train.assistant_only_loss
+    if assistant_only and not has_generation_tags(tokenizer.chat_template):
+        # A released model's own template rarely marks the assistant's tokens with {% generation %},
+        # which TRL needs for assistant-only loss; find them by rendering each turn's prefix (as the lora
+        # stage does) and hand TRL the token ids with the labels already masked.
+        train_ds, val_ds = (Dataset.from_list(masked_examples(tokenizer, rows)) for rows in (train_rows, val_rows))
+        assistant_only = False  # the labels carry the mask
+    else:
+        train_ds = Dataset.from_list([{"messages": r["messages"]} for r in train_rows])
+        val_ds = Dataset.from_list([{"messages": r["messages"]} for r in val_rows])
 
     t = config.train
     # Longer conversations are cut at max_length by the trainer: say how many, before training.
@@ -138,7 +170,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             logging=config.logging, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
             grad_accum=t.grad_accum, eval_every=t.eval_every, save_every=t.save_every, device=t.device,
             precision=t.precision, gradient_checkpointing=t.gradient_checkpointing),
-        max_length=t.max_length, packing=t.packing, assistant_only_loss=t.assistant_only_loss,
+        max_length=t.max_length, packing=t.packing, assistant_only_loss=assistant_only,
         dataset_num_proc=None,
     )
     resume, skip = trainer_resume_point(args.output_dir, run.metrics, "sft")

@@ -27,6 +27,16 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 _HARNESS: contextlib.ExitStack | None = None
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ci_steps(stages=("pretrain", "sft", "reward", "rlhf", "evaluate")) -> list[str]:
+    """configs/pipeline/ci.yaml's few-step settings of these stages, as pipeline `--set` overrides:
+    another pipeline YAML run end to end in the suite at CI size."""
+    import yaml
+
+    ci = yaml.safe_load((REPO / "configs/pipeline/ci.yaml").read_text())
+    return [f"{stage}.{item}" for stage in stages for item in ci["stages"][stage].get("set", [])]
 
 
 @pytest.fixture(scope="session")

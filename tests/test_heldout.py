@@ -7,7 +7,6 @@ interval, gold accuracy only where a verifier exists, and the parts that need a 
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

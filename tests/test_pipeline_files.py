@@ -16,22 +16,14 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from alignline.files import read_jsonl
-from tests.prefect_fixtures import prefect_harness  # noqa: F401
+from tests.prefect_fixtures import ci_steps, prefect_harness  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.usefixtures("prefect_harness"),
               pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present (CI has it)")]
-
-
-def ci_steps() -> list[str]:
-    """configs/pipeline/ci.yaml's few-step settings for every training stage, as `--set` overrides."""
-    ci = yaml.safe_load((REPO / "configs/pipeline/ci.yaml").read_text())
-    return [f"{stage}.{item}" for stage in ("pretrain", "sft", "reward", "rlhf", "evaluate")
-            for item in ci["stages"][stage].get("set", [])]
 
 
 def test_real_files_pipeline_reports_only_what_exists_for_the_data(tmp_path, monkeypatch):
@@ -70,7 +62,7 @@ def test_real_files_pipeline_reports_only_what_exists_for_the_data(tmp_path, mon
     report = (run_dir / "report.md").read_text()
     assert "no verifier" in report and "gold_accuracy=" not in report  # no headline shows one
     assert not re.search(r"What is \d+ ?[-+]", report)  # nothing of the built-in arithmetic suite
-    assert "## Held-out measurements" in report and f"| reward | accuracy |" in report
+    assert "## Held-out measurements" in report and "| reward | accuracy |" in report
     assert "| prompt | sft |" in report.replace("pretrain | ", "")  # samples table without an answer column
     assert any(p[:40].replace("|", "\\|") in report for p in test_prompts)
     assert any("gate gold_must_not_drop skipped" in n for n in result["notes"])
