@@ -2,7 +2,7 @@
 
 Every stage (`stages/<name>.py`) writes one self-describing directory `<run_dir>/<stage>/`, or
 `<run_dir>/<stage>-<variant>/` for a stage whose config selects a variant (`stage_dir_name`: the
-rlhf stage writes `rlhf-ppo/`, `rlhf-dpo/`, `rlhf-grpo/`, `rlhf-rloo/` by its `algorithm`, so
+rlhf stage writes `rlhf-ppo/`, `rlhf-dpo/`, `rlhf-kto/`, `rlhf-grpo/`, `rlhf-rloo/` by its `algorithm`, so
 alternatives in one run directory survive side by side):
 
     checkpoint/    HF format (config.json, *.safetensors, generation_config.json, tokenizer files).

@@ -42,7 +42,7 @@ def generate(
 @data_app.command("validate")
 def validate(
     path: str = typer.Argument(..., help="file, directory or hub dataset id"),
-    kind: str = typer.Option(..., "--kind", help="pretrain | sft | preference | prompts"),
+    kind: str = typer.Option(..., "--kind", help="pretrain | sft | preference | prompts | kto"),
     fmt: str = typer.Option("auto", "--format", help="auto | alpaca | sharegpt | hh | messages | text"),
     text_unit: str = typer.Option("line", "--text-unit", help=".txt documents: line | paragraph | file"),
     max_prompt_length: int | None = typer.Option(None, "--max-prompt-length", help="cap, in characters"),

@@ -13,7 +13,7 @@ Every run writes `<run_dir>/report.md` (+ `report/*.png`) and publishes it as ar
 
 Run dir layout: one dir per stage, `<run_dir>/<stage>/`, except a stage whose config selects a
 variant: `<run_dir>/<stage>-<variant>/` (`alignline.artifacts.stage_dir_name`; the rlhf stage:
-`rlhf-ppo/`, `rlhf-dpo/`, `rlhf-grpo/`, `rlhf-rloo/` by `algorithm`). Switching the algorithm
+`rlhf-ppo/`, `rlhf-dpo/`, `rlhf-kto/`, `rlhf-grpo/`, `rlhf-rloo/` by `algorithm`). Switching the algorithm
 keeps the other algorithms' outputs; switching back reuses the cached one (evaluate, whose input
 changed, re-runs). Downstream stages, gates and `--from` use the variant the config selects;
 the report card lists the others as "kept". `--from rlhf` (or `--from rlhf-<algorithm>` when that

@@ -20,6 +20,8 @@ pretraining file too), so every stage evaluates on the user's data:
   gold accuracy. Only when no SFT, preference or prompt file is given are the built-in suite's
   prompts (with their gold answers) kept.
 - val and test are the same held-out rows for files (the built-in suite has separate ones).
+- kto/ (for `algorithm: kto`) holds unpaired labelled answers from `files.kto`; without it the
+  rlhf stage unpairs the preference pairs (chosen: good, rejected: bad).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class FilesConfig(StrictModel):
     pretrain: list[LoaderConfig] = Field(default_factory=list, description="pretraining text sources")
     sft: LoaderConfig | None = Field(None, description="SFT source (alpaca, sharegpt, messages, ...)")
     preference: LoaderConfig | None = Field(None, description="preference source (sharegpt, hh, TRL layout)")
+    kto: LoaderConfig | None = Field(
+        None, description="unpaired labelled answers for algorithm: kto (TRL prompt/completion/label, or a chat with "
+        "kto_tag); without it KTO unpairs the preference pairs")
     prompts: LoaderConfig | None = Field(
         None, description="RL and evaluation prompts, with an optional gold answer column (`answer`) and scorer "
         "(`match` / default_match: exact | numeric | module:callable); default: the sft and preference prompts")
@@ -61,7 +66,7 @@ class FilesConfig(StrictModel):
     def _kinds(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = dict(data)
-            for kind in ("sft", "preference", "prompts"):
+            for kind in ("sft", "preference", "kto", "prompts"):
                 if isinstance(data.get(kind), dict):
                     data[kind] = {"kind": kind, **data[kind]}
             if isinstance(data.get("pretrain"), list):
@@ -124,13 +129,13 @@ def split_held_out(rows: list[dict], frac: float, what: str) -> tuple[list[dict]
 
 
 def derived_prompts(loaded: dict[str, list[dict]], files: FilesConfig) -> list[dict]:
-    """Prompt rows from the SFT chats' and preference pairs' prompts, first occurrence kept, tagged
+    """Prompt rows from the SFT chats', preference pairs' and KTO answers' prompts, first occurrence kept, tagged
     with the source file; no gold answer (no verifier)."""
     out, seen = [], set()
-    for kind in ("sft", "preference"):
+    for kind in ("sft", "preference", "kto"):
         src = getattr(files, kind)
         for r in loaded.get(kind, []):
-            prompt = r["prompt"] if kind == "preference" else r["messages"][:-1]
+            prompt = r["messages"][:-1] if kind == "sft" else r["prompt"]
             key = split_key({"prompt": prompt})
             if prompt and prompt[-1]["role"] == "user" and key not in seen:
                 seen.add(key)
@@ -157,7 +162,7 @@ def _load_files(cfg: Config) -> dict[str, list[dict]]:
     loaded: dict[str, list[dict]] = {}
     for i, src in enumerate(files.pretrain):
         loaded[f"pretrain[{i}]"] = load_records(src, progress=True)
-    for kind in ("sft", "preference", "prompts"):
+    for kind in ("sft", "preference", "kto", "prompts"):
         src = getattr(files, kind)
         if src is not None:
             loaded[kind] = load_records(src, progress=True)
@@ -185,15 +190,15 @@ def split_files(cfg: Config, loaded: dict[str, list[dict]]) -> tuple[Splits, dic
             per.append({"path": src.path, "train": len(t), "val": len(v)})
         splits["pretrain"] = (train, val)
         info["pretrain"] = {"train": len(train), "val": len(val), "sources": per}
-    for kind in ("sft", "preference", "prompts"):
+    for kind in ("sft", "preference", "kto", "prompts"):
         if kind in loaded:
             splits[kind] = split_held_out(loaded[kind], frac, getattr(files, kind).path)
             info[kind] = {"source": getattr(files, kind).path}
-    if "prompts" not in splits and ("sft" in loaded or "preference" in loaded):
+    chats = [k for k in ("sft", "preference", "kto") if k in loaded]
+    if "prompts" not in splits and chats:
         rows = derived_prompts(loaded, files)
-        splits["prompts"] = split_held_out(rows, frac, "prompts derived from the sft and preference data")
-        info["prompts"] = {"source": "derived from the " + " and ".join(k for k in ("sft", "preference")
-                                                                      if k in loaded) + " prompts"}
+        splits["prompts"] = split_held_out(rows, frac, f"prompts derived from the {' and '.join(chats)} data")
+        info["prompts"] = {"source": f"derived from the {' and '.join(chats)} prompts"}
     for kind, (train, val) in splits.items():
         info[kind].update(train=len(train), val=len(val))
     if "prompts" in splits:
@@ -226,7 +231,7 @@ def data_files(config: Config) -> dict[str, Path]:
     if config.source != "files" or config.files is None:
         return {}
     srcs = [(f"pretrain[{i}]", s) for i, s in enumerate(config.files.pretrain)]
-    srcs += [(k, s) for k in ("sft", "preference", "prompts") if (s := getattr(config.files, k))]
+    srcs += [(k, s) for k in ("sft", "preference", "kto", "prompts") if (s := getattr(config.files, k))]
     return {name: p for name, s in srcs if (p := local_source(s)) is not None}
 
 
@@ -250,7 +255,7 @@ def run(config: Config, inputs: dict[str, Path] | None, run_dir: str | Path) -> 
 
 def rows_line(sizes: dict[str, int]) -> str:
     """"pretrain 6799/753, sft 902/97, ... (train/held-out)": the report card's data row."""
-    kinds = [k for k in ("pretrain", "sft", "preference", "prompts") if f"{k}/train.jsonl" in sizes]
+    kinds = [k for k in ("pretrain", "sft", "preference", "kto", "prompts") if f"{k}/train.jsonl" in sizes]
     parts = [f"{k} {sizes.get(f'{k}/train.jsonl', 0)}/{sizes.get(f'{k}/val.jsonl', 0)}" for k in kinds]
     return ", ".join(parts) + " (train/held-out rows)"
 

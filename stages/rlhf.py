@@ -1,5 +1,5 @@
 """Stage `rlhf`: align the SFT policy against the reward model with our PPO (default), or with
-TRL's DPO / GRPO / RLOO in the same slot (`algorithm: ppo|dpo|grpo|rloo`).
+TRL's DPO / KTO / GRPO / RLOO in the same slot (`algorithm: ppo|dpo|kto|grpo|rloo`).
 
     alignline stage rlhf --config configs/rlhf/tiny.yaml --init RUN/sft --reward RUN/reward
     python -m stages.rlhf --config configs/rlhf/dpo_tiny.yaml --run-dir RUN      # DPO in the same slot
@@ -8,7 +8,7 @@ TRL's DPO / GRPO / RLOO in the same slot (`algorithm: ppo|dpo|grpo|rloo`).
 Inputs: `--init` (SFT stage: policy, reference, tokenizer), `--reward` (reward stage: reward
 model, the value model's initialisation, and `reward_mean`/`reward_std` from its eval.json),
 `--data` (data stage: prompts/, preference/, pretrain/; default: found through the SFT stage's
-manifest inputs). Output `<run_dir>/rlhf-<algorithm>/` (rlhf-ppo/, rlhf-dpo/, rlhf-grpo/,
+manifest inputs). Output `<run_dir>/rlhf-<algorithm>/` (rlhf-ppo/, rlhf-dpo/, rlhf-kto/, rlhf-grpo/,
 rlhf-rloo/: `algorithm` is the config's `variant_key`, see `alignline.artifacts.stage_dir_name`),
 so switching the algorithm in one run dir keeps the other's output, and each is cached and resumed
 on its own. It follows the stage contract: checkpoint/ (merged policy + tokenizer), adapter/ (when
@@ -107,6 +107,18 @@ class DPOSection(StrictModel):
     loss_type: str = Field("sigmoid", description="TRL DPO loss: sigmoid (DPO) | ipo | hinge | ...")
 
 
+class KTOSection(StrictModel):
+    """TRL KTOTrainer on unpaired labelled answers (data kto/train.jsonl, else the preference pairs
+    unpaired: chosen good, rejected bad), reference = SFT."""
+
+    beta: float = Field(0.1, gt=0, description="KTO's inverse temperature (strength of the implicit KL)")
+    desirable_weight: float = Field(1.0, gt=0, description="loss weight of the good answers")
+    undesirable_weight: float = Field(1.0, gt=0, description="loss weight of the bad answers")
+    batch_size: int = Field(16, gt=1, description="labelled answers per optimizer step (> 1: KTO's KL term "
+                            "pairs each prompt with another example's answer)")
+    max_length: int = Field(128, gt=8, description="prompt + answer tokens; longer examples are cut")
+
+
 class GroupSection(StrictModel):
     """TRL GRPOTrainer / RLOOTrainer with our reward model (normalised) as the reward function."""
 
@@ -122,7 +134,7 @@ class GroupSection(StrictModel):
     )
 
 
-ALGORITHMS = ("ppo", "dpo", "grpo", "rloo")
+ALGORITHMS = ("ppo", "dpo", "kto", "grpo", "rloo")
 
 
 class RLHFConfig(StrictModel):
@@ -136,10 +148,10 @@ class RLHFConfig(StrictModel):
     variants: ClassVar[dict[str, type[StrictModel]]] = {}
     default_variant: ClassVar[str] = "ppo"
 
-    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = Field(
-        "ppo", description="ppo (ours) | dpo | grpo | rloo (TRL); output dir rlhf-<algorithm>/")
+    algorithm: Literal["ppo", "dpo", "kto", "grpo", "rloo"] = Field(
+        "ppo", description="ppo (ours) | dpo | kto | grpo | rloo (TRL); output dir rlhf-<algorithm>/")
     seed: int = Field(0, description="seeds models' init order, sampling and prompt order")
-    steps: int = Field(30, gt=0, description="PPO iterations, or optimizer steps for dpo/grpo/rloo")
+    steps: int = Field(30, gt=0, description="PPO iterations, or optimizer steps for dpo/kto/grpo/rloo")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
     save_every: int = Field(10, gt=0, description="write resumable state every N steps")
     lora: LoraArgs = Field(LoraArgs(), description="train LoRA adapters on the policy (reference = adapters off)")
@@ -194,6 +206,15 @@ class DPOStageConfig(RLHFConfig):
     dpo: DPOSection = Field(DPOSection(), description="DPO hyperparameters")
 
 
+class KTOStageConfig(RLHFConfig):
+    """`algorithm: kto`: TRL's KTOTrainer on unpaired good/bad answers."""
+
+    algorithm: Literal["kto"] = Field("kto", description="kto: TRL KTOTrainer; output dir rlhf-kto/")
+    optim: OptimConfig = Field(OptimConfig(lr=5e-4, **_TRL_ADAMW), description="AdamW (TRL Trainer)")
+    schedule: ScheduleConfig = Field(_TRL_SCHEDULE, description="lr warmup and decay over `steps`")
+    kto: KTOSection = Field(KTOSection(), description="KTO hyperparameters")
+
+
 class GRPOStageConfig(RLHFConfig):
     """`algorithm: grpo`: TRL's GRPOTrainer, rewarded by our reward model."""
 
@@ -212,9 +233,10 @@ class RLOOStageConfig(RLHFConfig):
     rloo: GroupSection = Field(GroupSection(), description="RLOO hyperparameters")
 
 
-RLHFConfig.variants.update(ppo=PPOStageConfig, dpo=DPOStageConfig, grpo=GRPOStageConfig, rloo=RLOOStageConfig)
+RLHFConfig.variants.update(ppo=PPOStageConfig, dpo=DPOStageConfig, kto=KTOStageConfig, grpo=GRPOStageConfig,
+                           rloo=RLOOStageConfig)
 Config = RLHFConfig
-AnyRLHFConfig = PPOStageConfig | DPOStageConfig | GRPOStageConfig | RLOOStageConfig
+AnyRLHFConfig = PPOStageConfig | DPOStageConfig | KTOStageConfig | GRPOStageConfig | RLOOStageConfig
 
 
 def check_world_size(cfg: RLHFConfig, world_size: int) -> None:
@@ -406,8 +428,9 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, temperature):
     e = cfg.eval
     prompts = prompt_ids(tok, [r["prompt"] for r in rows])
     verified = has_verifier(rows)  # gold accuracy exists only where the prompts carry gold answers
+    # rm_score means one thing in every eval.json: normalised with the reward stage's statistics.
     result: dict[str, Any] = {"num_prompts": len(rows), "verifier": "gold" if verified else "none",
-                              "estimates": {}}
+                              "rm_normalisation": {"reward_mean": mean, "reward_std": std}, "estimates": {}}
     samples = []
     per_model: dict[str, torch.Tensor] = {}
     for name in ("sft", "policy"):
@@ -608,6 +631,19 @@ class RMReward:
         return ((raw - self.mean) / self.std - self.missing_eos_penalty * (~has_eos).double()).tolist()
 
 
+def kto_rows(data_dir: Path) -> tuple[list[dict], str]:
+    """(KTO examples {prompt, completion, label}, where they came from): the data stage's kto/train.jsonl
+    (a user's unpaired labelled answers), else each preference pair unpaired into its chosen answer
+    (good) and its rejected one (bad), as KTO's paper does with paired data."""
+    path = data_dir / "kto" / "train.jsonl"
+    if path.is_file():
+        return read_jsonl(path), str(path)
+    pairs = read_jsonl(data_dir / "preference" / "train.jsonl")
+    rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in pairs for side in ("chosen", "rejected")]
+    return rows, f"{data_dir / 'preference' / 'train.jsonl'} (unpaired)"
+
+
 def gold_reward(prompts, completions, answer, match, **kwargs) -> list[float]:
     """Verifiable reward: 1 when the completion is exactly the gold answer."""
     from alignline.evaluation import gold_scores
@@ -660,6 +696,21 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         args = DPOConfig(beta=d.beta, max_length=d.max_length, loss_type=[d.loss_type], **common)
         trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=callbacks)
+    elif algo == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        k = section
+        rows, source = kto_rows(data_dir)
+        fit = length_fit([len(x) for x in conversation_ids(tok, [r["prompt"] + r["completion"] for r in rows])],
+                         k.max_length, "truncated", "kto.max_length")
+        fit["source"], fit["desirable"] = source, sum(bool(r["label"]) for r in rows)
+        warn_if_cut(fit, "kto train examples", "kto.max_length")
+        ds = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])}
+                                for r in rows])
+        args = KTOConfig(beta=k.beta, desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight,
+                         max_length=k.max_length, **common)
+        trainer = KTOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=callbacks)
     else:
         g = section
         path = data_dir / "prompts" / "train.jsonl"
@@ -694,10 +745,10 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     if ref is None and not cfg.lora.enabled:
         raise RuntimeError("internal: no reference model for evaluation")
     rows_test, eval_fit = eval_prompts(cfg, tok, data_dir)
-    temperature = 1.0 if algo == "dpo" else section.temperature
+    temperature = 1.0 if algo in ("dpo", "kto") else section.temperature
     ev, samples = evaluate_policies(cfg, tok, policy, ref, rm, rows_test, mean, std, temperature)
     ev["train"] = {"steps": cfg.steps, "resumed_from": start, "seconds": round(train_time, 2)}
-    ev["length_fit"] = {"train" if algo == "dpo" else "prompts": fit, "eval prompts": eval_fit}
+    ev["length_fit"] = {"train" if algo in ("dpo", "kto") else "prompts": fit, "eval prompts": eval_fit}
     save_policy(policy, tok, run.staging, cfg.lora.enabled)
     return ev, samples
 

@@ -169,9 +169,9 @@ def test_the_library_spine_imports_without_torch():
 def test_rlhf_config_is_a_union_on_algorithm(tmp_path):
     """`algorithm` picks the config's shape: each algorithm has its own section and `optim:`, and a
     key of another algorithm is refused, named with its line, with the way out."""
-    from stages.rlhf import Config, DPOStageConfig, GRPOStageConfig, PPOStageConfig, RLOOStageConfig
+    from stages.rlhf import Config, DPOStageConfig, GRPOStageConfig, KTOStageConfig, PPOStageConfig, RLOOStageConfig
 
-    shapes = {"ppo": (PPOStageConfig, "ppo"), "dpo": (DPOStageConfig, "dpo"),
+    shapes = {"ppo": (PPOStageConfig, "ppo"), "dpo": (DPOStageConfig, "dpo"), "kto": (KTOStageConfig, "kto"),
               "grpo": (GRPOStageConfig, "grpo"), "rloo": (RLOOStageConfig, "rloo")}
     for algo, (cls, section) in shapes.items():
         cfg = load_config(Config, None, [f"algorithm={algo}", "optim.lr=0.0123"])
@@ -191,7 +191,7 @@ def test_rlhf_config_is_a_union_on_algorithm(tmp_path):
     assert "invalid RLHFConfig for algorithm: dpo" in msg
     assert f"{bad}:3: ppo: unknown key" in msg and f"{bad}:5: parallel: unknown key" in msg
     assert "`parallel`, `ppo` belong(s) to algorithm: ppo" in msg and "config written for algorithm: dpo" in msg
-    with pytest.raises(ConfigError, match=r"algorithm: Input should be 'ppo', 'dpo', 'grpo' or 'rloo' \(got 'a2c'\)"):
+    with pytest.raises(ConfigError, match=r"algorithm: Input should be 'ppo', 'dpo', 'kto', 'grpo' or 'rloo' \(got 'a2c'\)"):
         load_config(Config, None, ["algorithm=a2c"])
     with pytest.raises(ConfigError, match=r"ppo\.optim: unknown key"):  # the lr has one home: optim.lr
         load_config(Config, None, ["ppo.optim.lr=1e-3"])
@@ -203,7 +203,8 @@ def test_rlhf_help_lists_each_algorithms_keys(capsys):
     with pytest.raises(SystemExit):
         rlhf.main(["--help"])
     out = capsys.readouterr().out
-    for algo, key in (("ppo", "ppo.vf_coef"), ("dpo", "dpo.beta"), ("grpo", "grpo.num_generations"),
+    for algo, key in (("ppo", "ppo.vf_coef"), ("dpo", "dpo.beta"), ("kto", "kto.desirable_weight"),
+                      ("grpo", "grpo.num_generations"),
                       ("rloo", "rloo.num_generations")):
         block = out.split(f"with algorithm: {algo}\n")[1].split("with algorithm:")[0]
         assert f"    {key} = " in block and "    optim.lr = " in block, block

@@ -167,6 +167,30 @@ def test_kto_labels_are_refused_not_ignored(tmp_path):
     assert load_records(ok, kind="sft")[0]["messages"][1]["content"] == "b"
 
 
+def test_kto_data_reads_both_layouts_and_needs_a_label(tmp_path):
+    """kind=kto: TRL's prompt/completion/label and LLaMA-Factory's chat + kto_tag become
+    {prompt, completion, label}; a record without a boolean label is an error naming its line."""
+    trl = _jsonl(tmp_path / "trl.jsonl", [
+        {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}],
+         "label": True},
+        {"prompt": "2+3?", "completion": "6", "label": False}])
+    assert load_records(trl, kind="kto") == [
+        {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}],
+         "label": True},
+        {"prompt": [{"role": "user", "content": "2+3?"}], "completion": [{"role": "assistant", "content": "6"}],
+         "label": False}]
+    lf = _jsonl(tmp_path / "lf.jsonl", [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+                           {"from": "human", "value": "bye"}, {"from": "gpt", "value": "go away"}], "kto_tag": False}])
+    (rec,) = load_records(lf, kind="kto")
+    assert rec["completion"] == [{"role": "assistant", "content": "go away"}] and rec["label"] is False
+    assert [m["content"] for m in rec["prompt"]] == ["hi", "hello", "bye"]  # the earlier turns are the prompt
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b", "label": True},
+                                          {"prompt": "a", "completion": "b", "label": "yes"}])
+    assert _problems(bad, kind="kto") == [f"{bad}:2: a KTO record needs a boolean `label` (TRL layout) or `kto_tag` "
+                                          "(LLaMA-Factory): true for a good answer, false for a bad one"]
+
+
 def test_unknown_role(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]}]
     f = _jsonl(tmp_path / "d.jsonl", rows)

@@ -223,10 +223,10 @@ def test_killed_and_resumed_ppo_is_bitwise_the_uninterrupted_run(tmp_path, monke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["dpo", "grpo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["dpo", "kto", "grpo", "rloo"])
 def test_trl_algorithms_fill_the_same_slot(tiny_chain, tmp_path, algorithm):
     cfg = REPO / "configs" / "rlhf" / f"{algorithm}_tiny.yaml"
-    steps = {"dpo": 8, "grpo": 4, "rloo": 4}[algorithm]
+    steps = {"dpo": 8, "kto": 8, "grpo": 4, "rloo": 4}[algorithm]
     lr = 2.5 * load_config(__import__("stages.rlhf").rlhf.Config, cfg).optim.lr  # not the YAML's value
     out = _run(tmp_path, tiny_chain, [f"steps={steps}", "eval.num_prompts=16", f"optim.lr={lr}"], config=cfg)
     ev = _check_contract(out, algorithm)
@@ -235,10 +235,13 @@ def test_trl_algorithms_fill_the_same_slot(tiny_chain, tmp_path, algorithm):
     # `optim.lr` is TRL's learning rate (constant schedule, no warmup: every step at lr).
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs and all(x == pytest.approx(lr) for x in lrs), lrs
-    if algorithm == "dpo":
-        # DPO's implicit reward margin on the training pairs must grow from 0.
+    if algorithm in ("dpo", "kto"):
+        # The implicit reward margin (good minus bad answers) on the training data must grow from 0.
         margins = [r["rewards/margins"] for r in rows if "rewards/margins" in r]
         assert margins and max(margins[-3:]) > 0, margins
+        if algorithm == "kto":  # the built-in suite has no kto/: its preference pairs, unpaired
+            fit = ev["length_fit"]["train"]
+            assert fit["source"].endswith("preference/train.jsonl (unpaired)") and fit["desirable"] * 2 == fit["n"]
     else:
         # Our RM is the reward function: its normalised score is logged every step, and the policy's
         # KL to the SFT reference grows from 0 as it learns.

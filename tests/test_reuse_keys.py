@@ -168,8 +168,8 @@ class AlgoCfg(StrictModel):
 def test_the_rlhf_algorithm_names_the_output_dir():
     from stages import rlhf as ppo
 
-    assert [stage_dir_name("rlhf", ppo.Config(algorithm=a)) for a in ("ppo", "dpo", "grpo", "rloo")] == [
-        "rlhf-ppo", "rlhf-dpo", "rlhf-grpo", "rlhf-rloo"]
+    assert [stage_dir_name("rlhf", ppo.Config(algorithm=a)) for a in ("ppo", "dpo", "kto", "grpo", "rloo")] == [
+        "rlhf-ppo", "rlhf-dpo", "rlhf-kto", "rlhf-grpo", "rlhf-rloo"]
     assert stage_dir_name("sft", Cfg()) == "sft" and stage_dir_name("evaluate") == "evaluate"  # no variants
     with pytest.raises(ConfigError, match="cannot name an output directory"):
         stage_dir_name("rlhf", AlgoCfg(algorithm="../x"))

@@ -144,3 +144,16 @@ def test_tokenizer_trains_and_reuses(tmp_path):
     assert tok.decode(tok(text)["input_ids"]) == text
     r = tokenizer.run(tokenizer.Config(source="reuse", reuse_from=str(t)), {}, tmp_path / "reuse")
     assert load_stage(r).eval["tokenizer_sha256"] == sd.eval["tokenizer_sha256"]
+
+
+def test_kto_files_are_split_and_feed_the_prompts(tmp_path):
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": i % 3 != 0} for i in range(60)]
+    src = tmp_path / "kto.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    out = data.run(data.Config(size="tiny", source="files", files={"kto": {"path": str(src)}, "val_fraction": 0.2}),
+                   {}, tmp_path / "run")
+    train, val = read_jsonl(out / "kto/train.jsonl"), read_jsonl(out / "kto/val.jsonl")
+    assert len(train) + len(val) == 60 and val and {type(r["label"]) for r in train} == {bool}
+    held = {r["prompt"][-1]["content"] for r in val}
+    assert held == {r["prompt"][-1]["content"] for r in read_jsonl(out / "prompts/test.jsonl")}
+    assert f"kto {len(train)}/{len(val)}" in load_stage(out).headline["rows"]

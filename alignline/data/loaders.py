@@ -16,6 +16,7 @@ Outputs have the built-in suite's record shapes (alignline.data.tasks):
     pretrain   {"text"}                 sft      {"messages"}
     preference {"prompt", "chosen", "rejected"}  (lists of messages)
     prompts    {"prompt", "task"} plus {"answer", "match"} where a verifier exists
+    kto        {"prompt", "completion", "label"}  (one answer marked good (true) or bad (false): KTO)
 
 Validation collects EVERY problem (invalid JSON, non-UTF-8 bytes, missing/empty fields, unknown roles,
 empty dataset, chosen == rejected, prompts over `max_prompt_length`) and raises one `DataValidationError`
@@ -37,7 +38,7 @@ from pydantic import Field
 
 from alignline.config import StrictModel, UserError
 
-Kind = Literal["pretrain", "sft", "preference", "prompts"]
+Kind = Literal["pretrain", "sft", "preference", "prompts", "kto"]
 Format = Literal["auto", "alpaca", "sharegpt", "hh", "messages", "text"]
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 MAX_LISTED = 200  # problems shown in the exception message; all are kept on `.problems`
@@ -342,6 +343,8 @@ def _msg(role: str, content: str) -> dict[str, str]:
 class Converter:
     def __init__(self, cfg: LoaderConfig):
         self.cfg, self.c = cfg, cfg.columns
+        # KTO records are read as SFT chats, then split into prompt and labelled answer.
+        self._as_sft = Converter(cfg.model_copy(update={"kind": "sft"})) if cfg.kind == "kto" else None
 
     def role(self, name: Any) -> str:
         if not isinstance(name, str) or name not in self.cfg.roles:
@@ -395,6 +398,8 @@ class Converter:
         if not isinstance(obj, dict):
             raise _Bad(f"record must be a JSON object, got {type(obj).__name__}")
         tag = next((k for k in ("label", "kto_tag") if isinstance(obj.get(k), bool)), None)
+        if self.cfg.kind == "kto":
+            return self._kto(fmt, obj, tag)
         if tag and self.cfg.kind in ("sft", "preference"):
             # KTO-style data: one answer marked good or bad. Read as SFT it would train on the bad ones too.
             raise _Bad(f"`{tag}` marks this answer good or bad: unpaired labelled (KTO) data, which kind="
@@ -402,6 +407,16 @@ class Converter:
                        f"For SFT keep only the {tag}=true records and drop the field; for preference data pair "
                        "a good and a bad answer to the same prompt as chosen/rejected")
         return getattr(self, f"_{fmt}")(obj)
+
+    def _kto(self, fmt: str, obj: dict, tag: str | None) -> dict:
+        """Unpaired labelled data (TRL's prompt/completion/label, or a chat with LLaMA-Factory's
+        kto_tag): read as one SFT chat whose last turn is the labelled answer."""
+        if tag is None:
+            raise _Bad("a KTO record needs a boolean `label` (TRL layout) or `kto_tag` (LLaMA-Factory): true for a "
+                       "good answer, false for a bad one")
+        messages = getattr(self._as_sft, f"_{fmt}")({k: v for k, v in obj.items() if k not in ("label", "kto_tag")})
+        messages = messages["messages"]
+        return {"prompt": messages[:-1], "completion": messages[-1:], "label": obj[tag]}
 
     def _text(self, obj: dict) -> dict:
         if self.cfg.kind != "pretrain":
