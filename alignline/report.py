@@ -258,25 +258,15 @@ def read_eval(stage_dir: str | Path) -> dict[str, Any]:
     return ev if isinstance(ev, dict) else {}
 
 
-def length_fits(run_dir: str | Path, stages: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{stage: {split: fit}}: how each stage's examples fit its max_length (eval.json `length_fit`,
-    written by sft, reward and dpo; see alignline.chat.length_fit)."""
+def eval_sections(run_dir: str | Path, stages: list[str], key: str) -> dict[str, dict[str, Any]]:
+    """{stage: eval.json[key]} for every stage whose eval.json has a non-empty dict under `key`:
+    `length_fit` ({split: fit}: examples over max_length, alignline.chat.length_fit) or `estimates`
+    ({metric: {value, n, low, high}}: held-out proportions, alignline.evaluation.estimate)."""
     out = {}
     for stage in stages:
-        fit = read_eval(Path(run_dir) / stage).get("length_fit")
-        if isinstance(fit, dict) and fit:
-            out[stage] = fit
-    return out
-
-
-def held_out_estimates(run_dir: str | Path, stages: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{stage: {metric: {value, n, low, high}}}: the held-out proportions each stage measured, with
-    sample size and 95% interval (eval.json `estimates`, alignline.evaluation.estimate)."""
-    out = {}
-    for stage in stages:
-        est = read_eval(Path(run_dir) / stage).get("estimates")
-        if isinstance(est, dict) and est:
-            out[stage] = est
+        section = read_eval(Path(run_dir) / stage).get(key)
+        if isinstance(section, dict) and section:
+            out[stage] = section
     return out
 
 
@@ -509,8 +499,8 @@ def build_report(
     pngs = plot_curves(run_dir, names) if plots else {}
     samples = sample_rows(run_dir, names, limit=sample_limit)
     health = output_health(run_dir, names)
-    fits = length_fits(run_dir, names)
-    estimates = held_out_estimates(run_dir, names)
+    fits = eval_sections(run_dir, names, "length_fit")
+    estimates = eval_sections(run_dir, names, "estimates")
     notes = [*(notes or []), *(f"NOTE: {n}" for n in measurement_notes(run_dir, names))]
     md = render_markdown(records, title=title or run_dir.name, notes=notes, plots=pngs, samples=samples,
                          run_dir=run_dir, health=health, fits=fits, estimates=estimates)

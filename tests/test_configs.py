@@ -169,7 +169,14 @@ def test_the_library_spine_imports_without_torch():
 def test_rlhf_config_is_a_union_on_algorithm(tmp_path):
     """`algorithm` picks the config's shape: each algorithm has its own section and `optim:`, and a
     key of another algorithm is refused, named with its line, with the way out."""
-    from stages.rlhf import Config, DPOStageConfig, GRPOStageConfig, KTOStageConfig, PPOStageConfig, RLOOStageConfig
+    from stages.rlhf import (
+        Config,
+        DPOStageConfig,
+        GRPOStageConfig,
+        KTOStageConfig,
+        PPOStageConfig,
+        RLOOStageConfig,
+    )
 
     shapes = {"ppo": (PPOStageConfig, "ppo"), "dpo": (DPOStageConfig, "dpo"), "kto": (KTOStageConfig, "kto"),
               "grpo": (GRPOStageConfig, "grpo"), "rloo": (RLOOStageConfig, "rloo")}
