@@ -54,7 +54,7 @@ def build_deployments(
     from prefect import Flow
     from prefect.client.schemas.schedules import CronSchedule
 
-    cfg = load_pipeline_config(REPO_ROOT / config if not Path(config).is_absolute() else config, overrides)
+    cfg = load_pipeline_config(config, overrides)  # relative to the working directory, as every path
     src = str(REPO_ROOT)
     out = []
     pipeline = Flow.from_source(src, "flows/pipeline.py:pipeline_flow")

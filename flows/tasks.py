@@ -67,7 +67,7 @@ class StageEntry(StrictModel):
 
     enabled: bool = Field(True, description="false: the stage is not part of this pipeline")
     config: str | None = Field(
-        None, description="stage YAML, relative to the repository root (or absolute); none = stage defaults"
+        None, description="stage YAML, relative to the working directory (or absolute); none = stage defaults"
     )
     params: dict[str, Any] = Field(default_factory=dict, description="inline config values, applied over the file")
     set: list[str] = Field(default_factory=list, description="dotted overrides (key.path=value), applied last")
@@ -117,10 +117,13 @@ def _config_nproc(cfg: dict[str, Any]) -> int:
     return 1
 
 
-def repo_path(p: str | Path) -> Path:
-    """Config paths in pipeline YAML are relative to the repository root (or absolute)."""
+def user_path(p: str | Path) -> Path:
+    """alignline's one path convention: a relative path, wherever it is written (a pipeline or stage
+    YAML, `--set`, the command line), is relative to the working directory; every example runs from
+    the repository root. (A stage's own files, such as the tokenizer's `corpus`, are named inside
+    its input stage directory instead.)"""
     p = Path(p)
-    return p if p.is_absolute() else REPO_ROOT / p
+    return p if p.is_absolute() else Path.cwd() / p
 
 
 def stage_module_name(stage: str, entry: StageEntry) -> str:
@@ -139,10 +142,10 @@ def resolve_stage(stage: str, entry: StageEntry, where: str = "pipeline") -> Res
     module = load_stage_module(stage, module_name)
     path = None
     if entry.config:
-        path = repo_path(entry.config)
+        path = user_path(entry.config)
         if not path.is_file():
-            raise ConfigError(f"{where}: stages.{stage}.config: {entry.config} does not exist "
-                              f"(paths are relative to the repository root {REPO_ROOT})")
+            raise ConfigError(f"{where}: stages.{stage}.config: {entry.config} does not exist (relative paths are "
+                              f"relative to the working directory {Path.cwd()}; the shipped configs/ are in {REPO_ROOT})")
     data, source, key_lines = read_config(path, params=entry.params, overrides=entry.set,
                                           label=f"{where}: stages.{stage} (defaults)", set_flag="set")
     cfg = config_from_dict(module.Config, data, source, key_lines)
