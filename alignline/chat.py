@@ -12,7 +12,7 @@ say, and generation stops at the eos it was trained to emit. Unknown roles raise
 Assistant masks (which tokens a chat fine-tune learns), for any template a base ships:
 
     mode = resolve_mask_mode("auto", template, "base")   # "generation" with {% generation %} tags, else "render"
-    rows, dropped = encode_conversations(tok, conversations, template, mode, max_length=512)
+    rows, fit = encode_conversations(tok, conversations, template, mode, max_length=512)  # fit: length_fit + dropped
 
 `generation` reads the template's tags, as TRL does; `render` finds each assistant turn by
 rendering the conversation up to it, for templates without tags.
@@ -174,9 +174,10 @@ def encode_generation(tokenizer, messages: list[dict], template: str) -> tuple[l
 
 
 def encode_conversations(tokenizer, conversations, template, mode, max_length, what="train"):
-    """Encode + mask every conversation; truncate to max_length; drop ones left without answer tokens."""
+    """Encode + mask every conversation; truncate to max_length; drop ones left without answer tokens.
+    Returns (rows, fit): fit is `length_fit` (how many were cut at max_length) plus `dropped`."""
     fn = encode_generation if mode == "generation" else encode_render
-    rows, dropped = [], 0
+    rows, dropped, lengths = [], 0, []
     for i, messages in enumerate(tqdm(conversations, desc=f"tokenizing {what}", disable=len(conversations) < 500)):
         try:
             ids, mask = fn(tokenizer, messages, template)
@@ -186,6 +187,7 @@ def encode_conversations(tokenizer, conversations, template, mode, max_length, w
                 f"{what} conversation {i}: the chat template refused it ({exc}); roles: "
                 f"{[m['role'] for m in messages]}. Fix the data, or use another template (chat.template_source=config)."
             ) from exc
+        lengths.append(len(ids))
         ids, mask = ids[:max_length], mask[:max_length]
         if sum(mask) == 0:
             dropped += 1
@@ -199,4 +201,6 @@ def encode_conversations(tokenizer, conversations, template, mode, max_length, w
     if dropped:
         log.warning("%d %s example(s) had no assistant tokens within %d tokens and were dropped", dropped, what,
                     max_length)
-    return rows, dropped
+    fit = {**length_fit(lengths, max_length, "truncated"), "dropped": dropped}
+    warn_if_cut(fit, f"lora {what}")
+    return rows, fit

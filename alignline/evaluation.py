@@ -23,7 +23,8 @@ prompts, or a prompt file whose rows carry an `answer` and a scorer (`has_verifi
 is absent from eval.json, never 0.
 
 Held-out proportions (reward accuracy, win rate, gold accuracy) carry their sample size and a 95%
-Wilson interval in eval.json `estimates` (`estimate`), which the report card shows.
+Wilson interval in eval.json `estimates` (`estimate`), means (the reward margin) a normal one
+(`mean_estimate`); the report card shows them.
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ def estimate(successes: float, n: int) -> dict[str, float | int]:
     """{"value", "n", "low", "high"}: a held-out proportion with its sample size and 95% interval."""
     lo, hi = proportion_interval(successes, n)
     return {"value": successes / n if n else math.nan, "n": n, "low": round(lo, 4), "high": round(hi, 4)}
+
+
+def mean_estimate(values: list[float], z: float = 1.96) -> dict[str, float | int]:
+    """{"value", "n", "low", "high"}: a held-out mean (e.g. the reward margin) with its sample size and
+    normal 95% interval, mean +- z * sd / sqrt(n) (sd with n - 1; no interval from one value)."""
+    n = len(values)
+    if n == 0:
+        return {"value": math.nan, "n": 0, "low": math.nan, "high": math.nan}
+    mean = sum(values) / n
+    half = z * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
+    return {"value": mean, "n": n, "low": round(mean - half, 4), "high": round(mean + half, 4)}
 
 
 @dataclass

@@ -183,17 +183,20 @@ def load_chat_tokenizer(path: str | Path):
 def ensure_pad_token(tokenizer, model) -> str | None:
     """Give a released model a pad token distinct from eos, as PPO's masks and the reward model's
     last-token lookup need: many released tokenizers have none, or reuse eos. Adds `<|pad|>` as a
-    special token, grows the embeddings (new rows at the mean of the old ones, so the padding
-    token's logit starts ordinary), and records the id in the model's config and generation config.
-    Returns what was done, for the log, or None when the tokenizer already had a distinct pad."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return None
-    before = tokenizer.pad_token
-    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    special token, grows the embeddings to the tokenizer (new rows at the mean of the old ones, so
+    the padding token's logit starts ordinary), and records the id in the model's config and
+    generation config. Call it for every model that will see the tokenizer's ids: a second model
+    given the already-extended tokenizer is grown to match. Returns what was added, for the log, or
+    None when the tokenizer already had a distinct pad."""
+    added = None
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        before = tokenizer.pad_token
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        was = "no pad token" if before is None else f"pad token {before!r} = eos"
+        added = f"the tokenizer had {was}; added {PAD_TOKEN!r} (id {tokenizer.pad_token_id}) as a distinct pad token"
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    was = "no pad token" if before is None else f"pad token {before!r} = eos"
-    return f"the tokenizer had {was}; added {PAD_TOKEN!r} (id {tokenizer.pad_token_id}) as a distinct pad token"
+    return added

@@ -368,8 +368,8 @@ def render_markdown(
             if isinstance(e, dict) and e.get("n")]
     if rows:
         lines += ["## Held-out measurements", "",
-                  "Proportions measured on held-out data, with the number of examples and a 95% Wilson interval: "
-                  "a difference inside the interval is not a difference.", "",
+                  "Measured on held-out data, with the number of examples and a 95% interval (Wilson for "
+                  "proportions, normal for means): a difference inside the interval is not a difference.", "",
                   "| stage | metric | value | n | 95% interval |", "|---|---|---|---|---|"]
         for stage, name, e in rows:
             lines.append(f"| {stage} | {name} | {_fmt(float(e['value']))} | {e['n']} | "

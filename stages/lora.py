@@ -377,7 +377,7 @@ class Prepared:
     val_rows: list
     val_conversations: list
     targets: list[str]
-    dropped: dict[str, int]
+    fit: dict[str, dict]  # split -> length_fit (cut at train.max_length) + dropped (no answer token left)
 
 
 def prepare(cfg: LoraStageConfig, config_dir: Path | None = None) -> Prepared:
@@ -395,8 +395,8 @@ def prepare(cfg: LoraStageConfig, config_dir: Path | None = None) -> Prepared:
     template, template_from = resolve_chat_template(cfg.chat, tokenizer, config_dir)
     mask_mode = resolve_mask_mode(cfg.chat.mask, template, template_from)
     train, val = split_data(cfg.data, cfg.train.seed)
-    train_rows, d_train = encode_conversations(tokenizer, train, template, mask_mode, cfg.train.max_length, "train")
-    val_rows, d_val = encode_conversations(tokenizer, val, template, mask_mode, cfg.train.max_length, "val")
+    train_rows, f_train = encode_conversations(tokenizer, train, template, mask_mode, cfg.train.max_length, "train")
+    val_rows, f_val = encode_conversations(tokenizer, val, template, mask_mode, cfg.train.max_length, "val")
     # Targets are checked on a weightless (meta) model, so a typo costs no load time.
     import torch
     from transformers import AutoModelForCausalLM
@@ -409,7 +409,7 @@ def prepare(cfg: LoraStageConfig, config_dir: Path | None = None) -> Prepared:
         raise InputError(str(exc)) from exc
     hash_weights(base)
     return Prepared(cfg, base, model_config, tokenizer, template, template_from, mask_mode, train_rows, val_rows,
-                    val, targets, {"train": d_train, "val": d_val})
+                    val, targets, {"train": f_train, "val": f_val})
 
 
 def _dtype(precision: str):
@@ -562,7 +562,8 @@ def run(config: LoraStageConfig, inputs: dict[str, Path] | None, run_dir: str | 
         "heldout_loss_after": loss_after,
         "heldout_examples": len(prep.val_rows),
         "train_examples": len(prep.train_rows),
-        "dropped_examples": prep.dropped,
+        "dropped_examples": {split: f["dropped"] for split, f in prep.fit.items()},
+        "length_fit": prep.fit,  # examples cut at train.max_length (the report card's length table)
         **train_info,
         "trainable_params": n_train,
         "total_params": n_total,

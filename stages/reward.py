@@ -127,7 +127,7 @@ def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[
     (`onpolicy.skipped`), so the reward model trains on the user's preference pairs alone."""
     from alignline.distributed import pick_device
     from alignline.evaluation import has_verifier
-    from alignline.models import load_causal_lm
+    from alignline.models import ensure_pad_token, load_causal_lm
     from alignline.rl.policy_pairs import sample_policy_pairs
 
     o = config.onpolicy
@@ -139,6 +139,7 @@ def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[
         return [], [], {"skipped": why}
     device = pick_device(config.train.device)
     policy = load_causal_lm(src, device=device)
+    ensure_pad_token(tokenizer, policy)  # the tokenizer may have gained a pad token (run): grow to match
     kw = dict(samples_per_prompt=o.samples_per_prompt, max_pairs_per_prompt=o.max_pairs_per_prompt,
               temperature=o.temperature, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
               seed=config.train.seed, progress=config.logging.progress)
@@ -161,7 +162,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.chat import conversation_ids, length_fit, warn_if_cut
     from alignline.distributed import pick_device
-    from alignline.evaluation import estimate, score_conversations
+    from alignline.evaluation import estimate, mean_estimate, score_conversations
     from alignline.models import ensure_pad_token, load_chat_tokenizer, load_classifier
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import (
@@ -243,7 +244,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
                                    config.eval.batch_size, t.max_length)
     metrics = pair_metrics(chosen, rejected)
     # Held-out accuracy with its sample size and 95% interval: 15 pairs say much less than 1,500.
-    metrics["estimates"] = {"accuracy": estimate(metrics["accuracy"] * metrics["n_pairs"], metrics["n_pairs"])}
+    metrics["estimates"] = {"accuracy": estimate(metrics["accuracy"] * metrics["n_pairs"], metrics["n_pairs"]),
+                            "margin": mean_estimate([c - r for c, r in zip(chosen, rejected, strict=True)])}
     if onpolicy_stats is not None:
         metrics["onpolicy"] = onpolicy_stats
         if onpolicy_val:

@@ -318,13 +318,15 @@ def load_models(cfg: RLHFConfig, sft_ckpt: Path, reward_ckpt: Path, device: torc
     """(tokenizer, policy, ref or None, value or None, reward model), fp32, dropout off everywhere."""
     from transformers import AutoTokenizer
 
-    from alignline.models import load_causal_lm, load_classifier
+    from alignline.models import ensure_pad_token, load_causal_lm, load_classifier
     from alignline.rl.rollout import disable_dropout
 
     tok = AutoTokenizer.from_pretrained(str(sft_ckpt))
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        raise ValueError(f"{sft_ckpt}: the tokenizer needs a pad token distinct from eos (<|pad|>)")
     policy = load_causal_lm(sft_ckpt, device=device)
+    # PPO's masks need pad != eos; an init from the lora stage (a released model) may reuse eos.
+    added = ensure_pad_token(tok, policy)
+    if added:
+        log.warning("rlhf: %s (the reward stage adds the same one, so the ids agree)", added)
     ref = None
     if cfg.lora.enabled:
         from alignline.peft_utils import attach_lora
@@ -332,9 +334,13 @@ def load_models(cfg: RLHFConfig, sft_ckpt: Path, reward_ckpt: Path, device: torc
         policy = attach_lora(policy, cfg.lora)
     else:
         ref = load_causal_lm(sft_ckpt, device=device)
+        ensure_pad_token(tok, ref)  # grown like the policy when a pad token was added
         ref.requires_grad_(False)
         disable_dropout(ref)
     rm = load_classifier(reward_ckpt, device=device)
+    if rm.get_input_embeddings().weight.shape[0] < len(tok):
+        raise InputError(f"{reward_ckpt}: the reward model knows {rm.get_input_embeddings().weight.shape[0]} token "
+                         f"ids, the policy's tokenizer {len(tok)}; train the reward stage from this SFT checkpoint")
     rm.requires_grad_(False)
     value = load_classifier(reward_ckpt, device=device) if need_value else None
     for m in (policy, rm, value):

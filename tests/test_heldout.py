@@ -33,6 +33,16 @@ def test_the_interval_is_wilsons_at_small_n_and_at_the_edges():
     assert estimate(12, 15) == {"value": 0.8, "n": 15, "low": 0.5481, "high": 0.9295}
 
 
+def test_a_mean_has_the_normal_interval():
+    from alignline.evaluation import mean_estimate
+
+    e = mean_estimate([1.0, 2.0, 3.0, 4.0])  # mean 2.5, sd sqrt(5/3), half-width 1.96 sd / 2
+    half = 1.96 * math.sqrt(5 / 3) / 2
+    assert e["value"] == 2.5 and e["n"] == 4
+    assert (e["low"], e["high"]) == pytest.approx((2.5 - half, 2.5 + half), abs=1e-4)
+    assert math.isnan(mean_estimate([3.0])["low"]) and mean_estimate([])["n"] == 0
+
+
 def test_gold_accuracy_exists_only_where_the_prompts_have_answers():
     from alignline.evaluation import GoldResult, gold_summary, has_verifier
 

@@ -136,7 +136,11 @@ def test_dora_rslora_and_gradient_checkpointing_options(tmp_path):
 
 
 def test_lora_checkpoint_chains_into_the_reward_stage(tmp_path, data_stage):
-    """LoRA SFT of a released (Llama-style) model -> reward stage with `--init <run>/lora`."""
+    """LoRA SFT of a released (Llama-style) model -> reward stage with `--init <run>/lora` -> PPO on
+    it. The lora checkpoint's pad token is eos (the base had none): reward and rlhf each add the same
+    distinct `<|pad|>`, so PPO's masks and the reward model's token ids agree."""
+    from transformers import AutoTokenizer
+
     from alignline.artifacts import load_stage, manifest_sha256
     from alignline.config import load_config
     from stages import reward
@@ -155,6 +159,19 @@ def test_lora_checkpoint_chains_into_the_reward_stage(tmp_path, data_stage):
     assert rm.manifest["inputs"]["init"]["manifest_sha256"] == manifest_sha256(lora_dir)
     assert rm.eval["n_pairs"] > 0 and "accuracy" in rm.eval
     assert rm.eval["onpolicy"]["train"]["samples"] == 16 * 8  # sampled the LoRA model (pad == eos here)
+    rm_tok = AutoTokenizer.from_pretrained(str(out / "checkpoint"))
+    assert rm_tok.pad_token == "<|pad|>" != rm_tok.eos_token
+
+    from stages import rlhf
+
+    cfg = load_config(rlhf.Config, Path(__file__).resolve().parents[1] / "configs/rlhf/tiny.yaml",
+                      ["steps=1", "ppo.rollout_batch_size=8", "ppo.forward_batch_size=8", "ppo.mini_batch_size=4",
+                       "ppo.ppo_epochs=1", "ppo.max_new_tokens=4", "eval.num_prompts=4", "eval.max_new_tokens=4",
+                       "logging.progress=false", "device=cpu", "lora.enabled=true"])
+    pol = rlhf.run(cfg, {"init": lora_dir, "reward": out, "data": data_stage}, tmp_path / "run")
+    pol_tok = AutoTokenizer.from_pretrained(str(pol / "checkpoint"))
+    assert pol_tok.pad_token_id == rm_tok.pad_token_id and load_stage(pol).eval["policy"]["rm_score"] == \
+        load_stage(pol).eval["policy"]["rm_score"]  # a number: the ids agreed
 
 
 @pytest.mark.skipif(
