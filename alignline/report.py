@@ -176,22 +176,30 @@ def plot_curves(run_dir: str | Path, stages: list[str], out_dir: str | Path | No
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    styles = ["-", "--", ":", "-."]
     for kind, series in curve_series(run_dir, stages).items():
-        # One panel per stage: step counts and scales differ too much between stages to share axes.
+        # One chart per metric kind, every stage overlaid (a colour per stage, a line style per key), so
+        # pretrain, SFT and RLHF losses read against each other. Sized for the Prefect UI, which shows
+        # the PNG at about its pixel width: 11-12 px tick labels.
         owners = list(dict.fromkeys(label.split("/", 1)[0] for label, _, _ in series))
-        # Sized for the Prefect UI, which shows the PNG at about its pixel width: 11-12 px tick labels.
-        fig, axes = plt.subplots(1, len(owners), figsize=(4.0 * len(owners) + 0.8, 3.4), dpi=110, squeeze=False)
-        for ax, owner in zip(axes[0], owners):
-            for label, xs, ys in series:
-                if label.split("/", 1)[0] == owner:
-                    ax.plot(xs, ys, label=label.split("/", 1)[1], linewidth=1.2,
-                            marker="." if len(xs) < 20 else None)
-            ax.set_xlabel("step", fontsize=11)
-            ax.set_title(f"{owner}: {kind}", fontsize=12)
-            ax.tick_params(labelsize=10)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=9, loc="best")
-        axes[0][0].set_ylabel(kind, fontsize=11)
+        colours = {o: f"C{i % 10}" for i, o in enumerate(owners)}
+        keys_seen: dict[str, list[str]] = {o: [] for o in owners}
+        fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=110)
+        for label, xs, ys in series:
+            owner, key = label.split("/", 1)
+            keys_seen[owner].append(key)
+            ax.plot(xs, ys, label=label, linewidth=1.3, color=colours[owner],
+                    linestyle=styles[(len(keys_seen[owner]) - 1) % len(styles)],
+                    marker="." if len(xs) < 20 else None)
+        spans = [max(xs) for _, xs, _ in series if xs]
+        if spans and min(spans) > 0 and max(spans) / min(spans) > 20:
+            ax.set_xscale("symlog", linthresh=10)  # 800 pretraining steps next to 30 PPO iterations
+        ax.set_xlabel("step", fontsize=11)
+        ax.set_ylabel(kind, fontsize=11)
+        ax.set_title(f"{kind}: " + ", ".join(owners), fontsize=12)
+        ax.tick_params(labelsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         path = out_dir / f"{kind}.png"
         fig.savefig(path)

@@ -118,7 +118,7 @@ def test_report_lists_every_surviving_variant_and_which_is_current(tmp_path: Pat
     assert ("- **rlhf**: this run selects `rlhf-ppo` (current: the one evaluated, gated and used downstream); "
             "also in the run directory, from earlier runs: `rlhf-dpo`, `rlhf`") in md
     assert {"stage": "rlhf-dpo", "metric": "gold_accuracy", "value": 0.4} in card.metrics_rows
-    # Both algorithms' answers side by side, and their curves in separate panels.
+    # Both algorithms' answers side by side, and their curves on the same charts.
     assert card.sample_rows == [{"prompt": "What is 1+1?", "answer": "2", "rlhf-ppo": "2", "rlhf-dpo": "3"}]
     assert "| prompt | answer | rlhf-ppo | rlhf-dpo |" in md
     assert {label for label, _, _ in curve_series(run, [r.name for r in card.records])["kl"]} == {
