@@ -65,8 +65,8 @@ from stages import load_stage_module, pipeline_stages
 def default_entry(stage: str) -> dict[str, Any]:
     """A stage the pipeline config leaves out: its configs/<stage>/tiny.yaml, or the stage's defaults
     when it has none (a newly registered stage)."""
-    tiny = REPO_ROOT / "configs" / stage / "tiny.yaml"  # the shipped default, wherever alignline runs from
-    return {"config": str(tiny) if tiny.is_file() else None}
+    tiny = f"configs/{stage}/tiny.yaml"  # relative to the working directory, as every path (the repo root)
+    return {"config": tiny if (REPO_ROOT / tiny).is_file() else None}
 
 
 class GateConfig(StrictModel):

@@ -102,17 +102,15 @@ def test_output_dirs_follow_the_selected_algorithm(tmp_path: Path) -> None:
 
 def test_every_relative_path_is_relative_to_the_working_directory(tmp_path: Path, monkeypatch) -> None:
     """One path convention: a pipeline YAML's stage `config:` resolves against the working directory,
-    like data paths, run_dir and the command line; a stage the YAML leaves out gets the shipped
-    configs/<stage>/tiny.yaml from anywhere."""
+    like data paths, run_dir and the command line."""
     from flows.pipeline import load_pipeline_config, resolve_pipeline
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "sft.yaml").write_text("train:\n  max_steps: 7\n")
-    (tmp_path / "p.yaml").write_text("name: x\nstages:\n  sft: {config: mine/sft.yaml}\n")
+    off = "".join(f"  {s}: {{enabled: false}}\n" for s in pipeline_stages() if s != "sft")
+    (tmp_path / "p.yaml").write_text("name: x\nstages:\n  sft: {config: mine/sft.yaml}\n" + off)
     monkeypatch.chdir(tmp_path)
-    resolved = resolve_pipeline(load_pipeline_config("p.yaml"))
-    assert resolved["sft"].config.train.max_steps == 7
-    assert resolved["reward"].config.train.max_steps == 600  # the shipped default, found from tmp_path
+    assert resolve_pipeline(load_pipeline_config("p.yaml"))["sft"].config.train.max_steps == 7
     monkeypatch.chdir(tmp_path / "mine")  # the same YAML from elsewhere: the relative path no longer exists
     with pytest.raises(ConfigError, match=f"mine/sft.yaml does not exist \\(relative paths are relative to the "
                                           f"working directory {tmp_path / 'mine'}"):
