@@ -35,9 +35,13 @@ from alignline.files import write_text
 # Curve kinds: a metrics.jsonl key goes into the first kind whose marker it contains.
 CURVE_KINDS: dict[str, tuple[str, ...]] = {
     "kl": ("kl",),
-    "reward": ("reward", "score", "accuracy", "win_rate"),
+    "accuracy": ("accuracy", "win_rate"),
+    "reward": ("reward", "score"),
     "loss": ("loss",),
 }
+# Spread statistics (TRL's min/max reward, a std) stay in metrics.jsonl: on a chart with every stage
+# overlaid they are clutter, not a curve to follow.
+CURVE_SKIP = ("min_", "max_", "_std")
 STATUS_ICON = {"ran": "ran", "cached": "cached (reused)", "failed": "FAILED", "gated": "stopped by gate",
                "skipped": "skipped", "pending": "not run", "running": "running",
                "kept": "kept, not current"}
@@ -156,7 +160,7 @@ def curve_series(run_dir: Path, stages: list[str]) -> dict[str, list[tuple[str, 
                     keys.append(k)
         for key in keys:
             kind = next((kd for kd, marks in CURVE_KINDS.items() if any(m in key.lower() for m in marks)), None)
-            if kind is None:
+            if kind is None or any(m in key.lower() for m in CURVE_SKIP):
                 continue
             pts = [(float(r.get("step", i)), float(r[key])) for i, r in enumerate(rows)
                    if isinstance(r.get(key), int | float) and math.isfinite(float(r[key]))]
@@ -166,7 +170,7 @@ def curve_series(run_dir: Path, stages: list[str]) -> dict[str, list[tuple[str, 
 
 
 def plot_curves(run_dir: str | Path, stages: list[str], out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write one PNG per curve kind (loss, reward, kl) into `<run_dir>/report/`; returns their paths."""
+    """Write one PNG per curve kind (loss, accuracy, reward, kl) into `<run_dir>/report/`; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and workers

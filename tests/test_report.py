@@ -28,8 +28,8 @@ def _run(tmp_path: Path) -> Path:
     _stage(run, "pretrain", [{"step": s, "loss": 5.0 - s} for s in range(1, 4)] ,
            [{"prompt": p, "response": "", "answer": a} for p, a in zip(prompts, ["2", "b a"])],
            {"val_loss": 2.5, "gold_accuracy": 0.0})
-    _stage(run, "rlhf", [{"step": 1, "kl": 0.01, "reward_mean": 0.1, "policy_loss": 0.3},
-                         {"step": 2, "kl": 0.02, "reward_mean": 0.4, "policy_loss": 0.2}],
+    _stage(run, "rlhf", [{"step": 1, "kl": 0.01, "reward_mean": 0.1, "reward_std": 1.0, "policy_loss": 0.3},
+                         {"step": 2, "kl": 0.02, "reward_mean": 0.4, "reward_std": 0.9, "policy_loss": 0.2}],
            [{"prompt": p, "response": r, "answer": a} for p, r, a in zip(prompts, ["2", "b a"], ["2", "b a"])],
            {"kl": 0.02, "gold_accuracy": 1.0})
     # A stage killed mid-write leaves a partial last line; the report must still build.
@@ -46,6 +46,7 @@ def test_curves_group_metrics_by_kind_with_exact_values(tmp_path: Path) -> None:
     assert loss["rlhf/policy_loss"] == ([1.0, 2.0], [0.3, 0.2])
     assert {label for label, _, _ in series["kl"]} == {"rlhf/kl"}
     assert {label for label, _, _ in series["reward"]} == {"rlhf/reward_mean"}
+    assert "rlhf/reward_std" not in {label for kind in series.values() for label, _, _ in kind}  # spread: not a curve
 
 
 def test_report_card_markdown_pngs_and_tables(tmp_path: Path) -> None:
