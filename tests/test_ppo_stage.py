@@ -251,6 +251,24 @@ def test_trl_algorithms_fill_the_same_slot(tiny_chain, tmp_path, algorithm):
     assert ev["kl_to_ref"] > 0  # the policy moved off the reference
 
 
+def test_kto_learns_the_chosen_answers_as_good_and_a_kto_file_wins(tmp_path):
+    """KTO's data: each preference pair unpaired into its chosen answer (label true) and its rejected
+    one (false); the data stage's kto/train.jsonl (a user's own labels) is used as it is when present."""
+    from alignline.files import write_jsonl
+    from stages.rlhf import kto_rows
+
+    user = [{"role": "user", "content": "What is 2+2?"}]
+    good, bad = [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]
+    write_jsonl(tmp_path / "preference" / "train.jsonl", [{"prompt": user, "chosen": good, "rejected": bad}])
+    rows, source = kto_rows(tmp_path)
+    assert rows == [{"prompt": user, "completion": good, "label": True},
+                    {"prompt": user, "completion": bad, "label": False}]
+    assert source.endswith("preference/train.jsonl (unpaired)")
+    write_jsonl(tmp_path / "kto" / "train.jsonl", [{"prompt": user, "completion": bad, "label": False}])
+    assert kto_rows(tmp_path) == ([{"prompt": user, "completion": bad, "label": False}],
+                                  str(tmp_path / "kto" / "train.jsonl"))
+
+
 def test_gold_reward_scores_trl_completions_against_each_rows_answer():
     from stages.rlhf import gold_reward
 
