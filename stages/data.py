@@ -217,10 +217,15 @@ def write_splits(splits: Splits, out: Path) -> None:
             write_jsonl(out / kind / "test.jsonl", val)
 
 
-def written_sizes(out: Path) -> dict[str, int]:
-    """{"<kind>/<split>.jsonl": rows} of what the stage wrote (eval.json `sizes`; the report's data row)."""
-    return {str(p.relative_to(out)): sum(1 for line in p.open(encoding="utf-8") if line.strip())
-            for p in sorted(out.glob("*/*.jsonl"))}
+def row_counts(suite_sizes: dict[str, int], splits: Splits) -> dict[str, int]:
+    """{"<kind>/<split>.jsonl": rows} of what the stage wrote (eval.json `sizes`; the report's data row):
+    the built-in suite's counts for the parts no user file replaced, the splits' for the rest."""
+    sizes = {rel: n for rel, n in suite_sizes.items() if rel.split("/", 1)[0] not in splits}
+    for kind, (train, val) in splits.items():
+        sizes[f"{kind}/train.jsonl"], sizes[f"{kind}/val.jsonl"] = len(train), len(val)
+        if kind != "pretrain":
+            sizes[f"{kind}/test.jsonl"] = len(val)
+    return dict(sorted(sizes.items()))
 
 
 def data_files(config: Config) -> dict[str, Path]:
@@ -244,12 +249,12 @@ def run(config: Config, inputs: dict[str, Path] | None, run_dir: str | Path) -> 
     run = StageRun(run_dir, "data", config, inputs={}, source=__file__, data=data_files(config))
     suite_cfg = config.suite_config()
     # The built-in suite is always written; with files, what the user gives replaces its parts.
-    write_suite(run.staging, suite_cfg)
+    suite = write_suite(run.staging, suite_cfg)
     evaluation: dict[str, Any] = {"source": config.source}
     if config.source == "files":
         write_splits(splits, run.staging)
         evaluation["files"] = info
-    evaluation["sizes"] = written_sizes(run.staging)
+    evaluation["sizes"] = row_counts(suite["sizes"], splits)
     return run.finalize(eval=evaluation, headline={"source": config.source, "rows": rows_line(evaluation["sizes"])})
 
 
