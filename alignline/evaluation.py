@@ -71,6 +71,14 @@ def gold_scores(texts: list[str], rows: list[dict]) -> list[float]:
     return [gold_score(t, r["answer"], r.get("match", "exact")) for t, r in zip(texts, rows, strict=True)]
 
 
+def per_task_accuracy(scores: list[float], rows: list[dict]) -> dict[str, float]:
+    """{task: mean gold score} over the rows (`task`, default "all"), tasks sorted."""
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for score, row in zip(scores, rows, strict=True):
+        by_task[row.get("task", "all")].append(score)
+    return {k: sum(v) / len(v) for k, v in sorted(by_task.items())}
+
+
 def proportion_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval of a proportion (95% at z=1.96). It stays inside [0, 1] and is
     honest at small n and at 0 or n successes, where the normal approximation collapses to a point.
@@ -293,12 +301,8 @@ def gold_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batc
                    for r, t in zip(rows, responses, strict=True)]
         return GoldResult(accuracy=None, samples=samples, finished=finished)
     scores = gold_scores(responses, rows)
-    by_task: dict[str, list[float]] = defaultdict(list)
-    samples = []
-    for row, resp, score in zip(rows, responses, scores, strict=True):
-        by_task[row.get("task", "all")].append(score)
-        samples.append({"prompt": row["prompt"][-1]["content"], "response": resp, "answer": row["answer"],
-                        "task": row.get("task"), "score": score})
+    samples = [{"prompt": row["prompt"][-1]["content"], "response": resp, "answer": row["answer"],
+                "task": row.get("task"), "score": score} for row, resp, score in zip(rows, responses, scores, strict=True)]
     acc = sum(scores) / len(scores) if scores else math.nan
-    return GoldResult(accuracy=acc, per_task={k: sum(v) / len(v) for k, v in sorted(by_task.items())},
+    return GoldResult(accuracy=acc, per_task=per_task_accuracy(scores, rows),
                       samples=samples, finished=finished)

@@ -427,6 +427,7 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, temperature):
         has_verifier,
         kl_to_reference,
         overoptimised,
+        per_task_accuracy,
         rm_scores,
         win_rate,
     )
@@ -457,11 +458,8 @@ def evaluate_policies(cfg, tok, policy, ref, rm, rows, mean, std, temperature):
         gold: list[float | None] = [None] * len(rows)
         if verified:
             gold = gold_scores(texts, rows)
-            by_task: dict[str, list[float]] = {}
-            for g, r in zip(gold, rows):
-                by_task.setdefault(r.get("task", "all"), []).append(g)
             result[name]["gold_accuracy"] = sum(gold) / len(gold)
-            result[name]["per_task"] = {k: sum(v) / len(v) for k, v in sorted(by_task.items())}
+            result[name]["per_task"] = per_task_accuracy(gold, rows)
             result["estimates"][f"{name}_gold_accuracy"] = estimate(sum(gold), len(gold))
         per_model[name] = scores
         if name == "policy":
