@@ -682,7 +682,7 @@ class StageRun:
         self.variant = stage_variant(self.config)
         self.name = stage_dir_name(self.stage, self.config)
         self.path = self.run_dir / self.name
-        self.staging = self.path / STAGING
+        self._staging = self.path / STAGING
         self.state_dir = self.path / STATE
         self.is_main = _rank() == 0
         # Rank 0 writes the stage dir; it holds the stage's lock (alignline.locks) until finalize, so two
@@ -713,6 +713,15 @@ class StageRun:
 
         if tdist.is_available() and tdist.is_initialized():
             tdist.barrier()
+
+    @property
+    def staging(self) -> Path:
+        """`.staging/`, where rank 0 writes the outputs before `finalize`. Under torchrun the other ranks
+        have no business there: asking is an error, not a second writer racing rank 0."""
+        if not self.is_main:
+            raise RuntimeError(f"rank {_rank()} asked for {self._staging}: only rank 0 writes the {self.name} stage "
+                               "dir (the other ranks wait for it at a barrier)")
+        return self._staging
 
     def _open(self) -> None:
         adopt_legacy_dir(self.run_dir, self.stage, self.config)

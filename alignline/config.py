@@ -139,7 +139,8 @@ class TrainerLoopConfig(StrictModel):
     seed: int = Field(0, description="seeds init, data order and dropout (Trainer seed/data_seed)")
     epochs: float = Field(1.0, gt=0, description="passes over the training set when max_steps is -1")
     max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
-    batch_size: int = Field(32, gt=0, description="per-device examples per step")
+    batch_size: int = Field(32, gt=0, description="examples per step over all ranks (global: under torchrun each of "
+                            "N ranks takes batch_size/N, so N does not change what is trained)")
     grad_accum: int = Field(1, gt=0, description="batches accumulated per optimizer step")
     max_length: int = Field(256, gt=0, description="tokens per training example; longer ones are cut")
     eval_every: int = Field(50, gt=0, description="Trainer evaluation on the val set every N steps")
@@ -147,7 +148,39 @@ class TrainerLoopConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 off the CPU")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun (nproc_per_node > 1): ddp = a full copy per rank, gradients averaged; "
+        "fsdp = FSDP2, parameters, gradients and optimizer state sharded over the ranks (for models that do not fit)")
     max_train_examples: int | None = Field(None, ge=1, description="use the first N training examples only")
+
+
+def split_batch(batch_size: int, world_size: int, key: str = "train.batch_size") -> int:
+    """Each rank's share of a global batch; a ConfigError naming `key` when it does not split evenly."""
+    if batch_size % world_size:
+        raise ConfigError(f"{key}={batch_size} must split evenly over the {world_size} torchrun ranks (it is the "
+                          f"global batch; each rank takes {key}/{world_size}); use a multiple of {world_size}")
+    return batch_size // world_size
+
+
+def check_fsdp_device(device: str, key: str = "train.parallel") -> None:
+    """ConfigError unless FSDP through accelerate can run: it shards over CUDA devices only, and on CPU
+    ranks it would quietly train as DDP instead."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        raise ConfigError(f"{key}=fsdp needs CUDA devices (accelerate's FSDP2 shards over GPUs; on CPU ranks it "
+                          f"would train as plain DDP); use {key}=ddp here")
+
+
+def check_trainer_ranks(train: TrainerLoopConfig, lora: LoraArgs, world_size: int) -> None:
+    """ConfigError unless a Trainer stage's `train:` (and `lora:`) section runs on `world_size` torchrun
+    ranks: the global batch splits evenly, and fsdp is not combined with LoRA."""
+    split_batch(train.batch_size, world_size)
+    if world_size > 1 and train.parallel == "fsdp" and lora.enabled:
+        raise ConfigError("train.parallel=fsdp with lora.enabled=true is not supported: the frozen base is not worth "
+                          "sharding for adapters, and the merge needs the whole base on one rank. Use train.parallel=ddp")
+    if world_size > 1 and train.parallel == "fsdp":
+        check_fsdp_device(train.device, "train.parallel")
 
 
 class LoraArgs(StrictModel):

@@ -1,6 +1,7 @@
 """Process-group helpers so the same training loop runs alone or under `torchrun --nproc_per_node=N`.
 
     dist_info = init_distributed()          # reads RANK/WORLD_SIZE/LOCAL_RANK set by torchrun
+    out = on_ranks(lambda dist_info: ..., device)   # the same, joined and left around one call
     model = wrap_model(model, dist_info, mode="ddp")   # or "fsdp" (FSDP2 fully_shard), "none"
     loss = all_reduce_mean(loss, dist_info)
     rows = all_gather_cat(local_rows, dist_info)   # every rank's rows, in rank order
@@ -62,6 +63,22 @@ def init_distributed(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def world_size() -> int:
+    """The number of ranks torchrun started (WORLD_SIZE), 1 without torchrun; known before joining."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def on_ranks(fn, device: str = "auto"):
+    """`fn(dist)` inside the process group (joined when torchrun started several ranks, left at the
+    end, on errors too). Stages join before their StageRun opens, so its barrier holds the other
+    ranks until rank 0 has prepared the stage dir."""
+    info = init_distributed(device)
+    try:
+        return fn(info)
+    finally:
+        cleanup(info)
 
 
 def cleanup(info: DistInfo) -> None:

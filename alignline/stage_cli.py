@@ -322,5 +322,6 @@ def stage_main(
         if run_dir is not None:
             cleanup_failed(run_dir / out_name)
         raise
-    print(f"{stage}: wrote {out}")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per torchrun rank
+        print(f"{stage}: wrote {out}")
     return out

@@ -7,6 +7,7 @@
     seed_everything(0)
     resume, step = trainer_resume_point(out_dir, logger, "sft")   # HF Trainer: latest checkpoint, metrics trimmed
     train_or_restore(trainer, resume, step)                 # never a step past max_steps on resume
+    model = whole_model(trainer, "fsdp")   # rank 0: the trained model, FSDP shards gathered; others: None
     maybe_interrupt(step)   # test hook: raises after ALIGNLINE_FAIL_AFTER_STEP steps
 
 No Prefect, no stages: this is library code.
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignline.config import LoggingConfig, OptimConfig, ScheduleConfig
+from alignline.config import LoggingConfig, OptimConfig, ScheduleConfig, split_batch
 from alignline.distributed import pick_device
 
 FAIL_AFTER_ENV = "ALIGNLINE_FAIL_AFTER_STEP"
@@ -43,6 +44,19 @@ def maybe_interrupt(step: int) -> None:
     raw = os.environ.get(FAIL_AFTER_ENV)
     if raw and step >= int(raw):
         raise SimulatedInterrupt(f"simulated interrupt after step {step} ({FAIL_AFTER_ENV}={raw})")
+
+
+STALL_AFTER_ENV = "ALIGNLINE_STALL_AFTER_STEP"
+
+
+def maybe_stall(step: int) -> None:
+    """Sleep (until killed) once `step` reaches $ALIGNLINE_STALL_AFTER_STEP: a test hook that holds a
+    run still after a checkpoint so a test can kill -9 one of its ranks."""
+    raw = os.environ.get(STALL_AFTER_ENV)
+    if raw and step >= int(raw):
+        log.warning("stalling after step %d (%s=%s) until killed", step, STALL_AFTER_ENV, raw)
+        while True:
+            time.sleep(60)
 
 
 def seed_everything(seed: int) -> None:
@@ -288,6 +302,9 @@ def train_or_restore(trainer, resume: str | None, resume_step: int):
     from transformers.trainer_callback import TrainerState
 
     max_steps = trainer.args.max_steps
+    if trainer.args.world_size > 1 and trainer.args.process_index == 0:
+        log.info("training on %d ranks with %s", trainer.args.world_size,
+                 "FSDP2 (parameters, gradients and optimizer state sharded)" if trainer.is_fsdp_enabled else "DDP")
     if resume is None or max_steps <= 0 or resume_step < max_steps:
         try:
             return trainer.train(resume_from_checkpoint=resume)
@@ -338,13 +355,48 @@ def metrics_callback(logger: MetricsLogger, skip_through: int = 0):
                 if self.last is not None and now > self.last[0]:
                     vals["tokens_per_s"] = (vals["num_tokens"] - self.last[1]) / (now - self.last[0])
                 self.last = (now, vals["num_tokens"])
+            if "loss" in vals and torch.cuda.is_available():
+                vals["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.log(state.global_step, **vals)
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            # After the Trainer restored a checkpoint: the step it really continues from.
+            if state.is_world_process_zero:
+                log.info("training from step %d to %d", state.global_step, state.max_steps)
+
         def on_save(self, args, state, control, **kwargs):
-            # Test hook: simulate a crash right after a checkpoint was written.
+            # Test hooks: simulate a crash, or hold still to be killed, right after a checkpoint was written.
             maybe_interrupt(state.global_step)
+            maybe_stall(state.global_step)
 
     return _Forward()
+
+
+def whole_model(trainer, parallel: str = "ddp"):
+    """The trained model, whole and unwrapped, on rank 0; None on the other ranks.
+
+    Under FSDP (`parallel` "fsdp" with several ranks) the shards are gathered first, a collective, so
+    every rank calls this; rank 0 gets a plain copy of the model (its own class, the gathered
+    weights), which evaluation and `save_pretrained` use like a single-process model."""
+    main = trainer.args.process_index == 0
+    if not (parallel == "fsdp" and trainer.args.world_size > 1):
+        return trainer.model if main else None
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = trainer.model
+    state = trainer.accelerator.get_state_dict(sharded)  # full tensors, on rank 0 only
+    if not main:
+        return None
+    # fully_shard swaps the class for FSDP<cls>; the first non-FSDP class in its MRO is the model's own.
+    cls = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule))
+    plain = cls._from_config(sharded.config, torch_dtype=next(iter(state.values())).dtype)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"gathering the FSDP shards: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    plain.tie_weights()
+    plain.generation_config = sharded.generation_config
+    return plain.eval()
 
 
 def hf_schedule(s: ScheduleConfig) -> tuple[str, dict]:
@@ -360,13 +412,20 @@ def hf_trainer_args(
     *, output_dir: str | Path, optim: OptimConfig, schedule: ScheduleConfig, logging: LoggingConfig,
     seed: int, max_steps: int, batch_size: int, save_every: int, device: str = "auto",
     precision: str = "auto", epochs: float = 1, grad_accum: int = 1, eval_every: int | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool = False, parallel: str = "ddp", batch_key: str = "train.batch_size",
 ) -> dict:
-    """The TrainingArguments fields of every TRL-based stage (sft, reward, rlhf's dpo/grpo/rloo, lora),
+    """The TrainingArguments fields of every TRL-based stage (sft, reward, rlhf's dpo/kto/grpo/rloo, lora),
     from our shared sections: `optim:` (AdamW), `schedule:` (warmup + decay) and `logging:`.
 
-    `report_to` is always "none": metrics reach jsonl, TensorBoard, W&B and MLflow through the
-    stage's MetricsLogger (`metrics_callback`), once. `precision`: auto = bf16 off the CPU."""
+    `batch_size` is the global batch, as in pretrain and PPO: under torchrun each of the N ranks
+    (WORLD_SIZE) takes batch_size / N, so a run computes the same steps on any number of ranks
+    (`split_batch`; `batch_key` names the key in its error). `parallel`: under torchrun, "ddp" (the
+    Trainer's DistributedDataParallel) or "fsdp" (accelerate's FSDP2, one shard group per decoder
+    layer, the model's `_no_split_modules`). `report_to` is always "none": metrics reach jsonl,
+    TensorBoard, W&B and MLflow through the stage's MetricsLogger (`metrics_callback`), once.
+    `precision`: auto = bf16 off the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = split_batch(batch_size, world, batch_key)
     sched, sched_kwargs = hf_schedule(schedule)
     warn_if_warmup_fills_the_run(schedule.warmup_steps, max_steps)
     use_cpu = pick_device(device) == "cpu"
@@ -375,12 +434,23 @@ def hf_trainer_args(
     # but older 5.x releases know only this one.
     ckpt = {"gradient_checkpointing": True} if gradient_checkpointing else {}
     evals = {"eval_strategy": "steps", "eval_steps": eval_every} if eval_every else {"eval_strategy": "no"}
+    ranks = {}
+    if world > 1:
+        # gloo between CPU ranks (the CI tests), NCCL between GPUs; the losses of a step are averaged
+        # over every rank's tokens, not per rank, so N ranks train what one process would.
+        ranks = {"ddp_backend": "gloo" if use_cpu else "nccl", "average_tokens_across_devices": True}
+        if parallel == "fsdp":
+            from alignline.config import check_fsdp_device
+
+            check_fsdp_device("cpu" if use_cpu else "cuda", "parallel")  # the stages check this before they start
+            ranks.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True,
+                                                 "state_dict_type": "FULL_STATE_DICT"})
     return dict(
-        **ckpt, **evals,
+        **ckpt, **evals, **ranks,
         output_dir=str(output_dir),
         seed=seed, data_seed=seed,
         num_train_epochs=epochs, max_steps=max_steps,
-        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=grad_accum,
         learning_rate=optim.lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_epsilon=optim.eps,

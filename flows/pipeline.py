@@ -481,7 +481,8 @@ def _run_pipeline(config: PipelineConfig, from_stage: str | None, to_stage: str 
                 state = runner(
                     stage=stage, module=rs.module, config=rs.config_dict,
                     inputs=stage_inputs(rs, run_dir, enabled, dirs), run_dir=str(run_dir), nproc=rs.nproc,
-                    launcher=rs.entry.launcher, timeout_s=rs.entry.timeout_s, force=force or from_stage == stage,
+                    launcher=rs.entry.launcher, timeout_s=rs.entry.timeout_s, nnodes=rs.entry.nnodes, job=rs.job,
+                    force=force or from_stage == stage,
                     progress_key=f"{slug}-{dirs[stage]}-progress", progress_every_s=config.report.progress_every_s,
                     wait_for=[done[p] for p in producers(rs) if p in done], return_state=True,
                 )

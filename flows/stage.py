@@ -58,7 +58,7 @@ def _run_stage(stage: str, rs, rd: Path, entry: StageEntry, retries: int, force:
     runner = stage_task.with_options(task_run_name=rs.dir_name, retries=retries if entry.retries is None else entry.retries,
                                      retry_condition_fn=not_a_user_error)
     out = runner(stage=stage, module=rs.module, config=rs.config_dict, inputs=inputs, run_dir=str(rd),
-                 nproc=rs.nproc, launcher=entry.launcher, timeout_s=entry.timeout_s, force=force,
+                 nproc=rs.nproc, launcher=entry.launcher, timeout_s=entry.timeout_s, nnodes=entry.nnodes, job=rs.job, force=force,
                  progress_key=f"{_slug(rd.name)}-{rs.dir_name}-progress")
     rec = StageRecord(out["name"], out["status"], wall_s=out["wall_s"], path=out["path"], headline=out["headline"],
                       message=out.get("reason", ""), stage=stage)

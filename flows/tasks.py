@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -75,9 +76,16 @@ class StageEntry(StrictModel):
         default_factory=dict, description="input dirs by input name (e.g. init: /models/base); default: this run's"
     )
     module: str | None = Field(None, description="implementation module; default from the stages registry")
-    nproc_per_node: int = Field(1, ge=1, description="> 1 launches the stage with torchrun on this many ranks")
-    launcher: Literal["inprocess", "subprocess"] = Field(
-        "inprocess", description="nproc_per_node 1: run in the flow process or as `python -m <module>`"
+    nproc_per_node: int = Field(1, ge=1, description="> 1 launches the stage with torchrun on this many ranks "
+                                "(per node: GPUs per node with launcher kubernetes or slurm)")
+    launcher: Literal["inprocess", "subprocess", "kubernetes", "slurm"] = Field(
+        "inprocess", description="inprocess | subprocess (`python -m <module>`) on this machine (torchrun when "
+        "nproc_per_node > 1); kubernetes | slurm: one job of `nnodes` nodes (deploy/, alignline/jobs.py)"
+    )
+    nnodes: int = Field(1, ge=1, description="nodes of a kubernetes or slurm job (torchrun c10d rendezvous)")
+    job: dict[str, Any] = Field(
+        default_factory=dict, description="the job's settings: alignline.jobs.KubernetesJob (image, pvc, ...) or "
+        "SlurmJob (workdir, partition, ...), for launcher kubernetes or slurm"
     )
     timeout_s: float | None = Field(
         None, gt=0, description="kill the stage after this long; implies a subprocess (a thread cannot be killed)"
@@ -97,6 +105,7 @@ class ResolvedStage:
     entry: StageEntry
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    job: dict[str, Any] = field(default_factory=dict)  # validated `job:` for launcher kubernetes | slurm
 
     @property
     def dir_name(self) -> str:
@@ -150,12 +159,15 @@ def resolve_stage(stage: str, entry: StageEntry, where: str = "pipeline") -> Res
                                           label=f"{where}: stages.{stage} (defaults)", set_flag="set")
     cfg = config_from_dict(module.Config, data, source, key_lines)
     nproc = max(entry.nproc_per_node, _config_nproc(config_to_dict(cfg)))
+    job = _job_settings(stage, entry, where)
+    world = nproc * entry.nnodes
     check = getattr(module, "check_world_size", None)  # optional: a stage's own rank-count rules
-    if nproc > 1 and check is not None:
+    if world > 1 and check is not None:
         try:
-            check(cfg, nproc)
+            check(cfg, world)
         except ConfigError as exc:
-            raise ConfigError(f"{where}: stages.{stage} on nproc_per_node={nproc} ranks: {exc}") from None
+            ranks = f"nproc_per_node={nproc}" + (f" x nnodes={entry.nnodes}" if entry.nnodes > 1 else "")
+            raise ConfigError(f"{where}: stages.{stage} on {ranks} ranks: {exc}") from None
     return ResolvedStage(
         name=stage,
         module=module_name,
@@ -164,7 +176,30 @@ def resolve_stage(stage: str, entry: StageEntry, where: str = "pipeline") -> Res
         input_specs=list(getattr(module, "INPUTS", [])),
         entry=entry,
         source=str(getattr(module, "__file__", "")),
+        job=job,
     )
+
+
+def _job_settings(stage: str, entry: StageEntry, where: str) -> dict[str, Any]:
+    """`job:` validated for the entry's launcher (alignline.jobs), as plain data; {} on this machine."""
+    from alignline.jobs import KubernetesJob, SlurmJob
+
+    key = f"{where}: stages.{stage}"
+    if entry.launcher not in ("kubernetes", "slurm"):
+        if entry.nnodes > 1:
+            raise ConfigError(f"{key}.nnodes={entry.nnodes} needs launcher: kubernetes or slurm (a job across "
+                              f"nodes); launcher {entry.launcher} runs on this machine only")
+        if entry.job:
+            raise ConfigError(f"{key}.job is only read by launcher: kubernetes or slurm (launcher is "
+                              f"{entry.launcher}); remove it")
+        return {}
+    cls = KubernetesJob if entry.launcher == "kubernetes" else SlurmJob
+    try:
+        return cls.model_validate(entry.job).model_dump()
+    except ValueError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in getattr(exc, "errors", list)())
+        raise ConfigError(f"{key}.job (launcher {entry.launcher}, alignline.jobs.{cls.__name__}): "
+                          f"{problems or exc}") from None
 
 
 # --------------------------------------------------------------------------- cache
@@ -311,7 +346,20 @@ def _user_error_lines(tail: list[str]) -> str:
     starts = [i for i, line in enumerate(tail) if line.startswith("error:")]
     if not starts:
         return "\n".join(tail[-5:])
-    return "\n".join(tail[starts[-1]:]).removeprefix("error:").strip()
+    block = tail[starts[-1]:]
+    for j, line in enumerate(block[1:], 1):  # under torchrun its failure summary follows: not the message
+        if line.startswith(("Traceback", "error:", "[rank")) or re.match(r"[EWI]\d{4} ", line) \
+                or "torch.distributed" in line:
+            block = block[:j]
+            break
+    return "\n".join(block).removeprefix("error:").strip()
+
+
+def _is_user_error_exit(exc: LaunchError, nproc: int) -> bool:
+    """The stage CLI exits 2 on a user error; torchrun exits 1 then, and names the rank's exit code 2."""
+    if exc.returncode == 2:
+        return True
+    return nproc > 1 and re.search(r"exitcode\s*:\s*2\b", "\n".join(exc.tail)) is not None
 
 
 # --------------------------------------------------------------------------- the stage task
@@ -325,13 +373,51 @@ def _write_config(run_dir: Path, stage: str, cfg: dict[str, Any]) -> Path:
     return p
 
 
-def stage_command(module: str, config_file: Path, run_dir: Path, inputs: dict[str, str], nproc: int) -> list[str]:
+def stage_args(config_file: Path, run_dir: Path, inputs: dict[str, str]) -> list[str]:
     args = ["--config", str(config_file), "--run-dir", str(run_dir)]
     for name, path in inputs.items():
         args += [f"--{name}", str(path)]
+    return args
+
+
+def stage_command(module: str, config_file: Path, run_dir: Path, inputs: dict[str, str], nproc: int) -> list[str]:
+    args = stage_args(config_file, run_dir, inputs)
     if nproc > 1:
         return torchrun_command(module, args, nproc)
     return [sys.executable, "-m", module, *args]
+
+
+def submit_job(launcher: str, stage: str, module: str, config: dict[str, Any], name: str, rd: Path,
+               inputs: dict[str, str], nproc: int, nnodes: int, job: dict[str, Any], timeout_s: float | None,
+               logger) -> None:
+    """Run the stage as one Kubernetes or Slurm job (alignline.jobs) and wait for it. The run dir, and
+    the config written into it, must be on storage the job's nodes share (the same path there)."""
+    from prefect.runtime import task_run
+
+    from alignline import jobs
+
+    cfg_file = _write_config(rd, name, config)
+    attempt = f"{(task_run.id or 'local')}"[:8] + f"-{task_run.run_count or 1}"
+    spec = jobs.JobSpec(stage=stage, module=module, args=stage_args(cfg_file, rd, inputs), nnodes=nnodes,
+                        nproc_per_node=nproc, name=jobs.job_name(rd.name, name, attempt))
+    emit = lambda line: logger.info("[%s] %s", name, line)  # noqa: E731
+    try:
+        if launcher == "slurm":
+            settings = jobs.SlurmJob.model_validate(job)
+            script = rd / ".pipeline" / f"{name}.sbatch"
+            script.write_text(jobs.render_slurm(spec, settings, rd / ".pipeline" / f"{name}.slurm.log"),
+                              encoding="utf-8")
+            logger.info("%s: sbatch --wait %s (%d nodes x %d GPUs)", name, script, nnodes, nproc)
+            jobs.run_slurm(script, on_line=emit, timeout=timeout_s)
+        else:
+            settings = jobs.KubernetesJob.model_validate(job)
+            docs = jobs.render_kubernetes(spec, settings)
+            manifest = rd / ".pipeline" / f"{name}.k8s.yaml"
+            manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
+            logger.info("%s: kubectl apply -f %s (job %s, %d pods x %d GPUs)", name, manifest, spec.name, nnodes, nproc)
+            jobs.run_kubernetes(manifest, docs, poll_s=settings.poll_s, on_line=emit, timeout=timeout_s)
+    except LaunchError as exc:
+        raise StageError(f"{name}: {exc}") from None
 
 
 # log_prints stays off here and on the flows: Prefect's print patch also catches the prints that
@@ -347,6 +433,8 @@ def stage_task(
     nproc: int = 1,
     launcher: str = "inprocess",
     timeout_s: float | None = None,
+    nnodes: int = 1,
+    job: dict[str, Any] | None = None,
     force: bool = False,
     progress_key: str | None = None,
     progress_every_s: float = 2.0,
@@ -381,7 +469,9 @@ def stage_task(
         logger.info("%s: running (forced)", name)
     t0 = time.monotonic()
     with ProgressReporter(name, stage_dir, total_steps(config), every_s=progress_every_s, key=progress_key):
-        if nproc > 1 or launcher == "subprocess" or timeout_s is not None:
+        if launcher in ("kubernetes", "slurm"):
+            submit_job(launcher, stage, module, config, name, rd, inputs, nproc, nnodes, job or {}, timeout_s, logger)
+        elif nproc > 1 or launcher == "subprocess" or timeout_s is not None:
             cfg_file = _write_config(rd, name, config)
             cmd = stage_command(module, cfg_file, rd, inputs, nproc)
             logger.info("%s: launching %s", name, " ".join(cmd))
@@ -390,7 +480,7 @@ def stage_task(
                 launch(cmd, on_line=lambda line: logger.info("[%s] %s", name, line), timeout=timeout_s,
                        cwd=os.getcwd(), env=env, log_file=rd / ".pipeline" / f"{name}.log")
             except LaunchError as exc:
-                if exc.returncode == 2:  # the stage CLI's exit code for a user error
+                if _is_user_error_exit(exc, nproc):  # the stage CLI's exit code for a user error
                     raise StageUserError(f"{name}: {_user_error_lines(exc.tail)}") from None
                 raise
         else:

@@ -4,6 +4,7 @@
         [--config configs/lora/tiny.yaml] [--set train.max_steps=50 --set lora.r=8]
     alignline lora ...            (same options)
     flows/lora.py: lora_flow      (same job as a Prefect flow)
+    torchrun --nproc_per_node=4 -m stages.lora --base ... --data ...   (DDP; train.batch_size is global)
 
 The base is a local HF dir, a hub id (+ `base_revision`), or an alignline stage dir (its
 checkpoint/ is used). Outputs go to `RUN_DIR/lora/` (the stage-directory contract):
@@ -52,6 +53,7 @@ from alignline.config import (
     ScheduleConfig,
     StrictModel,
     load_config,
+    split_batch,
 )
 from alignline.data.loaders import Columns, DataValidationError, Format, LoaderConfig, load_records
 from alignline.models import ModelSource, check_causal_lm, hash_weights, load_causal_lm, resolve_model
@@ -111,7 +113,8 @@ class ChatConfig(StrictModel):
 class LoraTrainConfig(StrictModel):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
     save_every: int = Field(50, gt=0, description="Trainer checkpoint (resume point) every N steps")
-    batch_size: int = Field(8, gt=0, description="per-device conversations per batch")
+    batch_size: int = Field(8, gt=0, description="conversations per batch over all ranks (global: under torchrun "
+                            "each of N ranks takes batch_size/N)")
     grad_accum: int = Field(1, gt=0, description="batches accumulated per optimizer step")
     max_length: int = Field(1024, gt=8, description="tokens per example; longer conversations are cut")
     seed: int = Field(0, description="seeds the train/val split, adapter init and data order")
@@ -121,6 +124,16 @@ class LoraTrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise"
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun (nproc_per_node > 1): ddp, a base and adapter copy per rank. fsdp is "
+        "refused here: only the small adapters train, and the merge needs the whole base on one rank")
+
+    @model_validator(mode="after")
+    def _no_fsdp(self):
+        if self.parallel == "fsdp":
+            raise ValueError("train.parallel: fsdp is not supported by the lora stage (only the adapters train, and "
+                             "the merge needs the whole base on one rank); use train.parallel: ddp")
+        return self
 
 
 class LoraEvalConfig(StrictModel):
@@ -426,17 +439,17 @@ def _dtype(precision: str):
     return torch.float32
 
 
-def load_base_model(prep: Prepared, dtype, quantize: bool):
-    """The base in `dtype` on the picked device, or 4-bit NF4 on GPU 0 for QLoRA."""
+def load_base_model(prep: Prepared, dtype, quantize: bool, local_rank: int = 0):
+    """The base in `dtype` on this rank's device, or 4-bit NF4 on this rank's GPU for QLoRA."""
     from alignline.distributed import pick_device
 
     if not quantize:
-        return load_causal_lm(prep.base.path, dtype=dtype, device=pick_device(),
+        return load_causal_lm(prep.base.path, dtype=dtype, device=pick_device("auto", local_rank),
                               trust_remote_code=prep.cfg.trust_remote_code)
     from alignline.peft_utils import bnb_4bit_config
 
     return load_causal_lm(prep.base.path, dtype=dtype, trust_remote_code=prep.cfg.trust_remote_code,
-                          quantization_config=bnb_4bit_config(compute_dtype=dtype), device_map={"": 0})
+                          quantization_config=bnb_4bit_config(compute_dtype=dtype), device_map={"": local_rank})
 
 
 def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
@@ -475,17 +488,32 @@ def train_adapter(prep: Prepared, peft_model, run, dtype) -> dict[str, Any]:
     return {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
 
 
+def check_world_size(config: LoraStageConfig, world_size: int) -> None:
+    """ConfigError unless `config` runs on `world_size` torchrun ranks (checked by `run` before any work,
+    and by the pipeline before it launches torchrun)."""
+    split_batch(config.train.batch_size, world_size)
+
+
 def run(config: LoraStageConfig, inputs: dict[str, Path] | None, run_dir: str | Path) -> Path:
     """Fine-tune `config.base` with LoRA on `config.data`; write `<run_dir>/lora/` and return its path.
 
     `inputs` may give "base" (a model or stage dir) and "data" (a file or data stage dir), which
     replace `config.base` / `config.data.train`. Relative paths (data, chat.template) are relative
-    to the working directory, as everywhere in a config.
+    to the working directory, as everywhere in a config. Under torchrun every rank trains its share
+    of each batch (DDP); rank 0 alone measures before/after, merges and writes the stage dir.
     """
+    from alignline.distributed import on_ranks, world_size
+
+    check_world_size(config, world_size())
+    return on_ranks(lambda dist: _run(config, inputs, run_dir, dist))
+
+
+def _run(config: LoraStageConfig, inputs: dict[str, Path] | None, run_dir: str | Path, dist) -> Path:
     import torch
     from peft import PeftModel, prepare_model_for_kbit_training
 
     from alignline.artifacts import StageRun
+    from alignline.distributed import barrier
     from alignline.peft_utils import attach_lora, merge_lora
     from alignline.training import seed_everything
 
@@ -504,12 +532,15 @@ def run(config: LoraStageConfig, inputs: dict[str, Path] | None, run_dir: str | 
     tok = prep.tokenizer
     pad_id = tok.pad_token_id
     prompts = sample_prompts(prep.val_conversations, cfg.eval.num_samples)
-    print(f"[lora] base {prep.base.spec} ({prep.model_config.model_type}), template={prep.template_from}, "
-          f"mask={prep.mask_mode}, targets={prep.targets}, train={len(prep.train_rows)} val={len(prep.val_rows)}")
+    main = stage.is_main
+    if main:
+        print(f"[lora] base {prep.base.spec} ({prep.model_config.model_type}), template={prep.template_from}, "
+              f"mask={prep.mask_mode}, targets={prep.targets}, train={len(prep.train_rows)} val={len(prep.val_rows)}")
 
-    model = load_base_model(prep, dtype, quantize=cfg.qlora)
-    loss_before = heldout_loss(model, prep.val_rows, pad_id, cfg.eval.batch_size)
-    gens_before = generate_samples(model, tok, prep.template, prompts, cfg.eval.max_new_tokens)
+    model = load_base_model(prep, dtype, quantize=cfg.qlora, local_rank=dist.local_rank)
+    # Measured once, by rank 0 (the others go on to the Trainer, which waits for it).
+    loss_before = heldout_loss(model, prep.val_rows, pad_id, cfg.eval.batch_size) if main else None
+    gens_before = generate_samples(model, tok, prep.template, prompts, cfg.eval.max_new_tokens) if main else None
     if cfg.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     lora_args = cfg.lora.model_copy(update={"target_modules": prep.targets})
@@ -520,6 +551,9 @@ def run(config: LoraStageConfig, inputs: dict[str, Path] | None, run_dir: str | 
     n_total = sum(p.numel() for p in peft_model.parameters())
 
     train_info = train_adapter(prep, peft_model, stage, dtype)
+    if not main:  # rank 0 measures, merges and writes the stage dir; the others wait for it, then leave
+        barrier(dist)
+        return stage.path
     loss_after = heldout_loss(peft_model, prep.val_rows, pad_id, cfg.eval.batch_size)
     gens_after = generate_samples(peft_model, tok, prep.template, prompts, cfg.eval.max_new_tokens)
 
@@ -534,7 +568,7 @@ def run(config: LoraStageConfig, inputs: dict[str, Path] | None, run_dir: str | 
     if cfg.qlora:
         del peft_model, model
         torch.cuda.empty_cache()
-        full = load_base_model(prep, dtype, quantize=False)
+        full = load_base_model(prep, dtype, quantize=False, local_rank=dist.local_rank)
         merged = merge_lora(PeftModel.from_pretrained(full, str(adapter_dir)))
     else:
         merged = merge_lora(peft_model)
@@ -580,6 +614,7 @@ def run(config: LoraStageConfig, inputs: dict[str, Path] | None, run_dir: str | 
     out = stage.finalize(eval=evaluation, headline=headline, samples=samples,
                          extra_manifest={"base": prep.base.identity()})
     print(f"[lora] held-out loss {loss_before:.4f} -> {loss_after:.4f}; wrote {out}")
+    barrier(dist)
     return out
 
 

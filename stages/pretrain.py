@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from alignline.artifacts import StageRun
-from alignline.config import LoggingConfig, OptimConfig, ScheduleConfig, StrictModel
+from alignline.config import ConfigError, LoggingConfig, OptimConfig, ScheduleConfig, StrictModel, split_batch
 from alignline.stage_cli import InputSpec, stage_main
 
 # torch is imported where it runs, so `alignline stage pretrain --help` and config checks answer fast.
@@ -197,13 +197,31 @@ def evaluate_loss(model, windows: torch.Tensor, micro: int, device, autocast) ->
 # --------------------------------------------------------------------------- the stage
 
 
+def check_world_size(config: Config, world_size: int) -> None:
+    """ConfigError unless the global batch splits over `world_size` torchrun ranks and then into
+    micro-batches (checked by `run` before any work, and by the pipeline before it launches torchrun)."""
+    tc = config.train
+    per_rank = split_batch(tc.batch_size, world_size)
+    if per_rank % min(tc.micro_batch_size, per_rank):
+        raise ConfigError(f"train.batch_size={tc.batch_size} gives {per_rank} rows per rank on {world_size} ranks, "
+                          f"which does not split into micro-batches of train.micro_batch_size={tc.micro_batch_size}; "
+                          "make the per-rank share a multiple of train.micro_batch_size")
+
+
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     import torch
     from tqdm.auto import tqdm
 
     from alignline.checkpointing import gather_states
     from alignline.data.shards import BlockSampler, PackedBlocks, build_shards
-    from alignline.distributed import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
+    from alignline.distributed import (
+        all_reduce_mean,
+        barrier,
+        cleanup,
+        init_distributed,
+        world_size,
+        wrap_model,
+    )
     from alignline.evaluation import gold_eval, gold_summary, load_prompts
     from alignline.tokenizer import load_tokenizer
     from alignline.training import (
@@ -216,6 +234,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     )
 
     tc = config.train
+    check_world_size(config, world_size())
     dist = init_distributed(tc.device)
     device = torch.device(dist.device)
     run = StageRun(run_dir, "pretrain", config, inputs={"data": inputs["data"], "tokenizer": inputs["tokenizer"]},
@@ -224,9 +243,6 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     tokenizer = load_tokenizer(tok_dir)
 
     per_rank = tc.batch_size // dist.world_size
-    if tc.batch_size % dist.world_size or per_rank % min(tc.micro_batch_size, per_rank):
-        raise ValueError(f"train.batch_size={tc.batch_size} must split evenly over {dist.world_size} processes "
-                         f"and micro batches of train.micro_batch_size={tc.micro_batch_size}")
     micro = min(tc.micro_batch_size, per_rank)
     accum = per_rank // micro
     if tc.seq_len > config.model.max_position_embeddings:
@@ -321,6 +337,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             "tokens_seen": done * tokens_per_step}
         if peak:
             rec["mfu"] = fpt * tps / (peak * dist.world_size)
+        if device.type == "cuda":  # rank 0's peak; the ranks are alike under DDP and FSDP
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if done % tc.save_every == 0 or done == tc.max_steps:
             run.save_state(done, model=wrapped, optimizer=opt, scheduler=sched, dist=dist, parallel=tc.parallel,
                            data_position={"step": done, "sampler": sampler.state_dict()},

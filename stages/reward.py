@@ -2,6 +2,10 @@
 
     python -m stages.reward --config configs/reward/tiny.yaml --run-dir runs/tiny     # --init runs/tiny/sft
     alignline stage reward --config configs/reward/tiny.yaml --init runs/tiny/sft --set train.max_steps=50
+    torchrun --nproc_per_node=8 -m stages.reward --config configs/reward/1b.yaml --run-dir runs/1b
+
+Under torchrun `train.batch_size` is the global batch (1/N per rank); rank 0 samples the on-policy
+pairs (handed to every rank), scores the val pairs and writes the stage.
 
 The model is `AlignlineForSequenceClassification` (num_labels=1) initialised from the SFT
 checkpoint with a fresh score head; for a non-alignline checkpoint, AutoModelForSequenceClassification.
@@ -38,6 +42,7 @@ from alignline.config import (
     ScheduleConfig,
     StrictModel,
     TrainerLoopConfig,
+    check_trainer_ranks,
 )
 from alignline.files import read_jsonl
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
@@ -154,14 +159,29 @@ def policy_pairs(config: Config, src: Path, tokenizer, data_dir: Path) -> tuple[
     return train, val, {"train": stats, "val": val_stats}
 
 
+def check_world_size(config: Config, world_size: int) -> None:
+    """ConfigError unless `config` runs on `world_size` torchrun ranks (checked by `run` before any work,
+    and by the pipeline before it launches torchrun)."""
+    check_trainer_ranks(config.train, config.lora, world_size)
+
+
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    """Run the stage, alone or as one of N torchrun ranks (rank 0 samples the on-policy pairs,
+    evaluates and writes the stage dir)."""
+    from alignline.distributed import on_ranks, world_size
+
+    check_world_size(config, world_size())
+    return on_ranks(lambda dist: _run(config, inputs, run_dir, dist), config.train.device)
+
+
+def _run(config: Config, inputs: dict[str, Path], run_dir: str | Path, dist) -> Path:
     # Heavy imports here, not at the top: `alignline stage reward --help` answers without torch.
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.chat import conversation_ids, length_fit, warn_if_cut
-    from alignline.distributed import pick_device
+    from alignline.distributed import barrier, broadcast_object, pick_device
     from alignline.evaluation import estimate, mean_estimate, score_conversations
     from alignline.models import ensure_pad_token, load_chat_tokenizer, load_classifier
     from alignline.peft_utils import attach_lora, merge_lora
@@ -172,6 +192,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         seed_everything,
         train_or_restore,
         trainer_resume_point,
+        whole_model,
     )
 
     init_path, data_dir = Path(inputs["init"]), Path(inputs["data"])
@@ -200,7 +221,9 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     val_rows = read_jsonl(data_dir / "preference" / "val.jsonl")
     onpolicy_val, onpolicy_stats = [], None
     if config.onpolicy.enabled:
-        extra, onpolicy_val, onpolicy_stats = policy_pairs(config, src, tokenizer, data_dir)
+        # Sampled once, by rank 0, and handed to the others: every rank trains on the same pairs.
+        pairs = policy_pairs(config, src, tokenizer, data_dir) if run.is_main else None
+        extra, onpolicy_val, onpolicy_stats = broadcast_object(pairs, dist)
         train_rows = train_rows + extra  # the Trainer shuffles
 
     def ds(rows):
@@ -224,7 +247,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             output_dir=run.mark_state() / "trainer", optim=config.optim, schedule=config.schedule,
             logging=config.logging, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
             grad_accum=t.grad_accum, eval_every=t.eval_every, save_every=t.save_every, device=t.device,
-            precision=t.precision, gradient_checkpointing=t.gradient_checkpointing), max_length=t.max_length,
+            precision=t.precision, gradient_checkpointing=t.gradient_checkpointing, parallel=t.parallel),
+                        max_length=t.max_length,
                         center_rewards_coefficient=t.center_rewards_coefficient)
     resume, skip = trainer_resume_point(args.output_dir, run.metrics, "reward")
     trainer = RewardTrainer(
@@ -234,7 +258,10 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     )
     train_or_restore(trainer, resume, skip)
 
-    trained = trainer.model
+    trained = whole_model(trainer, t.parallel)
+    if not run.is_main:  # rank 0 evaluates and writes the stage dir; the others wait for it, then leave
+        barrier(dist)
+        return run.path
     if config.lora.enabled:
         trained.save_pretrained(str(run.staging / "adapter"))
         trained = merge_lora(trained)
@@ -264,7 +291,9 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     headline = {k: metrics[k] for k in ("accuracy", "margin", "n_pairs", "reward_mean", "reward_std",
                                         "onpolicy_accuracy") if k in metrics}
     extra = {"external_init": str(init_path.resolve())} if external else {}
-    return run.finalize(eval=metrics, headline=headline, extra_manifest=extra)
+    out = run.finalize(eval=metrics, headline=headline, extra_manifest=extra)
+    barrier(dist)
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path | None:

@@ -23,7 +23,9 @@ in `estimates`), and, where the prompts have a verifier (gold answers: the built
 prompt file with an answer column), gold accuracy and `overoptimisation: true` when the RM score
 rose while gold accuracy fell. Without a verifier those are absent (`verifier: "none"`), never 0.
 
-Under torchrun (PPO only; `nproc_per_node: N` in the pipeline): every rank generates and scores
+Under torchrun (`nproc_per_node: N` in the pipeline), DPO, KTO, GRPO and RLOO run TRL's Trainer on N
+ranks (DDP; `parallel: fsdp` for DPO): `<algorithm>.batch_size` is the global batch, 1/N per rank; rank
+0 evaluates and writes the stage. PPO: every rank generates and scores
 rollouts for its 1/N of each iteration's prompts (`ppo.rollout_batch_size` must split evenly, and
 so must every micro-batch, `mini_batch_size / grad_accum_steps`), with its own sampling seed; the
 scored rollouts are gathered, so reward normalisation, GAE, whitening, the adaptive KL controller
@@ -154,6 +156,9 @@ class RLHFConfig(StrictModel):
     steps: int = Field(30, gt=0, description="PPO iterations, or optimizer steps for dpo/kto/grpo/rloo")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
     save_every: int = Field(10, gt=0, description="write resumable state every N steps")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun (nproc_per_node > 1): ddp = a full copy per rank, gradients averaged; "
+        "fsdp = FSDP2 sharding (dpo only: PPO, KTO, GRPO and RLOO run ddp)")
     lora: LoraArgs = Field(LoraArgs(), description="train LoRA adapters on the policy (reference = adapters off)")
     prompts: PromptsConfig = Field(PromptsConfig(), description="the RL prompts (data stage prompts/train.jsonl)")
     eval: EvalConfig = Field(EvalConfig(), description="SFT vs trained policy on prompts/test.jsonl")
@@ -244,12 +249,19 @@ def check_world_size(cfg: RLHFConfig, world_size: int) -> None:
     and by the pipeline before it launches torchrun)."""
     if world_size <= 1:
         return
-    if cfg.algorithm != "ppo":
-        raise ConfigError(
-            f"algorithm={cfg.algorithm} does not run under torchrun (WORLD_SIZE={world_size}) in the rlhf "
-            "stage; only ppo does. Run it with nproc_per_node 1"
-        )
-    cfg.ppo.check(world_size)
+    if cfg.algorithm == "ppo":
+        cfg.ppo.check(world_size)
+        return
+    from alignline.config import split_batch
+
+    split_batch(getattr(cfg, cfg.algorithm).batch_size, world_size, f"{cfg.algorithm}.batch_size")
+    if cfg.parallel == "fsdp" and (cfg.algorithm != "dpo" or cfg.lora.enabled):
+        raise ConfigError(f"parallel=fsdp is supported for algorithm=dpo without LoRA only (got algorithm="
+                          f"{cfg.algorithm}, lora.enabled={cfg.lora.enabled}); use parallel=ddp")
+    if cfg.parallel == "fsdp":
+        from alignline.config import check_fsdp_device
+
+        check_fsdp_device(cfg.device, "parallel")
 
 
 def rank_seed(seed: int, step: int, rank: int, tag: str = "rollout") -> int:
@@ -666,6 +678,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
         seed_everything,
         train_or_restore,
         trainer_resume_point,
+        whole_model,
     )
 
     seed_everything(cfg.seed)
@@ -680,7 +693,7 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     common = hf_trainer_args(
         output_dir=state_dir, optim=cfg.optim, schedule=cfg.schedule, logging=cfg.logging, seed=cfg.seed,
         max_steps=cfg.steps, batch_size=section.batch_size, save_every=cfg.save_every, device=device.type,
-        precision="fp32")
+        precision="fp32", parallel=cfg.parallel, batch_key=f"{algo}.batch_size")
     # Every step logged; no recomputation (tiny models: it costs more than the memory it saves).
     common.update(logging_steps=1, gradient_checkpointing=False)
     if algo == "dpo":
@@ -742,7 +755,9 @@ def run_trl(cfg: RLHFConfig, run, sft, reward, data_dir: Path, device) -> tuple[
     t0 = time.time()
     train_or_restore(trainer, resume, start)
     train_time = time.time() - t0
-    policy = trainer.model
+    policy = whole_model(trainer, cfg.parallel)
+    if policy is None:  # not rank 0 under torchrun: rank 0 evaluates and writes the policy
+        return None, []
     from alignline.rl.rollout import disable_dropout
 
     disable_dropout(policy)
@@ -824,7 +839,10 @@ def _run(cfg: RLHFConfig, inputs: dict[str, Path], run_dir: Path, dist) -> Path:
     t0 = time.time()
     if dist is not None:
         device = torch.device(dist.device)
-        ev, samples = run_ppo(cfg, run_, sft, reward, data_dir, device, dist)
+        if cfg.algorithm == "ppo":
+            ev, samples = run_ppo(cfg, run_, sft, reward, data_dir, device, dist)
+        else:
+            ev, samples = run_trl(cfg, run_, sft, reward, data_dir, device)
         if ev is None:  # not rank 0: wait until rank 0 has evaluated and finalized the stage
             barrier(dist)
             return run_.path

@@ -3,12 +3,16 @@
     python -m stages.sft --config configs/sft/tiny.yaml --run-dir runs/tiny       # --init runs/tiny/pretrain
     alignline stage sft --config configs/sft/tiny.yaml --init runs/tiny/pretrain --set lora.enabled=true
     alignline stage sft --init /path/to/any/hf/causal-lm --data runs/tiny/data
+    torchrun --nproc_per_node=8 -m stages.sft --config configs/sft/1b.yaml --run-dir runs/1b   # DDP, or
+                                                      # --set train.parallel=fsdp (FSDP2, full fine-tune)
 
 Inputs: `--init` (a pretrain/sft stage dir, or any HF causal LM dir with a chat-template tokenizer;
 default `<run-dir>/pretrain`) and `--data` (its sft/{train,val}.jsonl in TRL's `messages` format).
 Loss is on assistant tokens only (the chat template marks them with {% generation %}); packing is
 optional. With `lora.enabled`, `adapter/` holds the PEFT adapter and `checkpoint/` the merged model.
 
+Under torchrun `train.batch_size` is the global batch (1/N per rank; the same steps as one process);
+every rank scores its share of the val chats, and rank 0 alone generates, saves and writes the stage.
 Resume: the Trainer's checkpoints live under `sft/state/trainer/`; re-running with the same config
 resumes from the newest one (`resume_from_checkpoint`). eval.json: val_loss and val_ppl on the
 held-out chats (sft/val.jsonl, answers only), and greedy answers (chat template) to the first N
@@ -33,6 +37,7 @@ from alignline.config import (
     ScheduleConfig,
     StrictModel,
     TrainerLoopConfig,
+    check_trainer_ranks,
 )
 from alignline.files import read_jsonl
 from alignline.stage_cli import MODEL_STAGES, InputSpec, stage_main
@@ -91,6 +96,12 @@ def preflight(config: Config, inputs: dict[str, Path]) -> None:
     load_chat_tokenizer(model_dir(init))
 
 
+def check_world_size(config: Config, world_size: int) -> None:
+    """ConfigError unless `config` runs on `world_size` torchrun ranks (checked by `run` before any work,
+    and by the pipeline before it launches torchrun)."""
+    check_trainer_ranks(config.train, config.lora, world_size)
+
+
 def masked_examples(tokenizer, rows: list[dict]) -> list[dict]:
     """{"input_ids", "labels"} per chat, labels -100 outside the assistant turns
     (alignline.chat.encode_render: found by rendering, for templates without generation tags)."""
@@ -104,13 +115,21 @@ def masked_examples(tokenizer, rows: list[dict]) -> list[dict]:
 
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
+    """Run the stage, alone or as one of N torchrun ranks (rank 0 evaluates and writes the stage dir)."""
+    from alignline.distributed import on_ranks, world_size
+
+    check_world_size(config, world_size())
+    return on_ranks(lambda dist: _run(config, inputs, run_dir, dist), config.train.device)
+
+
+def _run(config: Config, inputs: dict[str, Path], run_dir: str | Path, dist) -> Path:
     # Heavy imports here, not at the top: `alignline stage sft --help` answers without torch.
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.chat import conversation_ids, has_generation_tags, length_fit, warn_if_cut
-    from alignline.distributed import pick_device
+    from alignline.distributed import barrier, pick_device
     from alignline.evaluation import gold_eval, gold_summary, load_prompts
     from alignline.models import ensure_pad_token, load_causal_lm, load_chat_tokenizer
     from alignline.peft_utils import attach_lora, merge_lora
@@ -121,6 +140,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         seed_everything,
         train_or_restore,
         trainer_resume_point,
+        whole_model,
     )
 
     init_path, data_dir = Path(inputs["init"]), Path(inputs["data"])
@@ -169,7 +189,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             output_dir=run.mark_state() / "trainer", optim=config.optim, schedule=config.schedule,
             logging=config.logging, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
             grad_accum=t.grad_accum, eval_every=t.eval_every, save_every=t.save_every, device=t.device,
-            precision=t.precision, gradient_checkpointing=t.gradient_checkpointing),
+            precision=t.precision, gradient_checkpointing=t.gradient_checkpointing, parallel=t.parallel),
         max_length=t.max_length, packing=t.packing, assistant_only_loss=assistant_only,
         dataset_num_proc=None,
     )
@@ -180,9 +200,12 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         optimizers=(optimizer, None), callbacks=[metrics_callback(run.metrics, skip)],
     )
     train_or_restore(trainer, resume, skip)
-    val_loss = float(trainer.evaluate()["eval_loss"])
+    val_loss = float(trainer.evaluate()["eval_loss"])  # every rank scores its share of the val chats
 
-    trained = trainer.model
+    trained = whole_model(trainer, t.parallel)
+    if not run.is_main:  # rank 0 evaluates and writes the stage dir; the others wait for it, then leave
+        barrier(dist)
+        return run.path
     ckpt = run.staging / "checkpoint"
     if config.lora.enabled:
         trained.save_pretrained(str(run.staging / "adapter"))
@@ -207,8 +230,9 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     }
     extra = {"external_init": str(init_path.resolve())} if external else {}
     headline = {k: eval_out[k] for k in ("val_loss", "val_ppl", "gold_accuracy") if k in eval_out}
-    return run.finalize(eval=eval_out, headline=headline,
-                        samples=gold.samples if gold else [], extra_manifest=extra)
+    out = run.finalize(eval=eval_out, headline=headline, samples=gold.samples if gold else [], extra_manifest=extra)
+    barrier(dist)
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path | None:

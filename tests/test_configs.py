@@ -191,13 +191,13 @@ def test_rlhf_config_is_a_union_on_algorithm(tmp_path):
     assert ppo.ppo_args().optim.lr == 0.002 and ppo.ppo_args().vf_coef == 0.3
 
     bad = tmp_path / "dpo.yaml"
-    bad.write_text("algorithm: dpo\nsteps: 3\nppo:\n  vf_coef: 0.1\nparallel: ddp\n")
+    bad.write_text("algorithm: dpo\nsteps: 3\nppo:\n  vf_coef: 0.1\nptx:\n  batch_size: 2\n")
     with pytest.raises(ConfigError) as exc:
         load_config(Config, bad)
     msg = str(exc.value)
     assert "invalid RLHFConfig for algorithm: dpo" in msg
-    assert f"{bad}:3: ppo: unknown key" in msg and f"{bad}:5: parallel: unknown key" in msg
-    assert "`parallel`, `ppo` belong(s) to algorithm: ppo" in msg and "config written for algorithm: dpo" in msg
+    assert f"{bad}:3: ppo: unknown key" in msg and f"{bad}:5: ptx: unknown key" in msg
+    assert "`ppo`, `ptx` belong(s) to algorithm: ppo" in msg and "config written for algorithm: dpo" in msg
     with pytest.raises(ConfigError, match=r"algorithm: Input should be 'ppo', 'dpo', 'kto', 'grpo' or 'rloo' \(got 'a2c'\)"):
         load_config(Config, None, ["algorithm=a2c"])
     with pytest.raises(ConfigError, match=r"ppo\.optim: unknown key"):  # the lr has one home: optim.lr
@@ -317,3 +317,40 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="alignline.training"):
         build_scheduler(opt, ScheduleConfig(warmup_steps=3), 4)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pipeline").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_pipeline_resolves_with_its_ranks(path):
+    """Each pipeline's stage configs validate, and each stage's batch splits over the ranks its entry
+    asks for (the 1b pipeline runs pretrain, sft, reward and PPO on 8)."""
+    from flows.pipeline import load_pipeline_config, resolve_pipeline
+
+    resolved = resolve_pipeline(load_pipeline_config(path))
+    assert resolved, path
+    if path.stem == "1b":
+        assert {k for k, v in resolved.items() if v.nproc == 8} == {"pretrain", "sft", "reward", "rlhf"}
+        assert resolved["pretrain"].config.train.parallel == "fsdp"
+    header = path.read_text().split("\n", 12)
+    if path.stem in ("small", "1b"):  # hardware and expected time per stage
+        assert any("GPU" in line for line in header) and any(" min" in line or " h " in line for line in header)
+
+
+def _named_paths(text: str) -> set[str]:
+    import re
+
+    return {m.rstrip("/.") for m in re.findall(r"(?<![\w/.<-])((?:configs|deploy|bench|docs)/[\w./-]*[\w/])", text)}
+
+
+def test_every_repository_path_named_in_the_docs_exists():
+    """README, docs/, BENCHMARKS and the config headers name only files that exist (a missing
+    configs/pipeline/small.yaml was once in docs/deploy.md)."""
+    sources = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").glob("*.md")),
+               *sorted((REPO / "configs").rglob("*.yaml"))]
+    missing = {}
+    for src in sources:
+        for named in _named_paths(src.read_text(encoding="utf-8")):
+            if not (REPO / named).exists():
+                missing.setdefault(named, []).append(src.relative_to(REPO).as_posix())
+    assert not missing, f"paths named but not in the repository: {missing}"
+    assert _named_paths("see configs/pipeline/small.yaml, and deploy/kubernetes/ or `docs/deploy.md`.") == {
+        "configs/pipeline/small.yaml", "deploy/kubernetes", "docs/deploy.md"}

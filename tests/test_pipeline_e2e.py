@@ -151,3 +151,30 @@ def test_pretraining_on_two_gloo_ranks_via_torchrun(first_run, tmp_path: Path) -
     assert ddp["initial_val_loss"] == pytest.approx(single["initial_val_loss"], rel=0.01)
     assert ddp["val_loss"] < ddp["initial_val_loss"] - 0.5
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], rel=0.02)
+
+
+def test_sft_on_two_gloo_ranks_through_the_pipeline(first_run, tmp_path: Path) -> None:
+    """`nproc_per_node: 2` on the pipeline's sft entry: the flow launches torchrun, the two ranks train
+    what the first run's single process trained (every step's loss, 1e-5), and one complete stage dir
+    comes out, which the next run reuses."""
+    run_dir, _ = first_run
+    two = tmp_path / "two"
+    _copy_inputs(run_dir, two)
+    shutil.copytree(run_dir / "pretrain", two / "pretrain")
+    result = run_pipeline(two, "stages.sft.nproc_per_node=2", name="sft2", to_stage="sft")
+    assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "ran"}
+    manifest = json.loads((two / "sft" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    log = (two / ".pipeline" / "sft.log").read_text()
+    assert "training on 2 ranks with DDP" in log and log.count("sft: wrote") == 1
+
+    def losses(d: Path) -> dict[int, float]:
+        rows = [json.loads(x) for x in (d / "sft" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    one, ranks = losses(run_dir), losses(two)
+    assert sorted(one) == sorted(ranks) and len(one) >= 3
+    for step, loss in one.items():
+        assert ranks[step] == pytest.approx(loss, rel=1e-5), (step, one, ranks)
+    again = run_pipeline(two, "stages.sft.nproc_per_node=2", name="sft2", to_stage="sft")
+    assert statuses(again)["sft"] == "cached"

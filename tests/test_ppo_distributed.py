@@ -246,7 +246,7 @@ def test_pipeline_launches_ppo_on_two_ranks_with_torchrun(inputs, tmp_path):
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in cmd
     lines: list[str] = []
     launch(cmd, on_line=lines.append, timeout=300, cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert sum("rlhf: wrote" in x for x in lines) == 2, lines[-20:]  # both ranks finished
+    assert sum("rlhf: wrote" in x for x in lines) == 1, lines[-20:]  # printed once, by rank 0
 
     stage = run_dir / "rlhf-ppo"
     sd = load_stage(stage, expect="rlhf")  # complete, and every file's hash verified
@@ -356,15 +356,18 @@ def test_pipeline_refuses_a_batch_that_does_not_split_before_launching():
     resolve_stage("rlhf", entry.model_copy(update={"nproc_per_node": 2}))  # 6 splits over 2
 
 
-def test_fsdp_and_non_ppo_algorithms_under_torchrun_are_refused():
+def test_fsdp_for_ppo_is_refused_and_trl_algorithms_check_their_batch():
+    """PPO refuses fsdp; the TRL algorithms run under torchrun (tests/test_trainer_ranks.py) when their
+    global batch splits over the ranks."""
     from alignline.config import ConfigError, load_config
     from stages import rlhf as ppo
 
     with pytest.raises(ConfigError, match="parallel: fsdp is not supported by the rlhf stage"):
         load_config(ppo.Config, REPO / "configs/rlhf/tiny.yaml", ["parallel=fsdp"])
-    cfg = load_config(ppo.Config, REPO / "configs/rlhf/dpo_tiny.yaml")
-    with pytest.raises(ConfigError, match="algorithm=dpo does not run under torchrun"):
-        ppo.check_world_size(cfg, 2)
+    cfg = load_config(ppo.Config, REPO / "configs/rlhf/dpo_tiny.yaml", ["dpo.batch_size=6"])
+    with pytest.raises(ConfigError, match="dpo.batch_size=6 must split evenly over the 4 torchrun ranks"):
+        ppo.check_world_size(cfg, 4)
+    ppo.check_world_size(cfg, 2)
     ppo.check_world_size(cfg, 1)
 
 
