@@ -389,7 +389,7 @@ def whole_model(trainer, parallel: str = "ddp"):
         return None
     # fully_shard swaps the class for FSDP<cls>; the first non-FSDP class in its MRO is the model's own.
     cls = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule))
-    plain = cls._from_config(sharded.config, torch_dtype=next(iter(state.values())).dtype)
+    plain = cls._from_config(sharded.config, dtype=next(iter(state.values())).dtype)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = set(getattr(plain, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
