@@ -162,7 +162,8 @@ def test_sft_on_two_gloo_ranks_through_the_pipeline(first_run, tmp_path: Path) -
     _copy_inputs(run_dir, two)
     shutil.copytree(run_dir / "pretrain", two / "pretrain")
     result = run_pipeline(two, "stages.sft.nproc_per_node=2", name="sft2", to_stage="sft")
-    assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "ran"}
+    assert {k: v for k, v in statuses(result).items() if v != "pending"} == {
+        "data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "ran"}
     manifest = json.loads((two / "sft" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
     log = (two / ".pipeline" / "sft.log").read_text()
