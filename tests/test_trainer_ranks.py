@@ -1,7 +1,7 @@
-"""The Trainer stages (sft, reward, rlhf's dpo, lora) under torchrun: 2 gloo ranks on CPU train what
+"""The Trainer stages (sft, reward, rlhf's dpo, lora; kto/grpo/rloo run) under torchrun: 2 gloo ranks on CPU train what
 one process trains, write one stage dir, and survive a kill -9 of one rank.
 
-    .venv/bin/pytest tests/test_trainer_ranks.py -q              # ~6 min on 2 CPU cores
+    .venv/bin/pytest tests/test_trainer_ranks.py -q              # ~6 min on 2 CPU cores (+ tiny_chain)
     .venv/bin/pytest tests/test_trainer_ranks.py -q -m "not slow" # the config checks, seconds
 
 For each stage, the same config (global batch 8, 4 optimizer steps, a checkpoint every 2) runs
@@ -190,6 +190,31 @@ def test_two_ranks_train_what_one_process_trains_and_survive_a_killed_rank(name,
     assert any("training from step 2 to 4" in x for x in lines), lines[-30:]  # the Trainer restored it
     _assert_close_weights(b, killed / out_name, 1e-6)
     assert [r["step"] for r in _rows(killed / out_name / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("algo", ["kto", "grpo", "rloo"])
+def test_the_other_trl_algorithms_run_on_two_ranks(algo, tiny_chain, tmp_path):
+    """KTO, GRPO and RLOO go through the same Trainer path as DPO; on 2 ranks each trains under DDP and
+    writes one complete stage dir. (GRPO/RLOO sample completions, so their losses are not compared
+    with one process: each rank samples its own.)"""
+    from alignline.artifacts import MANIFEST, load_stage
+
+    run_dir = tmp_path / "run"
+    args = ["--config", str(REPO / f"configs/rlhf/{algo}_tiny.yaml"), "--run-dir", str(run_dir),
+            "--init", str(tiny_chain.sft), "--reward", str(tiny_chain.reward), "--data", str(tiny_chain.data)]
+    for item in (*COMMON, "steps=2", "save_every=2", f"{algo}.batch_size=8", "eval.num_prompts=4",
+                 "eval.max_new_tokens=4"):
+        args += ["--set", item]
+    lines: list[str] = []
+    launch(torchrun_command("stages.rlhf", args, 2), on_line=lines.append, cwd=REPO, env=ENV, timeout=400)
+    out = run_dir / f"rlhf-{algo}"
+    sd = load_stage(out, verify=True)
+    assert sd.manifest["world_size"] == 2 and list(run_dir.rglob(MANIFEST)) == [out / MANIFEST]
+    assert any("training on 2 ranks with DDP" in x for x in lines)
+    assert [r["step"] for r in _rows(out / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert sum("rlhf: wrote" in x for x in lines) == 1
 
 
 # --------------------------------------------------------------------------- config checks
