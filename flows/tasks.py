@@ -396,6 +396,11 @@ def submit_job(launcher: str, stage: str, module: str, config: dict[str, Any], n
 
     from alignline import jobs
 
+    if launcher == "kubernetes":
+        mount = jobs.KubernetesJob.model_validate(job).mount_path
+        if not rd.resolve().is_relative_to(mount):
+            raise ConfigError(f"{name}: run_dir {rd.resolve()} is not under job.mount_path {mount}, where the job's "
+                              "pods mount the runs volume; put the run dir on that volume")
     cfg_file = _write_config(rd, name, config)
     attempt = f"{(task_run.id or 'local')}"[:8] + f"-{task_run.run_count or 1}"
     spec = jobs.JobSpec(stage=stage, module=module, args=stage_args(cfg_file, rd, inputs), nnodes=nnodes,

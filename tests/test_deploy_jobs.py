@@ -232,3 +232,20 @@ def test_job_names_are_dns_labels():
     name = job_name("My_Run.2026", "rlhf-ppo", "abcdef12-3" + "x" * 80)
     assert len(name) <= 63 and name[0].isalpha() and name == name.lower()
     assert all(c.isalnum() or c == "-" for c in name) and not name.endswith("-") and "--" not in name
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_dir_off_the_runs_volume_is_refused_before_anything_is_submitted(tmp_path, monkeypatch):
+    from prefect.logging import disable_run_logger
+
+    from alignline.config import ConfigError
+    from flows.tasks import StageEntry, resolve_stage, stage_task
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no kubectl: nothing could be submitted anyway
+    entry = StageEntry(config=str(REPO / "configs/data/tiny.yaml"), launcher="kubernetes",
+                       job={"image": "i", "pvc": "p", "mount_path": "/runs"})
+    rs = resolve_stage("data", entry)
+    with disable_run_logger(), pytest.raises(ConfigError, match=r"is not under job.mount_path /runs"):
+        stage_task.fn(stage="data", module=rs.module, config=rs.config_dict, inputs={},
+                      run_dir=str(tmp_path / "run"), launcher="kubernetes", job=rs.job)
+    assert not (tmp_path / "run" / ".pipeline").exists()  # nothing written
