@@ -155,12 +155,15 @@ def test_pretraining_on_two_gloo_ranks_via_torchrun(first_run, tmp_path: Path) -
 
 def test_sft_on_two_gloo_ranks_through_the_pipeline(first_run, tmp_path: Path) -> None:
     """`nproc_per_node: 2` on the pipeline's sft entry: the flow launches torchrun, the two ranks train
-    what the first run's single process trained (every step's loss, 1e-5), and one complete stage dir
-    comes out, which the next run reuses."""
+    what one process trains from the same pretrain checkpoint (every step's loss, 1e-5), and one
+    complete stage dir comes out, which the next run reuses. (The reference runs here: other tests
+    retrain the first run's SFT with changed configs.)"""
     run_dir, _ = first_run
-    two = tmp_path / "two"
-    _copy_inputs(run_dir, two)
-    shutil.copytree(run_dir / "pretrain", two / "pretrain")
+    one, two = tmp_path / "one", tmp_path / "two"
+    for dst in (one, two):
+        _copy_inputs(run_dir, dst)
+        shutil.copytree(run_dir / "pretrain", dst / "pretrain")
+    run_pipeline(one, name="sft1", to_stage="sft")
     result = run_pipeline(two, "stages.sft.nproc_per_node=2", name="sft2", to_stage="sft")
     assert {k: v for k, v in statuses(result).items() if v != "pending"} == {
         "data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "ran"}
@@ -173,9 +176,10 @@ def test_sft_on_two_gloo_ranks_through_the_pipeline(first_run, tmp_path: Path) -
         rows = [json.loads(x) for x in (d / "sft" / "metrics.jsonl").read_text().splitlines() if x.strip()]
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
-    one, ranks = losses(run_dir), losses(two)
-    assert sorted(one) == sorted(ranks) and len(one) >= 3
-    for step, loss in one.items():
-        assert ranks[step] == pytest.approx(loss, rel=1e-5), (step, one, ranks)
+    single, ranks = losses(one), losses(two)
+    assert sorted(single) == sorted(ranks) and len(single) >= 3
+    assert json.loads((one / "sft" / "manifest.json").read_text())["world_size"] == 1
+    for step, loss in single.items():
+        assert ranks[step] == pytest.approx(loss, rel=1e-5), (step, single, ranks)
     again = run_pipeline(two, "stages.sft.nproc_per_node=2", name="sft2", to_stage="sft")
     assert statuses(again)["sft"] == "cached"
