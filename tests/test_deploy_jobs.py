@@ -140,6 +140,7 @@ def _stand_in(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+@pytest.mark.slow  # a few processes: make test, not the fast lane
 @pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.timeout(300)
 def test_the_pipeline_runs_a_stage_through_the_rendered_sbatch_script(tmp_path, monkeypatch):

@@ -339,6 +339,7 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
     tdist.destroy_process_group()
 
 
+@pytest.mark.slow  # a few processes: make test, not the fast lane
 @pytest.mark.timeout(300)
 def test_whole_model_gathers_fsdp2_shards_into_a_plain_model_on_rank_0(tmp_path):
     import torch.multiprocessing as mp
@@ -349,6 +350,7 @@ def test_whole_model_gathers_fsdp2_shards_into_a_plain_model_on_rank_0(tmp_path)
     assert torch.load(tmp_path / "logits.pt").shape == (1, 3, 64)
 
 
+@pytest.mark.slow  # a few processes: make test, not the fast lane
 @pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.timeout(300)
 def test_a_user_error_on_torchrun_ranks_is_one_message_and_not_retried(tmp_path):
