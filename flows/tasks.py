@@ -396,11 +396,10 @@ def submit_job(launcher: str, stage: str, module: str, config: dict[str, Any], n
 
     from alignline import jobs
 
-    if launcher == "kubernetes":
-        mount = jobs.KubernetesJob.model_validate(job).mount_path
-        if not rd.resolve().is_relative_to(mount):
-            raise ConfigError(f"{name}: run_dir {rd.resolve()} is not under job.mount_path {mount}, where the job's "
-                              "pods mount the runs volume; put the run dir on that volume")
+    settings = (jobs.SlurmJob if launcher == "slurm" else jobs.KubernetesJob).model_validate(job)
+    if launcher == "kubernetes" and not rd.resolve().is_relative_to(settings.mount_path):
+        raise ConfigError(f"{name}: run_dir {rd.resolve()} is not under job.mount_path {settings.mount_path}, where "
+                          "the job's pods mount the runs volume; put the run dir on that volume")
     cfg_file = _write_config(rd, name, config)
     attempt = f"{(task_run.id or 'local')}"[:8] + f"-{task_run.run_count or 1}"
     spec = jobs.JobSpec(stage=stage, module=module, args=stage_args(cfg_file, rd, inputs), nnodes=nnodes,
@@ -408,14 +407,12 @@ def submit_job(launcher: str, stage: str, module: str, config: dict[str, Any], n
     emit = lambda line: logger.info("[%s] %s", name, line)  # noqa: E731
     try:
         if launcher == "slurm":
-            settings = jobs.SlurmJob.model_validate(job)
             script = rd / ".pipeline" / f"{name}.sbatch"
             script.write_text(jobs.render_slurm(spec, settings, rd / ".pipeline" / f"{name}.slurm.log"),
                               encoding="utf-8")
             logger.info("%s: sbatch --wait %s (%d nodes x %d GPUs)", name, script, nnodes, nproc)
             jobs.run_slurm(script, on_line=emit, timeout=timeout_s)
         else:
-            settings = jobs.KubernetesJob.model_validate(job)
             docs = jobs.render_kubernetes(spec, settings)
             manifest = rd / ".pipeline" / f"{name}.k8s.yaml"
             manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
