@@ -11,6 +11,18 @@ RoPE follows transformers 5: the canonical field is `rope_parameters`, a dict su
 dict is exactly what `LlamaConfig.rope_parameters` holds and conversion is lossless.
 Supported rope types: default, linear, dynamic (NTK-aware), yarn.
 
+Architecture switches (the "architecture lab"; the defaults are the LLaMA recipe and convert 1:1 to
+`LlamaForCausalLM`, see `llama_incompatibilities()`):
+    norm            rmsnorm | layernorm | deepnorm (post-norm LayerNorm with DeepNet's alpha/beta)
+    norm_position   pre | post | sandwich          (None: post for deepnorm, else pre)
+    activation      swiglu | geglu | gelu | relu | swish   (intermediate_size None: 2.75x gated, 4x plain)
+    position        rope | alibi | sinusoidal | learned | t5_bias | none
+    num_experts     0 = dense MLP; > 0 = top-k routed experts (num_experts_per_tok, num_shared_experts,
+                    router_aux_loss_coef, router_z_loss_coef)
+    sliding_window  None, or each token sees itself and the previous sliding_window - 1 tokens
+    attention       standard | infini (compressive memory per layer over segments of infini_segment_len,
+                    infini_update linear | delta)
+
 Invalid combinations raise `ValueError` at construction naming the field and the fix. A
 `rope_parameters` dict assigned after construction is standardised and checked when the model
 reads it (`validated_rope_parameters()`), as transformers' own RoPE functions do: yarn's
@@ -64,7 +76,7 @@ class AlignlineConfig(PretrainedConfig):
 
     vocab_size: int = 32000
     hidden_size: int = 512
-    intermediate_size: int = 1408
+    intermediate_size: int | None = None
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
     num_key_value_heads: int | None = None
@@ -79,6 +91,22 @@ class AlignlineConfig(PretrainedConfig):
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    # --- architecture switches (defaults = the LLaMA recipe)
+    norm: str = "rmsnorm"
+    norm_position: str | None = None
+    activation: str = "swiglu"
+    position: str = "rope"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    num_shared_experts: int = 0
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    sliding_window: int | None = None
+    attention: str = "standard"
+    infini_segment_len: int = 64
+    infini_update: str = "linear"
 
     def __post_init__(self, **kwargs: Any) -> None:
         # Copy caller dicts: the base class standardizes rope dicts in place.
@@ -91,6 +119,11 @@ class AlignlineConfig(PretrainedConfig):
             self.rope_parameters = {"rope_type": "default"}
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.norm_position is None:
+            self.norm_position = "post" if self.norm == "deepnorm" else "pre"
+        if self.intermediate_size is None and isinstance(self.hidden_size, int):
+            # Gated MLPs (3 matrices) at 2.75x, plain ones (2 matrices) at 4x: about the same parameters.
+            self.intermediate_size = int(self.hidden_size * (2.75 if self.gated_mlp else 4))
         if self.head_dim is None:
             if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError(
@@ -115,6 +148,23 @@ class AlignlineConfig(PretrainedConfig):
     @property
     def num_key_value_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def layer_types(self) -> list[str]:
+        # transformers' DynamicCache builds a sliding-window cache layer (which drops old keys) for configs
+        # with `sliding_window`; alignline keeps every key and windows through the attention mask, so the
+        # cache layout is the same for every variant (and Infini-attention can read the whole history).
+        return ["full_attention"] * self.num_hidden_layers
+
+    def llama_incompatibilities(self) -> list[str]:
+        """`field=value` for each switch LlamaForCausalLM cannot express (empty for the LLaMA recipe)."""
+        defaults = {"norm": "rmsnorm", "norm_position": "pre", "activation": "swiglu", "position": "rope",
+                    "num_experts": 0, "sliding_window": None, "attention": "standard"}
+        return [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
 
     def validated_rope_parameters(self) -> dict:
         """`rope_parameters` standardised like LlamaConfig's and checked, for the model to read.
@@ -142,8 +192,9 @@ class AlignlineConfig(PretrainedConfig):
             raise bad("num_key_value_heads", self.num_key_value_heads,
                       f"must divide num_attention_heads={self.num_attention_heads} "
                       "(use num_attention_heads for MHA, 1 for MQA, a divisor for GQA).")
-        if self.head_dim % 2 != 0:
+        if self.head_dim % 2 != 0 and self.position == "rope":
             raise bad("head_dim", self.head_dim, "RoPE rotates pairs of channels, so head_dim must be even.")
+        self._check_switches(bad)
         if not self.rms_norm_eps > 0:
             raise bad("rms_norm_eps", self.rms_norm_eps, "must be > 0.")
         if not 0.0 <= self.attention_dropout < 1.0:
@@ -159,6 +210,43 @@ class AlignlineConfig(PretrainedConfig):
             if value is not None and not 0 <= value < self.vocab_size:
                 raise bad("eos_token_id", self.eos_token_id, f"ids must be in [0, vocab_size={self.vocab_size}).")
         self._check_rope()
+
+    def _check_switches(self, bad) -> None:
+        choices = {"norm": ("rmsnorm", "layernorm", "deepnorm"), "norm_position": ("pre", "post", "sandwich"),
+                   "activation": ("swiglu", "geglu", "gelu", "relu", "swish"),
+                   "position": ("rope", "alibi", "sinusoidal", "learned", "t5_bias", "none"),
+                   "attention": ("standard", "infini"), "infini_update": ("linear", "delta")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, getattr(self, name), f"choose one of {list(allowed)}.")
+        if self.norm == "deepnorm" and self.norm_position != "post":
+            raise bad("norm_position", self.norm_position,
+                      "DeepNorm is a post-norm residual (x_{l+1} = LN(alpha x + f(x))); leave norm_position unset "
+                      "or set it to 'post'.")
+        if self.position == "sinusoidal" and self.hidden_size % 2:
+            raise bad("hidden_size", self.hidden_size, "sinusoidal positions pair sin/cos channels; use an even width.")
+        for name in ("relative_attention_num_buckets", "relative_attention_max_distance", "infini_segment_len"):
+            if getattr(self, name) <= 0:
+                raise bad(name, getattr(self, name), "must be a positive integer.")
+        if self.relative_attention_num_buckets < 2 or (
+                self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2):
+            raise bad("relative_attention_max_distance", self.relative_attention_max_distance,
+                      "must exceed relative_attention_num_buckets // 2 (the exact buckets), and num_buckets >= 2.")
+        if self.num_experts < 0 or self.num_shared_experts < 0:
+            raise bad("num_experts", self.num_experts, "num_experts and num_shared_experts must be >= 0.")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise bad("num_experts_per_tok", self.num_experts_per_tok,
+                      f"must be in [1, num_experts={self.num_experts}].")
+        if self.num_shared_experts and not self.num_experts:
+            raise bad("num_shared_experts", self.num_shared_experts, "shared experts need num_experts > 0.")
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise bad("router_aux_loss_coef", self.router_aux_loss_coef, "router loss coefficients must be >= 0.")
+        if self.position != "rope" and self.rope_parameters and \
+                self.rope_parameters.get("rope_type", "default") != "default":
+            raise bad("rope_parameters", self.rope_parameters,
+                      f"RoPE scaling needs position='rope' (position={self.position!r}).")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise bad("sliding_window", self.sliding_window, "must be None (full attention) or >= 1 token.")
 
     def _check_rope(self, unused_keys: str = "raise") -> None:
         rp = self.rope_parameters

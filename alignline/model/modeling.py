@@ -22,6 +22,7 @@ restarting at 0, no attention_mask) get a block-diagonal mask so documents do no
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import PreTrainedModel
@@ -45,7 +46,7 @@ _IGNORED_KWARGS = {"cache_position"}  # positions are derived from position_ids 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, both as the forward argument
 # that generate() passes and as the output field it reads back. Forwards accept either name (one at a
 # time); outputs use the field the installed transformers declares, so its generate() finds the cache.
-CACHE_OUTPUT_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_OUTPUT_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _one_cache(cache: Cache | None, past_key_values: Cache | None, where: str) -> Cache | None:
@@ -81,6 +82,66 @@ class AlignlineRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class AlignlineLayerNorm(nn.LayerNorm):
+    """LayerNorm (Ba et al. 2016): (x - mean) / std * weight + bias, statistics in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def make_norm(config: AlignlineConfig) -> nn.Module:
+    """The config's norm over hidden_size: RMSNorm, or LayerNorm (also DeepNorm's)."""
+    if config.norm == "rmsnorm":
+        return AlignlineRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return AlignlineLayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+def deepnorm_constants(num_layers: int) -> tuple[float, float]:
+    """DeepNet (Wang et al. 2022) for a decoder-only stack of N layers: residual alpha = (2N)^(1/4),
+    init gain beta = (8N)^(-1/4) on the value/output and feed-forward projections."""
+    return (2 * num_layers) ** 0.25, (8 * num_layers) ** -0.25
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022): the geometric sequence 2^(-8/n), 2^(-16/n), ... for the largest
+    power of two n <= num_heads; the remaining heads take every other slope of the sequence for 2n."""
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = geometric(n)
+    if n < num_heads:
+        slopes += geometric(2 * n)[0::2][: num_heads - n]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's causal relative-position bucket (Raffel et al. 2020) of key_pos - query_pos (<= 0 for visible keys):
+    distances below num_buckets/2 get their own bucket, larger ones share log-spaced buckets up to
+    max_distance, and everything farther shares the last bucket."""
+    distance = (-relative_position).clamp(min=0)  # (...,) >= 0
+    exact = num_buckets // 2
+    log_bucket = exact + (
+        torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    ).long()
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return torch.where(distance < exact, distance, log_bucket)
+
+
+def sinusoidal_positions(position_ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al. (2017) absolute encodings (..., dim): channel 2i = sin(p / 10000^(2i/dim)), 2i+1 = cos."""
+    inv = 10000.0 ** (-torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim)
+    angles = position_ids[..., None].float() * inv  # (..., dim/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleaved sin, cos
 
 
 def rope_inv_freq(
@@ -212,22 +273,197 @@ def apply_rotary_pos_emb(
             torch.addcmul(k * cos, swap_halves(k), sin_signed))
 
 
-class AlignlineMLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+_ACTIVATIONS = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu, "swish": F.silu}
 
-    def __init__(self, config: AlignlineConfig):
+
+class AlignlineMLP(nn.Module):
+    """Feed-forward: gated (SwiGLU / GeGLU, Shazeer 2020) down(act(gate(x)) * up(x)), or plain down(act(up(x)))."""
+
+    def __init__(self, config: AlignlineConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = intermediate_size or config.intermediate_size
+        self.act_fn = _ACTIVATIONS[config.activation]
+        if config.gated_mlp:
+            self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.down_proj.is_residual_projection = True  # scaled init, see _init_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, I) inside
+        if hasattr(self, "gate_proj"):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))  # (B, T, I) inside
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+class AlignlineExperts(nn.Module):
+    """num_experts MLPs stored as 3D tensors in Mixtral's layout: gate_up_proj (E, 2I, C) (gated) or
+    up_proj (E, I, C) (plain), and down_proj (E, C, I)."""
+
+    def __init__(self, config: AlignlineConfig):
+        super().__init__()
+        E, C, I = config.num_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = E
+        self.act_fn = _ACTIVATIONS[config.activation]
+        self.gated = config.gated_mlp
+        if self.gated:
+            self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
+        else:
+            self.up_proj = nn.Parameter(torch.empty(E, I, C))
+        self.down_proj = nn.Parameter(torch.empty(E, C, I))
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """x (N, C); top_k_index / top_k_weights (N, k) -> (N, C): each token's experts, weighted and summed."""
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(top_k_index == e)  # tokens routed to expert e
+            if token.numel() == 0:
+                continue
+            h = x[token]  # (n_e, C)
+            if self.gated:
+                gate, up = F.linear(h, self.gate_up_proj[e]).chunk(2, dim=-1)
+                h = self.act_fn(gate) * up
+            else:
+                h = self.act_fn(F.linear(h, self.up_proj[e]))
+            h = F.linear(h, self.down_proj[e]) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, h.to(out.dtype))
+        return out
+
+
+class AlignlineTopKRouter(nn.Module):
+    """Softmax router; each token goes to its top-k experts, gates renormalised to sum to 1 (as Mixtral)."""
+
+    def __init__(self, config: AlignlineConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, C) -> router logits (N, E), gates (N, k), expert indices (N, k)."""
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_value, top_index = torch.topk(probs, self.top_k, dim=-1)
+        return logits, (top_value / top_value.sum(dim=-1, keepdim=True)).to(x.dtype), top_index
+
+
+class AlignlineSparseMoeBlock(nn.Module):
+    """Mixture of experts (Shazeer 2017; Switch / Mixtral): routed experts plus optional always-on shared ones
+    (DeepSeekMoE), one MLP of num_shared_experts x intermediate_size."""
+
+    def __init__(self, config: AlignlineConfig):
+        super().__init__()
+        self.gate = AlignlineTopKRouter(config)
+        self.experts = AlignlineExperts(config)
+        if config.num_shared_experts:
+            self.shared_experts = AlignlineMLP(config, config.num_shared_experts * config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> (output (B, T, C), router logits (B*T, E))."""
+        flat = x.reshape(-1, x.shape[-1])
+        logits, gates, index = self.gate(flat)
+        out = self.experts(flat, index, gates).reshape(x.shape)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
+        return out, logits
+
+
+def router_losses(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, z-loss) over all layers' router logits (each (N, E)); padding excluded.
+
+    Balance: Switch Transformer's E * sum_e f_e * P_e, with f_e the share of top-k assignments that go to
+    expert e and P_e its mean router probability, pooled over layers as Mixtral does (k at uniform load).
+    z-loss: ST-MoE's mean logsumexp(logits)^2, which keeps router logits small.
+    """
+    logits = torch.stack([layer.float() for layer in router_logits])  # (L, N, E)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        weight = attention_mask.reshape(-1).to(logits.device, torch.float32)[None, :].expand(logits.shape[:2])
+    else:
+        weight = torch.ones(logits.shape[:2], device=logits.device)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(-2).float()  # (L, N, E)
+    total = weight.sum()
+    f = (chosen * weight[..., None]).sum((0, 1)) / total  # (E,)
+    p = (probs * weight[..., None]).sum((0, 1)) / total  # (E,)
+    z = (torch.logsumexp(logits, dim=-1) ** 2 * weight).sum() / total
+    return num_experts * (f * p).sum(), z
+
+
+def expert_load(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Share of one layer's top-k assignments that each expert received (E,), summing to 1."""
+    index = torch.topk(router_logits.float(), top_k, dim=-1).indices
+    counts = torch.bincount(index.reshape(-1), minlength=router_logits.shape[-1]).float()
+    return counts / counts.sum()
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs, computed once per forward by the model.
+
+    cos/sin: RoPE for the queries (B|1, 1, T, hd), or None without RoPE. attn_mask/is_causal: SDPA's mask,
+    boolean or additive float (B|1, 1|nh, T, S), which carries ALiBi / T5 biases, the sliding window and
+    Infini-attention's segment-local window. For Infini-attention: segment ids of queries (B|1, T) and keys
+    (B|1, S), which keys are real (B|1, S), and RoPE for all S keys (the cache keeps keys unrotated).
+    """
+
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    is_causal: bool
+    query_segment: torch.Tensor | None = None
+    key_segment: torch.Tensor | None = None
+    key_valid: torch.Tensor | None = None
+    key_cos: torch.Tensor | None = None
+    key_sin: torch.Tensor | None = None
+
+
+def _elu1(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x.float()) + 1.0
+
+
+def infini_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_segment: torch.Tensor,
+                  key_segment: torch.Tensor, key_valid: torch.Tensor, update: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Infini-attention's compressive memory (Munkhdalai et al. 2024), read for every query.
+
+    q (B, nh, T, hd); k, v (B, nh, S, hd), position-free (before RoPE); segments (B|1, T) / (B|1, S).
+    A query in segment s reads the memory of segments 0..s-1 of its row:
+        A_mem = sigma(q) M / (sigma(q) z),  sigma = ELU + 1,
+    where, segment by segment, z += sum sigma(K_s) and
+        linear: M += sigma(K_s)^T V_s
+        delta:  M += sigma(K_s)^T (V_s - sigma(K_s) M / (sigma(K_s) z))   (only the new part is stored).
+    Returns (A_mem (B, nh, T, hd) fp32, has_memory (B|1, 1, T, 1)): a query with nothing before its segment
+    has no memory, and the layer then uses local attention alone.
+    """
+    B, nh, _, hd = q.shape
+    sq, sk, vf = _elu1(q), _elu1(k), v.float()
+    M = q.new_zeros(B, nh, hd, hd, dtype=torch.float32)
+    z = q.new_zeros(B, nh, 1, hd, dtype=torch.float32)
+    out = torch.zeros_like(sq)
+    has = torch.zeros(query_segment.shape[0], 1, query_segment.shape[1], 1, dtype=torch.bool, device=q.device)
+    for s in range(int(query_segment.max()) + 1):
+        if s > 0:
+            den = (sq * z).sum(-1, keepdim=True)  # (B, nh, T, 1)
+            read = (query_segment == s)[:, None, :, None] & (den > 0)
+            out = torch.where(read, (sq @ M) / den.clamp(min=1e-30), out)
+            has = has | (query_segment == s)[:, None, :, None] & (den > 0).any(1, keepdim=True)
+        mine = ((key_segment == s) & key_valid).float()[:, None, :, None]  # (B|1, 1, S, 1)
+        values = vf
+        if update == "delta":
+            den_k = (sk * z).sum(-1, keepdim=True)
+            values = vf - torch.where(den_k > 0, (sk @ M) / den_k.clamp(min=1e-30), 0.0)
+        M = M + (sk * mine).transpose(-1, -2) @ (values * mine)
+        z = z + (sk * mine).sum(-2, keepdim=True)
+    return out, has
 
 
 class AlignlineAttention(nn.Module):
-    """Causal self-attention with grouped key/value heads (MHA: nkv == nh, GQA: 1 < nkv < nh, MQA: nkv == 1)."""
+    """Causal self-attention with grouped key/value heads (MHA: nkv == nh, GQA: 1 < nkv < nh, MQA: nkv == 1).
+
+    With `attention="infini"` each head also reads a compressive memory of the earlier segments and mixes it
+    with the segment-local attention through a learned per-head gate sigmoid(memory_gate).
+    """
 
     def __init__(self, config: AlignlineConfig, layer_idx: int):
         super().__init__()
@@ -243,61 +479,97 @@ class AlignlineAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.o_proj.is_residual_projection = True
+        self.infini_update = config.infini_update if config.attention == "infini" else None
+        if self.infini_update:
+            self.memory_gate = nn.Parameter(torch.zeros(self.num_heads))  # sigmoid(0) = an even mix at init
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        is_causal: bool,
-        cache: Cache | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: AttentionInputs, cache: Cache | None) -> torch.Tensor:
         B, T, _ = x.shape
         # Separate q/k/v matmuls (not one fused GEMM): measured no faster on CPU, and they stay LoRA-able.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hd)
+        if self.infini_update:
+            # The memory is position-free, so the cache keeps keys unrotated and RoPE is applied per call.
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hd)
+            q_raw, k_raw = q, k
+            if pos.cos is not None:
+                q = q * pos.cos + swap_halves(q) * pos.sin
+                k = k * pos.key_cos + swap_halves(k) * pos.key_sin
+        else:
+            if pos.cos is not None:
+                q, k = apply_rotary_pos_emb(q, k, pos.cos, pos.sin)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hd)
+        mask = pos.attn_mask
+        if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)  # SDPA wants an additive mask in the query's dtype (autocast)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=attn_mask,
+            attn_mask=mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=is_causal,
+            is_causal=pos.is_causal,
             scale=self.scaling,
             enable_gqa=self.num_key_value_groups > 1,
         )  # (B, nh, T, hd)
+        if self.infini_update:
+            groups = self.num_key_value_groups
+            memory, has = infini_memory(
+                q_raw, k_raw.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                pos.query_segment, pos.key_segment, pos.key_valid, self.infini_update,
+            )
+            g = torch.sigmoid(self.memory_gate.float())[None, :, None, None]
+            y = torch.where(has, g * memory + (1 - g) * y.float(), y.float()).to(y.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
 
 
 class AlignlineDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """One block. norm_position pre (LLaMA): x + attn(norm(x)), then x + mlp(norm(x)); post (original
+    Transformer; DeepNorm with alpha > 1): norm(alpha x + attn(x)), then norm(alpha x + mlp(x)); sandwich
+    (Gemma 2 / CogView): x + norm(attn(norm(x))), then x + norm(mlp(norm(x))). Returns (hidden, router logits
+    or None)."""
 
     def __init__(self, config: AlignlineConfig, layer_idx: int):
         super().__init__()
+        self.norm_position = config.norm_position
+        self.alpha = deepnorm_constants(config.num_hidden_layers)[0] if config.norm == "deepnorm" else 1.0
         self.self_attn = AlignlineAttention(config, layer_idx)
-        self.mlp = AlignlineMLP(config)
-        self.input_layernorm = AlignlineRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = AlignlineRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = AlignlineSparseMoeBlock(config) if config.num_experts else AlignlineMLP(config)
+        # Names follow LLaMA (pre) and Gemma 2 (sandwich; post uses its post_* norms).
+        if self.norm_position in ("pre", "sandwich"):
+            self.input_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
+        if self.norm_position == "sandwich":
+            self.pre_feedforward_layernorm = make_norm(config)
+        if config.norm == "deepnorm":
+            beta = deepnorm_constants(config.num_hidden_layers)[1]
+            for name, module in self.named_modules():
+                if isinstance(module, nn.Linear):
+                    module.deepnorm_gain = 1.0 if name in ("self_attn.q_proj", "self_attn.k_proj") else beta
+        if self.norm_position in ("post", "sandwich"):
+            self.post_feedforward_layernorm = make_norm(config)
+
+    def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.mlp(x)
+        return out if isinstance(out, tuple) else (out, None)
 
     # hidden_states is positional so reentrant gradient checkpointing sees it (GradientCheckpointingLayer).
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-        cache: Cache | None = None,
-    ) -> torch.Tensor:
-        h = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), cos, sin, attn_mask, is_causal, cache
-        )
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, hidden_states: torch.Tensor, pos: AttentionInputs, cache: Cache | None = None):
+        x = hidden_states
+        if self.norm_position == "pre":
+            h = x + self.self_attn(self.input_layernorm(x), pos, cache)
+            out, router = self._mlp(self.post_attention_layernorm(h))
+            return h + out, router
+        if self.norm_position == "post":
+            h = self.post_attention_layernorm(self.alpha * x + self.self_attn(x, pos, cache))
+            out, router = self._mlp(h)
+            return self.post_feedforward_layernorm(self.alpha * h + out), router
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, cache))
+        out, router = self._mlp(self.pre_feedforward_layernorm(h))
+        return h + self.post_feedforward_layernorm(out), router
 
 
 # --------------------------------------------------------------------------- masks
@@ -371,19 +643,40 @@ class AlignlinePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2 / nanoGPT init: N(0, initializer_range) everywhere, and the two projections that write into
         # the residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * num_layers) so the residual's variance
-        # does not grow with depth. Norm weights start at 1. `transformers.initialization` skips tensors
-        # already loaded from a checkpoint.
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            if getattr(module, "is_residual_projection", False):
-                std = std / math.sqrt(2 * self.config.num_hidden_layers)
-            init.normal_(module.weight, mean=0.0, std=std)
+        # does not grow with depth. Norm weights start at 1. DeepNorm replaces this with its own (below).
+        # `transformers.initialization` skips tensors already loaded from a checkpoint.
+        config = self.config
+        std = config.initializer_range
+        residual_std = std / math.sqrt(2 * config.num_hidden_layers)
+        # DeepNet instead: Xavier-normal, gain beta on the value, output and feed-forward projections (those
+        # that scale the residual update), gain 1 on queries and keys (`deepnorm_gain`, set by the layer).
+        if isinstance(module, nn.Linear) and hasattr(module, "deepnorm_gain"):
+            init.xavier_normal_(module.weight, gain=module.deepnorm_gain)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=residual_std if getattr(
+                module, "is_residual_projection", False) else std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, AlignlineRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, AlignlineLayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, AlignlineExperts):
+            up = module.gate_up_proj if module.gated else module.up_proj
+            if config.norm == "deepnorm":  # the same Xavier std per (out, in) expert matrix
+                beta = deepnorm_constants(config.num_hidden_layers)[1]
+                for w in (up, module.down_proj):
+                    init.normal_(w, mean=0.0, std=beta * math.sqrt(2.0 / (w.shape[1] + w.shape[2])))
+            else:
+                init.normal_(up, mean=0.0, std=std)
+                init.normal_(module.down_proj, mean=0.0, std=residual_std)
+        elif isinstance(module, AlignlineTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, AlignlineAttention) and module.infini_update:
+            init.zeros_(module.memory_gate)
 
 
 def _check_kwargs(kwargs: dict, where: str) -> None:
@@ -402,9 +695,16 @@ class AlignlineModel(AlignlinePreTrainedModel):
     def __init__(self, config: AlignlineConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.position == "t5_bias":
+            # One table shared by all layers, as T5 does.
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets,
+                                                        config.num_attention_heads)
         self.layers = nn.ModuleList([AlignlineDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = AlignlineRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = AlignlineRotaryEmbedding(config)
+        self.norm = make_norm(config)
+        if config.position == "rope":
+            self.rotary_emb = AlignlineRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -413,6 +713,70 @@ class AlignlineModel(AlignlinePreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def _attention_inputs(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
+                          position_ids: torch.Tensor, max_position: int | None, past_len: int) -> AttentionInputs:
+        """Masks, biases and rotations shared by every layer (see AttentionInputs)."""
+        config = self.config
+        B, T, _ = x.shape
+        attn_mask, is_causal = build_attention_mask(attention_mask, position_ids, B, T, past_len, x.device)
+        rope = config.position == "rope"
+        infini = config.attention == "infini"
+        relative = config.position in ("alibi", "t5_bias") or config.sliding_window is not None or infini
+        if not relative:
+            cos = sin = None
+            if rope:
+                cos, sin = self.rotary_emb(x, position_ids, max_position)  # (B|1, T, hd)
+                cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+            return AttentionInputs(cos, sin, attn_mask, is_causal)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError(f"a 4D attention_mask cannot be combined with position={config.position!r}, "
+                             f"sliding_window or Infini-attention; pass the 2D padding mask.")
+        S = past_len + T
+        # Positions that define distances and segments: counted over real tokens when there is a padding
+        # mask (as generate() numbers them), the packed position_ids, or 0..S-1. Queries are the last T keys,
+        # so a cached step sees exactly the distances a full recompute sees.
+        if attention_mask is not None:
+            key_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(x.device)  # (B, S)
+            key_valid = attention_mask.to(device=x.device, dtype=torch.bool)
+        elif past_len == 0:
+            key_pos = position_ids.expand(-1, T) if position_ids.shape[-1] == T else position_ids
+            key_valid = torch.ones_like(key_pos, dtype=torch.bool)
+        else:
+            key_pos = torch.arange(S, device=x.device)[None]
+            key_valid = torch.ones_like(key_pos, dtype=torch.bool)
+        query_pos = key_pos[:, past_len:]  # (B|1, T)
+        rel = query_pos[:, :, None] - key_pos[:, None, :]  # (B|1, T, S): distance back to each key
+        if attn_mask is None:
+            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past_len)[None, None]
+        else:
+            allowed = attn_mask  # (B|1, 1, T, S), causal + padding + packing
+        if config.sliding_window is not None:
+            allowed = allowed & (rel < config.sliding_window)[:, None]
+        segment = config.infini_segment_len
+        if infini:
+            allowed = allowed & ((query_pos // segment)[:, :, None] == (key_pos // segment)[:, None, :])[:, None]
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # a query with nothing to see: see all (unused)
+        bias = None
+        if config.position == "alibi":
+            slopes = alibi_slopes(config.num_attention_heads).to(x.device)
+            bias = -slopes[None, :, None, None] * rel[:, None].float()  # (B|1, nh, T, S)
+        elif config.position == "t5_bias":
+            bucket = relative_position_bucket(-rel, config.relative_attention_num_buckets,
+                                              config.relative_attention_max_distance)
+            bias = self.relative_attention_bias(bucket).permute(0, 3, 1, 2).float()  # (B|1, nh, T, S)
+        mask = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
+        pos = AttentionInputs(None, None, mask, False)
+        if rope:
+            rope_pos = query_pos if infini else position_ids
+            cos, sin = self.rotary_emb(x, rope_pos, None)
+            pos.cos, pos.sin = cos[:, None], sin[:, None]
+        if infini:
+            pos.query_segment, pos.key_segment, pos.key_valid = query_pos // segment, key_pos // segment, key_valid
+            if rope:
+                key_cos, key_sin = self.rotary_emb(x, key_pos, None)
+                pos.key_cos, pos.key_sin = key_cos[:, None], key_sin[:, None]
+        return pos
 
     def forward(
         self,
@@ -427,7 +791,7 @@ class AlignlineModel(AlignlinePreTrainedModel):
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> MoeModelOutputWithPast | tuple:
         _check_kwargs(kwargs, type(self).__name__)
         cache = _one_cache(cache, past_key_values, type(self).__name__)
         if output_hidden_states is None:
@@ -459,27 +823,36 @@ class AlignlineModel(AlignlinePreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None]  # (1, T)
             max_position = past_len + T - 1
-        attn_mask, is_causal = build_attention_mask(
-            attention_mask, position_ids, B, T, past_len, inputs_embeds.device
-        )
-        cos, sin = self.rotary_emb(inputs_embeds, position_ids, max_position)  # (B|1, T, hd)
-        cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, T, hd): broadcast over heads
+        position = self.config.position
+        if position == "learned":
+            top = max_position if max_position is not None else int(position_ids.max())
+            if top >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"position {top} is past the learned position table (max_position_embeddings="
+                    f"{self.config.max_position_embeddings}); learned positions cannot extrapolate.")
+            inputs_embeds = inputs_embeds + self.embed_positions(position_ids)
+        elif position == "sinusoidal":
+            inputs_embeds = inputs_embeds + sinusoidal_positions(position_ids, self.config.hidden_size).to(
+                inputs_embeds.dtype)
+        pos = self._attention_inputs(inputs_embeds, attention_mask, position_ids, max_position, past_len)
 
         # A cache that was passed in is always read and extended.
         hidden_states = inputs_embeds
         all_hidden = [] if output_hidden_states else None
+        router_logits = []
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            hidden_states = layer(
-                hidden_states, cos=cos, sin=sin, attn_mask=attn_mask, is_causal=is_causal, cache=cache
-            )
+            hidden_states, router = layer(hidden_states, pos=pos, cache=cache)
+            if router is not None:
+                router_logits.append(router)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
-        out = BaseModelOutputWithPast(
+        out = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            router_logits=tuple(router_logits) if router_logits else None,
             **{CACHE_OUTPUT_FIELD: cache},
         )
         return out if return_dict is not False else out.to_tuple()
@@ -537,6 +910,24 @@ def causal_lm_loss(
     return _CrossEntropy.apply(flat, target, denom.to(torch.float32), ignore_index)
 
 
+def moe_aux_loss(config: AlignlineConfig, router_logits: tuple[torch.Tensor, ...] | None,
+                 attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """router_aux_loss_coef * balance + router_z_loss_coef * z (see router_losses); None for a dense model.
+
+    This is what the model adds to its loss when given labels; training loops that compute their own loss
+    from the logits add `outputs.aux_loss` themselves.
+    """
+    if not router_logits:
+        return None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            attention_mask = None
+        else:  # a cached step routes only the new tokens: the mask's last T columns
+            attention_mask = attention_mask[:, -(router_logits[0].shape[0] // attention_mask.shape[0]):]
+    balance, z = router_losses(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
+    return config.router_aux_loss_coef * balance + config.router_z_loss_coef * z
+
+
 class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
     """Backbone + lm_head; `generate()` works through transformers' GenerationMixin with a DynamicCache."""
 
@@ -578,7 +969,7 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
         shift_labels: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> MoeCausalLMOutputWithPast | tuple:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -601,10 +992,15 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or shift_labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
-        out = CausalLMOutputWithPast(
+        aux_loss = moe_aux_loss(self.config, outputs.router_logits, attention_mask)
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss.to(loss.device)
+        out = MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits,
             **{CACHE_OUTPUT_FIELD: getattr(outputs, CACHE_OUTPUT_FIELD)},
         )
         return out if return_dict is not False else out.to_tuple()
@@ -708,6 +1104,20 @@ class AlignlineForSequenceClassification(AlignlinePreTrainedModel):
 
 
 __all__ = [
+    "AlignlineExperts",
+    "AlignlineLayerNorm",
+    "AlignlineSparseMoeBlock",
+    "AlignlineTopKRouter",
+    "AttentionInputs",
+    "alibi_slopes",
+    "deepnorm_constants",
+    "expert_load",
+    "infini_memory",
+    "make_norm",
+    "moe_aux_loss",
+    "relative_position_bucket",
+    "router_losses",
+    "sinusoidal_positions",
     "AlignlineAttention",
     "AlignlineDecoderLayer",
     "AlignlineForCausalLM",
