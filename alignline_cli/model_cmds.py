@@ -71,12 +71,13 @@ def register(app: typer.Typer) -> None:
     @app.command("convert")
     def convert(
         src: Path = typer.Argument(..., help="Source checkpoint dir (alignline or llama)."),
-        to: str = typer.Option(..., "--to", help="Target architecture: llama | alignline."),
+        to: str = typer.Option(..., "--to", help="Target architecture: llama | mixtral | mistral | alignline."),
         out: Path = typer.Option(..., "--out", help="Output dir (created)."),
     ) -> None:
-        """Convert between alignline and transformers' LlamaForCausalLM (weights 1:1, tokenizer copied)."""
-        if to not in ("llama", "alignline"):
-            raise typer.BadParameter(f"--to {to!r}: choose llama or alignline.")
+        """Convert between alignline and transformers' LlamaForCausalLM (weights 1:1, tokenizer copied); an
+        MoE variant converts to Mixtral, a sliding-window one to Mistral."""
+        if to not in ("llama", "alignline", "mixtral", "mistral"):
+            raise typer.BadParameter(f"--to {to!r}: choose llama, mixtral, mistral or alignline.")
         from alignline.model.convert import ConversionError, convert_checkpoint
 
         try:

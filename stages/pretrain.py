@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -50,20 +50,42 @@ INPUTS = [
 
 
 class ModelConfig(StrictModel):
-    """Decoder shape. vocab_size comes from the tokenizer."""
+    """Decoder shape and architecture switches. vocab_size comes from the tokenizer. The switch defaults are
+    the LLaMA recipe (converts 1:1 to LlamaForCausalLM); see alignline/model/configuration.py."""
 
     arch: Literal["alignline", "llama"] = Field("alignline", description="alignline decoder or HF LlamaForCausalLM")
     hidden_size: int = Field(64, gt=0, description="model width; divisible by num_attention_heads")
-    intermediate_size: int = Field(176, gt=0, description="hidden width of the MLP")
+    intermediate_size: int | None = Field(
+        176, gt=0, description="hidden width of the MLP (and of each expert); null = 2.75x width gated, 4x plain")
     num_hidden_layers: int = Field(2, gt=0, description="decoder blocks")
     num_attention_heads: int = Field(4, gt=0, description="query heads; divisible by num_key_value_heads")
     num_key_value_heads: int = Field(2, gt=0, description="key/value heads (grouped-query attention)")
     max_position_embeddings: int = Field(
-        256, gt=0, description="longest sequence in tokens; >= train.seq_len"
+        256, gt=0, description="longest sequence in tokens; >= train.seq_len (the learned table's size)"
     )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
+    rope_scaling: dict[str, Any] | None = Field(
+        None, description="RoPE scaling, e.g. {rope_type: yarn, factor: 8, original_max_position_embeddings: 128}")
     tie_word_embeddings: bool = Field(True, description="share the input embedding and output head weights")
     initializer_range: float = Field(0.02, gt=0, description="std of the normal weight initialisation")
+    norm: Literal["rmsnorm", "layernorm", "deepnorm"] = Field(
+        "rmsnorm", description="normalisation; deepnorm = post-norm LayerNorm with DeepNet's alpha/beta")
+    norm_position: Literal["pre", "post", "sandwich"] | None = Field(
+        None, description="where the norms sit; null = post for deepnorm, else pre")
+    activation: Literal["swiglu", "geglu", "gelu", "relu", "swish"] = Field(
+        "swiglu", description="MLP activation; swiglu/geglu are gated (3 matrices)")
+    position: Literal["rope", "alibi", "sinusoidal", "learned", "t5_bias", "none"] = Field(
+        "rope", description="position encoding; none = NoPE (causal mask only)")
+    num_experts: int = Field(0, ge=0, description="0 = dense MLP; > 0 = mixture of experts with this many experts")
+    num_experts_per_tok: int = Field(2, gt=0, description="experts each token is routed to (top-k)")
+    num_shared_experts: int = Field(0, ge=0, description="always-on experts beside the routed ones")
+    router_aux_loss_coef: float = Field(0.01, ge=0, description="weight of the load-balancing loss")
+    router_z_loss_coef: float = Field(0.0, ge=0, description="weight of the router z-loss (ST-MoE)")
+    sliding_window: int | None = Field(None, gt=0, description="attend to the last N tokens only; null = all")
+    attention: Literal["standard", "infini"] = Field(
+        "standard", description="infini = Infini-attention: segment-local attention + compressive memory")
+    infini_segment_len: int = Field(64, gt=0, description="Infini-attention segment length in tokens")
+    infini_update: Literal["linear", "delta"] = Field("linear", description="Infini-attention memory update rule")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -73,7 +95,45 @@ class ModelConfig(StrictModel):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not divisible by "
                              f"num_key_value_heads={self.num_key_value_heads}")
+        if self.arch == "llama":
+            odd = [f"{k}={getattr(self, k)!r}" for k in SWITCHES if getattr(self, k) != ModelConfig.model_fields[k].default]
+            if odd:
+                raise ValueError(f"arch=llama is the LLaMA recipe only; {', '.join(odd)} need arch=alignline")
+        from types import SimpleNamespace
+
+        from alignline.architecture import check_switches
+
+        # The model's own combination rules, without loading torch (AlignlineConfig runs the same ones).
+        position = self.norm_position or ("post" if self.norm == "deepnorm" else "pre")
+        fields = {k: getattr(self, k) for k in SWITCHES} | {"norm_position": position}
+        check_switches(SimpleNamespace(**fields, hidden_size=self.hidden_size, rope_parameters=self.rope_scaling,
+                                       relative_attention_num_buckets=32, relative_attention_max_distance=128))
         return self
+
+    def alignline_config(self, vocab_size: int, **token_ids: Any):
+        """The AlignlineConfig (or its kwargs for LlamaConfig) this section describes."""
+        from alignline.model import AlignlineConfig
+
+        return AlignlineConfig(**self.model_kwargs(vocab_size), **token_ids)
+
+    def model_kwargs(self, vocab_size: int) -> dict[str, Any]:
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        kwargs = dict(
+            vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, initializer_range=self.initializer_range,
+            rope_parameters=rope,
+        )
+        if self.arch == "alignline":
+            kwargs.update({k: getattr(self, k) for k in SWITCHES})
+        return kwargs
+
+
+# Architecture switches passed through to AlignlineConfig unchanged.
+SWITCHES = ("norm", "norm_position", "activation", "position", "num_experts", "num_experts_per_tok",
+            "num_shared_experts", "router_aux_loss_coef", "router_z_loss_coef", "sliding_window", "attention",
+            "infini_segment_len", "infini_update")
 
 
 class TrainConfig(StrictModel):
@@ -115,22 +175,18 @@ class Config(StrictModel):
 
 def build_model(m: ModelConfig, tokenizer):
     """A freshly initialised causal LM of the configured shape (seed the RNG before calling)."""
-    kwargs = dict(
-        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=m.tie_word_embeddings, initializer_range=m.initializer_range,
-        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    token_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
     if m.arch == "alignline":
-        from alignline.model import AlignlineConfig, AlignlineForCausalLM
+        from alignline.model import AlignlineForCausalLM
 
-        return AlignlineForCausalLM(AlignlineConfig(**kwargs))
+        return AlignlineForCausalLM(m.alignline_config(len(tokenizer), **token_ids))
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**kwargs))
+    kwargs = m.model_kwargs(len(tokenizer))
+    if kwargs["intermediate_size"] is None:
+        kwargs["intermediate_size"] = int(m.hidden_size * 2.75)
+    return LlamaForCausalLM(LlamaConfig(**kwargs, **token_ids))
 
 
 def read_texts(path: Path) -> list[str]:
@@ -171,12 +227,18 @@ def val_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
     return stream[idx].long()
 
 
-def lm_loss(model, tokens: torch.Tensor, autocast) -> torch.Tensor:
+def lm_loss(model, tokens: torch.Tensor, autocast, with_aux: bool = False):
+    """Next-token cross-entropy of (B, T+1) windows; with_aux: (cross-entropy + the MoE router losses, the
+    router losses (None when dense), router logits)."""
     import torch.nn.functional as F
 
     with autocast():
-        logits = model(input_ids=tokens[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        out = model(input_ids=tokens[:, :-1])
+    loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    if not with_aux:
+        return loss
+    aux = getattr(out, "aux_loss", None)
+    return (loss if aux is None else loss + aux.float()), aux, getattr(out, "router_logits", None)
 
 
 def evaluate_loss(model, windows: torch.Tensor, micro: int, device, autocast) -> float:
@@ -192,6 +254,20 @@ def evaluate_loss(model, windows: torch.Tensor, micro: int, device, autocast) ->
             n += len(b)
     model.train(was)
     return total / n
+
+
+def expert_utilisation(router_logits, top_k: int) -> dict[str, float]:
+    """Per MoE layer: the busiest expert's share of the assignments over the fair share (1 = even load), and
+    the fraction of experts receiving under half their fair share (0 = none starved)."""
+    from alignline.model.modeling import expert_load
+
+    out = {}
+    for i, logits in enumerate(router_logits):
+        load = expert_load(logits.detach(), top_k)  # (E,) sums to 1
+        fair = 1.0 / load.numel()
+        out[f"moe_max_load_l{i}"] = float(load.max() / fair)
+        out[f"moe_starved_l{i}"] = float((load < fair / 2).float().mean())
+    return out
 
 
 # --------------------------------------------------------------------------- the stage
@@ -223,6 +299,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         wrap_model,
     )
     from alignline.evaluation import gold_eval, gold_summary, load_prompts
+    from alignline.model.modeling import parameter_counts
     from alignline.tokenizer import load_tokenizer
     from alignline.training import (
         build_optimizer,
@@ -268,7 +345,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
 
     seed_everything(tc.seed)
     model = build_model(config.model, tokenizer).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params, n_active = parameter_counts(model)
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
 
     def autocast():
@@ -301,7 +378,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         if run.is_main:
             run.metrics.log(0, val_loss=initial_val, val_ppl=math.exp(initial_val))
 
-    fpt = flops_per_token(n_params, config.model.num_hidden_layers, config.model.hidden_size, tc.seq_len)
+    fpt = flops_per_token(n_active, config.model.num_hidden_layers, config.model.hidden_size, tc.seq_len)
     peak = peak_flops(tc.peak_tflops)
     tokens_per_step = tc.batch_size * tc.seq_len
     bar = tqdm(total=tc.max_steps, initial=start, desc="pretrain", disable=not (run.is_main and config.logging.progress))
@@ -311,15 +388,19 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         t0 = time.perf_counter()
         mine = blocks.batch(sampler.next_batch()).long()  # this rank's slice of the global batch
         loss_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
         for k in range(accum):
             mb = mine[k * micro:(k + 1) * micro].to(device, non_blocking=True)
             # Gradients sync only on the last micro batch (DDP); FSDP2 reduces on every backward.
             sync = k == accum - 1 or not hasattr(fwd, "no_sync")
             ctx = contextlib.nullcontext() if sync else fwd.no_sync()
             with ctx:
-                loss = lm_loss(fwd, mb, autocast) / accum
+                loss, aux, router_logits = lm_loss(fwd, mb, autocast, with_aux=True)
+                loss = loss / accum
                 loss.backward()
             loss_sum += loss.detach()
+            if aux is not None:
+                aux_sum += aux.detach().float() / accum
         if config.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.optim.grad_clip)
         else:
@@ -337,6 +418,9 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             "tokens_seen": done * tokens_per_step}
         if peak:
             rec["mfu"] = fpt * tps / (peak * dist.world_size)
+        if router_logits:  # MoE: the router losses (inside `loss`) and how evenly each layer spreads its tokens
+            rec["moe_aux_loss"] = float(all_reduce_mean(aux_sum, dist))
+            rec.update(expert_utilisation(router_logits, config.model.num_experts_per_tok))
         if device.type == "cuda":  # rank 0's peak; the ranks are alike under DDP and FSDP
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if done % tc.save_every == 0 or done == tc.max_steps:
@@ -374,7 +458,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         tokenizer.save_pretrained(ckpt)
         eval_out = {
             "val_loss": val_loss, "val_ppl": math.exp(val_loss), "initial_val_loss": initial_val,
-            "tokens_seen": tc.max_steps * tokens_per_step, "n_params": n_params,
+            "tokens_seen": tc.max_steps * tokens_per_step, "n_params": n_params, "n_active_params": n_active,
             **gold_summary(gold),
         }
         headline = {k: eval_out[k] for k in ("val_loss", "val_ppl", "initial_val_loss", "gold_accuracy")

@@ -257,6 +257,18 @@ def test_t5_buckets_match_t5():
     assert b.tolist()[:2] == [0, 15] and b[2] == 16 and b[3] == 31 and b[4] == 31 and b[5] == 31
 
 
+def test_t5_bias_reads_the_shared_table_by_distance_bucket():
+    model = model_of(position="t5_bias", relative_attention_num_buckets=8, relative_attention_max_distance=12)
+    x = torch.zeros(1, 20, BASE["hidden_size"])
+    mask = model.model._attention_inputs(x, None, torch.arange(20)[None], 19, 0).attn_mask  # (1, nh, 20, 20)
+    table = model.model.relative_attention_bias.weight  # (buckets, nh), one for all layers
+    buckets = {0: 0, 1: 1, 3: 3, 4: 4, 6: 5, 8: 6, 11: 7, 19: 7}  # T5's causal buckets for 8 / 12, by distance
+    for distance, bucket in buckets.items():
+        t = 19
+        assert torch.equal(mask[0, :, t, t - distance], table[bucket]), distance
+    assert torch.isinf(mask[0, 0, 3, 4])  # the future stays masked
+
+
 def test_sinusoidal_table_values():
     pe = sinusoidal_positions(torch.arange(50), 16)
     for p in (0, 1, 7, 49):
@@ -407,6 +419,17 @@ def test_infini_attention_matches_a_step_by_step_reference(update):
     assert has[0, 0, :4].sum() == 0 and has[0, 0, 4:].all()
 
 
+def test_infini_rope_numbers_queries_like_keys_without_position_ids():
+    """Left-padded rows without position_ids: queries and (unrotated, cached) keys are rotated by the same
+    real-token positions, so the row's logits match the unpadded row."""
+    model = model_of(attention="infini", infini_segment_len=6)
+    ids, mask = _left_padded(_ids(length=20))
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        alone = model(ids[2:, 7:]).logits
+    assert torch.allclose(padded[2, 7:], alone[0], atol=2e-5)
+
+
 def test_infini_attention_is_plain_attention_within_one_segment():
     infini = model_of(attention="infini", infini_segment_len=32)
     plain = model_of()
@@ -418,3 +441,78 @@ def test_infini_attention_is_plain_attention_within_one_segment():
         longer = _ids(length=40)  # a second segment reads the memory, so the outputs part
         assert not torch.allclose(infini(longer).logits[:, 32:], plain(longer).logits[:, 32:], atol=1e-3)
         assert torch.allclose(infini(longer).logits[:, :32], plain(longer).logits[:, :32], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize(("to", "overrides"), [
+    ("mixtral", dict(num_experts=4, num_experts_per_tok=2)),
+    ("mistral", dict(sliding_window=5)),
+])
+def test_variants_with_an_exact_counterpart_convert_and_match(to, overrides, tmp_path):
+    from alignline.model.convert import convert_checkpoint
+
+    model = model_of(**overrides)
+    model.save_pretrained(tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", tmp_path / "out", to=to)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert hf.config.model_type == to
+    ids, mask = _left_padded(_ids(length=20))
+    with torch.no_grad():
+        ours, ref = model(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(ours[real], ref[real], atol=1e-5), (ours - ref)[real].abs().max()
+    ours_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours_tokens, hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                                pad_token_id=0))
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("moe", "sliding-window")])
+def test_other_variants_refuse_conversion_naming_the_field(variant, tmp_path):
+    from alignline.model.convert import ConversionError, convert_checkpoint
+
+    model_of(**VARIANTS[variant]).save_pretrained(tmp_path / "src")
+    field = {"deepnorm": "norm=", "post-norm": "norm_position=", "sandwich": "norm_position=",
+             "moe-shared-z": "activation=", "infini-linear": "attention=", "infini-delta-alibi": "attention="}
+    needle = field.get(variant) or next(f"{k}=" for k in VARIANTS[variant] if k != "num_experts_per_tok")
+    for to in ("llama", "mixtral", "mistral"):
+        with pytest.raises(ConversionError, match=needle):
+            convert_checkpoint(tmp_path / "src", tmp_path / to, to=to)
+        assert not (tmp_path / to).exists()
+    with pytest.raises(ConversionError, match=r"num_experts=4.*num_experts converts with --to mixtral"):
+        from alignline.model.convert import to_llama
+
+        to_llama(model_of(num_experts=4))
+    with pytest.raises(ConversionError, match=r"num_shared_experts=1 \(Mixtral has no shared experts\)"):
+        to_llama(model_of(num_experts=2, num_shared_experts=1), "mixtral")
+
+
+# --------------------------------------------------------------------------- PPO
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["alibi-moe-layernorm", "infini-t5-sandwich-window"])
+def test_ppo_raises_reward_on_variant_models(arch, one_thread):
+    """Our PPO trainer on an alignline variant policy, critic and reward model: the mean RM score rises."""
+    import copy
+
+    from alignline.model import AlignlineForSequenceClassification
+    from alignline.rl.ppo import KLArgs, PPOTrainer
+    from tests.test_ppo_trainer import BOS, EOS, PAD, args, prompts
+
+    overrides = {"alibi-moe-layernorm": dict(position="alibi", num_experts=4, norm="layernorm"),
+                 "infini-t5-sandwich-window": dict(attention="infini", infini_segment_len=4, position="t5_bias",
+                                                   norm_position="sandwich", sliding_window=6)}[arch]
+    cfg = dict(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS,
+               bos_token_id=BOS, **overrides)
+    torch.manual_seed(4)
+    policy = AlignlineForCausalLM(AlignlineConfig(**cfg))
+    rm = AlignlineForSequenceClassification(AlignlineConfig(**cfg, num_labels=1))
+    t = PPOTrainer(args(kl=KLArgs(beta=0.0), optim={"lr": 2e-2, "weight_decay": 0.0}), policy,
+                   copy.deepcopy(rm), rm, ref_policy=copy.deepcopy(policy), eos_id=EOS, pad_id=PAD)
+    torch.manual_seed(4)
+    ps = prompts(16, seed=4)
+    scores = [t.step(ps)["score"] for _ in range(6)]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.3, scores

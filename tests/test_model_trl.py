@@ -1,5 +1,6 @@
 """The alignline decoder inside the training libraries we rely on: TRL SFTTrainer and RewardTrainer
-lower their losses on a tiny model, PEFT LoRA attaches by HF module names and trains only adapters.
+lower their losses on a tiny model (the LLaMA recipe and mixes of the architecture lab's switches),
+PEFT LoRA attaches by HF module names and trains only adapters.
 
     .venv/bin/pytest tests/test_model_trl.py -q
 """
@@ -15,6 +16,20 @@ from alignline.model.tiny import tiny_config, tiny_model, toy_tokenizer
 pytestmark = pytest.mark.slow  # trains with TRL/PEFT: out of `make test-fast`
 
 pytest.importorskip("trl")
+
+
+# Architecture-lab mixes that must train through TRL like the default (tests/test_architectures.py has each
+# switch alone; PPO with them is there too).
+ARCHES = {
+    "llama": {},
+    "alibi-moe-layernorm-gelu": dict(position="alibi", num_experts=4, num_experts_per_tok=2, norm="layernorm",
+                                     activation="gelu"),
+    "infini-t5-sandwich-window": dict(attention="infini", infini_segment_len=8, position="t5_bias",
+                                      norm_position="sandwich", sliding_window=6),
+    "deepnorm-sinusoidal-geglu": dict(norm="deepnorm", position="sinusoidal", activation="geglu"),
+}
+# DeepNorm's small (beta-scaled) init learns more slowly in 15 steps: (SFT, reward) loss ratios it must beat.
+SLOWER = {"deepnorm-sinusoidal-geglu": (0.7, 0.65)}
 
 
 def _arith(n=48, seed=0):
@@ -51,13 +66,14 @@ def _lm_loss(model, tok, rows):
         return model(**batch, labels=labels).loss.item()
 
 
-def test_sft_trainer_lowers_loss(tok, tmp_path):
+@pytest.mark.parametrize("arch", list(ARCHES))
+def test_sft_trainer_lowers_loss(tok, tmp_path, arch):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     rows = _arith()
     model = tiny_model(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
+                       eos_token_id=tok.eos_token_id, **ARCHES[arch])
     data = Dataset.from_list([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                               for q, a, _ in rows])
     before = _lm_loss(model, tok, rows[:16])
@@ -65,10 +81,11 @@ def test_sft_trainer_lowers_loss(tok, tmp_path):
                          train_dataset=data, processing_class=tok)
     trainer.train()
     after = _lm_loss(model, tok, rows[:16])
-    assert after < 0.6 * before, (before, after)
+    assert after < SLOWER.get(arch, (0.6, 0.5))[0] * before, (before, after)
 
 
-def test_reward_trainer_lowers_loss(tok, tmp_path):
+@pytest.mark.parametrize("arch", list(ARCHES))
+def test_reward_trainer_lowers_loss(tok, tmp_path, arch):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -76,7 +93,7 @@ def test_reward_trainer_lowers_loss(tok, tmp_path):
     torch.manual_seed(0)
     model = AlignlineForSequenceClassification(tiny_config(
         vocab_size=len(tok), num_labels=1, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id))
+        eos_token_id=tok.eos_token_id, **ARCHES[arch]))
     data = Dataset.from_list([
         {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": good}],
          "rejected": [{"role": "assistant", "content": bad}]}
@@ -98,7 +115,7 @@ def test_reward_trainer_lowers_loss(tok, tmp_path):
                             train_dataset=data, processing_class=tok)
     trainer.train()
     after = pair_loss()
-    assert after < 0.5 * before, (before, after)
+    assert after < SLOWER.get(arch, (0.6, 0.5))[1] * before, (before, after)
 
 
 def test_lora_attaches_by_name_and_only_adapters_train():

@@ -194,7 +194,7 @@ class AlignlineConfig(PretrainedConfig):
                       "(use num_attention_heads for MHA, 1 for MQA, a divisor for GQA).")
         if self.head_dim % 2 != 0 and self.position == "rope":
             raise bad("head_dim", self.head_dim, "RoPE rotates pairs of channels, so head_dim must be even.")
-        self._check_switches(bad)
+        self._check_switches()
         if not self.rms_norm_eps > 0:
             raise bad("rms_norm_eps", self.rms_norm_eps, "must be > 0.")
         if not 0.0 <= self.attention_dropout < 1.0:
@@ -211,42 +211,13 @@ class AlignlineConfig(PretrainedConfig):
                 raise bad("eos_token_id", self.eos_token_id, f"ids must be in [0, vocab_size={self.vocab_size}).")
         self._check_rope()
 
-    def _check_switches(self, bad) -> None:
-        choices = {"norm": ("rmsnorm", "layernorm", "deepnorm"), "norm_position": ("pre", "post", "sandwich"),
-                   "activation": ("swiglu", "geglu", "gelu", "relu", "swish"),
-                   "position": ("rope", "alibi", "sinusoidal", "learned", "t5_bias", "none"),
-                   "attention": ("standard", "infini"), "infini_update": ("linear", "delta")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise bad(name, getattr(self, name), f"choose one of {list(allowed)}.")
-        if self.norm == "deepnorm" and self.norm_position != "post":
-            raise bad("norm_position", self.norm_position,
-                      "DeepNorm is a post-norm residual (x_{l+1} = LN(alpha x + f(x))); leave norm_position unset "
-                      "or set it to 'post'.")
-        if self.position == "sinusoidal" and self.hidden_size % 2:
-            raise bad("hidden_size", self.hidden_size, "sinusoidal positions pair sin/cos channels; use an even width.")
-        for name in ("relative_attention_num_buckets", "relative_attention_max_distance", "infini_segment_len"):
-            if getattr(self, name) <= 0:
-                raise bad(name, getattr(self, name), "must be a positive integer.")
-        if self.relative_attention_num_buckets < 2 or (
-                self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2):
-            raise bad("relative_attention_max_distance", self.relative_attention_max_distance,
-                      "must exceed relative_attention_num_buckets // 2 (the exact buckets), and num_buckets >= 2.")
-        if self.num_experts < 0 or self.num_shared_experts < 0:
-            raise bad("num_experts", self.num_experts, "num_experts and num_shared_experts must be >= 0.")
-        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise bad("num_experts_per_tok", self.num_experts_per_tok,
-                      f"must be in [1, num_experts={self.num_experts}].")
-        if self.num_shared_experts and not self.num_experts:
-            raise bad("num_shared_experts", self.num_shared_experts, "shared experts need num_experts > 0.")
-        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise bad("router_aux_loss_coef", self.router_aux_loss_coef, "router loss coefficients must be >= 0.")
-        if self.position != "rope" and self.rope_parameters and \
-                self.rope_parameters.get("rope_type", "default") != "default":
-            raise bad("rope_parameters", self.rope_parameters,
-                      f"RoPE scaling needs position='rope' (position={self.position!r}).")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise bad("sliding_window", self.sliding_window, "must be None (full attention) or >= 1 token.")
+    def _check_switches(self) -> None:
+        from alignline.architecture import check_switches
+
+        try:
+            check_switches(self)
+        except ValueError as exc:  # name the field as this class's
+            raise ValueError(f"AlignlineConfig.{exc}") from None
 
     def _check_rope(self, unused_keys: str = "raise") -> None:
         rp = self.rope_parameters

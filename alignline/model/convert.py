@@ -4,7 +4,13 @@
     convert_checkpoint("runs/tiny/sft/checkpoint", "out/llama", to="llama")
     convert_checkpoint("out/llama", "out/alignline", to="alignline")
 
-or `alignline convert SRC --to llama|alignline --out DIR`. The tokenizer, chat template and
+or `alignline convert SRC --to llama|alignline|mixtral|mistral --out DIR`.
+
+Architecture-lab variants convert only where transformers has the exact same network: a mixture of experts
+(SwiGLU experts, no shared experts, otherwise the LLaMA recipe) to `MixtralForCausalLM`, a sliding window
+(otherwise the LLaMA recipe) to `MistralForCausalLM`. Every other switch (norm, norm position, activation,
+position encoding, shared experts, Infini-attention) is refused, naming the field; GPT-2 for instance has
+biases and a tanh GELU that our LayerNorm/GELU/learned-position variant does not, so it is not exact. The tokenizer, chat template and
 generation config travel with the weights (their files are copied unchanged). Llama features our
 decoder does not implement (attention_bias, mlp_bias, a non-SiLU activation, rope types other than
 default/linear/dynamic/yarn, quantized weights, ...) are refused with a message naming them; nothing
@@ -16,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from alignline.model.configuration import ROPE_KEYS, AlignlineConfig
 from alignline.model.modeling import AlignlineForCausalLM
@@ -43,8 +49,52 @@ def _base_keys() -> set[str]:
     return set(PretrainedConfig().to_dict()) | {"model_type", "transformers_version", "architectures", "dtype"}
 
 
-def alignline_to_llama_config(config: AlignlineConfig) -> LlamaConfig:
+# Which variant switches each transformers target expresses exactly (beyond the LLaMA recipe).
+TARGETS = {"llama": (), "mixtral": ("num_experts",), "mistral": ("sliding_window",)}
+
+
+def _check_target(config: AlignlineConfig, to: str) -> None:
+    """ConversionError unless `to` expresses every switch this config sets."""
+    odd = [item for item in config.llama_incompatibilities() if item.split("=")[0] not in TARGETS[to]]
+    if to == "mixtral" and not config.num_experts:
+        odd.append("num_experts=0 (a dense model: convert it with --to llama)")
+    if to == "mixtral" and config.num_shared_experts:
+        odd.append(f"num_shared_experts={config.num_shared_experts} (Mixtral has no shared experts)")
+    if to == "mistral" and config.sliding_window is None:
+        odd.append("sliding_window=None (full attention: convert it with --to llama)")
+    if odd:
+        hints = [f"{field} converts with --to {target}" for target, (field,) in
+                 (("mixtral", TARGETS["mixtral"]), ("mistral", TARGETS["mistral"]))
+                 if target != to and any(item.startswith(field + "=") for item in odd)]
+        raise ConversionError(
+            f"this alignline model cannot be expressed as transformers' {to} architecture: {', '.join(odd)}. "
+            "Only the LLaMA recipe's switches have an exact counterpart"
+            + (f" ({'; '.join(hints)})" if hints else "") + "."
+        )
+
+
+def alignline_to_hf_config(config: AlignlineConfig, to: str = "llama") -> PretrainedConfig:
+    """The Llama / Mixtral / Mistral config describing the same network; ConversionError naming any switch
+    the target cannot express."""
+    from transformers import MistralConfig, MixtralConfig
+
+    _check_target(config, to)
+    llama = alignline_to_llama_config(config, checked=True)
+    if to == "llama":
+        return llama
+    kwargs = {name: getattr(llama, name) for name in SHARED_FIELDS}
+    kwargs.update(hidden_act="silu", rope_parameters=dict(config.rope_parameters), dtype=config.dtype)
+    if to == "mixtral":
+        return MixtralConfig(**kwargs, num_local_experts=config.num_experts,
+                             num_experts_per_tok=config.num_experts_per_tok,
+                             router_aux_loss_coef=config.router_aux_loss_coef, sliding_window=None)
+    return MistralConfig(**kwargs, sliding_window=config.sliding_window)
+
+
+def alignline_to_llama_config(config: AlignlineConfig, checked: bool = False) -> LlamaConfig:
     """The LlamaConfig describing the same network (rope_parameters copied verbatim)."""
+    if not checked:
+        _check_target(config, "llama")
     if config.hidden_size % config.num_attention_heads != 0:
         raise ConversionError(
             f"LlamaConfig requires hidden_size ({config.hidden_size}) divisible by num_attention_heads "
@@ -106,12 +156,15 @@ def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     dst.load_state_dict(src_sd, strict=True)
 
 
-def to_llama(model: AlignlineForCausalLM) -> LlamaForCausalLM:
-    """A LlamaForCausalLM with the same weights (copied) and the same outputs."""
-    llama = LlamaForCausalLM(alignline_to_llama_config(model.config)).to(model.dtype)
-    _copy_weights(model, llama)
-    llama.generation_config = model.generation_config
-    return llama.to(model.device)
+def to_llama(model: AlignlineForCausalLM, to: str = "llama") -> PreTrainedModel:
+    """A LlamaForCausalLM (or MixtralForCausalLM / MistralForCausalLM, `to`) with the same weights (copied)
+    and the same outputs."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(alignline_to_hf_config(model.config, to)).to(model.dtype)
+    _copy_weights(model, hf)
+    hf.generation_config = model.generation_config
+    return hf.to(model.device)
 
 
 def from_llama(model: LlamaForCausalLM) -> AlignlineForCausalLM:
@@ -123,7 +176,7 @@ def from_llama(model: LlamaForCausalLM) -> AlignlineForCausalLM:
 
 
 def convert_checkpoint(
-    src_dir: str | Path, out_dir: str | Path, to: Literal["llama", "alignline"]
+    src_dir: str | Path, out_dir: str | Path, to: Literal["llama", "alignline", "mixtral", "mistral"]
 ) -> Path:
     """Convert the HF checkpoint directory `src_dir` into `out_dir` (created); returns out_dir.
 
@@ -141,19 +194,20 @@ def convert_checkpoint(
         raise ConversionError(f"{src} is a PEFT adapter, not a model; convert the merged model instead: the lora, "
                               "sft and reward stages write it to <stage dir>/checkpoint next to the adapter (or merge "
                               "it yourself with peft's merge_and_unload() and save_pretrained()).")
-    if to not in ("llama", "alignline"):
-        raise ValueError(f"to={to!r}: choose 'llama' or 'alignline'.")
+    if to not in ("llama", "alignline", "mixtral", "mistral"):
+        raise ValueError(f"to={to!r}: choose 'llama', 'mixtral', 'mistral' or 'alignline'.")
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the source directory; choose a new directory.")
     model_type = AutoConfig.from_pretrained(src).model_type
-    want_src = "alignline" if to == "llama" else "llama"
+    want_src = "llama" if to == "alignline" else "alignline"
     if model_type != want_src:
         raise ConversionError(
             f"{src}/config.json has model_type={model_type!r}; converting to {to!r} needs a {want_src!r} "
             "checkpoint."
         )
-    if to == "llama":
-        converted = to_llama(AlignlineForCausalLM.from_pretrained(src, dtype="auto"))
+    if to != "alignline":
+        _check_target(AutoConfig.from_pretrained(src), to)  # refuse before loading the weights
+        converted = to_llama(AlignlineForCausalLM.from_pretrained(src, dtype="auto"), to)
     else:
         converted = from_llama(LlamaForCausalLM.from_pretrained(src, dtype="auto"))
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +222,8 @@ def convert_checkpoint(
 
 
 __all__ = [
+    "TARGETS",
+    "alignline_to_hf_config",
     "ConversionError",
     "alignline_to_llama_config",
     "convert_checkpoint",

@@ -301,15 +301,16 @@ class AlignlineExperts(nn.Module):
 
     def __init__(self, config: AlignlineConfig):
         super().__init__()
-        E, C, I = config.num_experts, config.hidden_size, config.intermediate_size
+        E, C, width = config.num_experts, config.hidden_size, config.intermediate_size
         self.num_experts = E
+        self.top_k = config.num_experts_per_tok
         self.act_fn = _ACTIVATIONS[config.activation]
         self.gated = config.gated_mlp
         if self.gated:
-            self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
+            self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * width, C))
         else:
-            self.up_proj = nn.Parameter(torch.empty(E, I, C))
-        self.down_proj = nn.Parameter(torch.empty(E, C, I))
+            self.up_proj = nn.Parameter(torch.empty(E, width, C))
+        self.down_proj = nn.Parameter(torch.empty(E, C, width))
 
     def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """x (N, C); top_k_index / top_k_weights (N, k) -> (N, C): each token's experts, weighted and summed."""
@@ -386,6 +387,18 @@ def router_losses(router_logits: tuple[torch.Tensor, ...], num_experts: int, top
     p = (probs * weight[..., None]).sum((0, 1)) / total  # (E,)
     z = (torch.logsumexp(logits, dim=-1) ** 2 * weight).sum() / total
     return num_experts * (f * p).sum(), z
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active) parameters: active counts, in each MoE layer, only the num_experts_per_tok routed
+    experts a token passes through (shared experts and the router always count). Dense models: equal."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for module in model.modules():
+        if isinstance(module, AlignlineExperts):
+            per_expert = sum(p.numel() for p in module.parameters()) // module.num_experts
+            idle += (module.num_experts - module.top_k) * per_expert
+    return total, total - idle
 
 
 def expert_load(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -1115,6 +1128,7 @@ __all__ = [
     "infini_memory",
     "make_norm",
     "moe_aux_loss",
+    "parameter_counts",
     "relative_position_bucket",
     "router_losses",
     "sinusoidal_positions",
