@@ -133,7 +133,9 @@ def _num(value: Any, fmt: str = "{:.4f}") -> str:
 def _count(value: Any) -> str:
     if not isinstance(value, int | float):
         return NA
-    return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{int(value):,}"
+    if value >= 1e9:
+        return f"{value / 1e9:.2f}B"
+    return f"{value / 1e6:.1f}M" if value >= 1e7 else f"{int(value):,}"  # small models: exact, to tell variants apart
 
 
 def render_table(rows: Sequence[Mapping[str, Any]], lengths: Sequence[int], seeds: int) -> str:
