@@ -22,6 +22,8 @@ import pytest
 import torch
 import yaml
 
+from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session-wide Prefect test harness
+
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "configs" / "ablation" / "ci.yaml"
 
@@ -245,7 +247,7 @@ def test_summary_rows_mean_and_spread_over_seeds() -> None:
 
 
 @pytest.fixture(scope="module")
-def ci_run(tmp_path_factory, prefect_harness):  # noqa: F811
+def ci_run(tmp_path_factory, prefect_harness):  # noqa: F811 - the fixture, not the import
     run_dir = tmp_path_factory.mktemp("ablation") / "run"
     code, said = _run_command(CI, run_dir=run_dir)
     return run_dir, code, said
