@@ -1,7 +1,7 @@
 """The architecture lab (`alignline ablate`, flows/ablate.py; alignline/ablation.py; loss_by_position).
 
     .venv/bin/pytest tests/test_ablation.py -m "not slow"     # config errors, loss by position, param counts
-    .venv/bin/pytest tests/test_ablation.py                   # + configs/ablation/ci.yaml end to end (~3 min)
+    .venv/bin/pytest tests/test_ablation.py                   # + configs/ablation/ci.yaml end to end (~1.5 min)
 
 Fast: a config mistake (unknown key, a variant's bad override key, a variant changing the token budget)
 is one `error:` message naming the variant and key, exit 2, nothing written; loss_by_position against a
