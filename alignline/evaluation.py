@@ -306,3 +306,45 @@ def gold_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batc
     acc = sum(scores) / len(scores) if scores else math.nan
     return GoldResult(accuracy=acc, per_task=per_task_accuracy(scores, rows),
                       samples=samples, finished=finished)
+
+
+# --------------------------------------------------------------------------- loss by position
+
+
+def loss_by_position(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean next-token loss at each position of `windows` (N, T+1 token ids): a float64 tensor (T,)
+    whose entry p is the mean over the N windows of -log p(w[p+1] | w[:p+1]) (natural log, fp32 logits).
+
+    The length-extrapolation measure of `alignline ablate`: windows longer than the training length
+    show how the loss behaves at positions the model never trained on. The model runs in eval mode
+    on the device of its parameters; extra outputs (an MoE `aux_loss`) are ignored. A model that
+    cannot take T positions raises here (e.g. ValueError from learned position embeddings).
+    """
+    import torch.nn.functional as F
+
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (N, T+1) token ids with T >= 1; got shape {tuple(windows.shape)}")
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    sums = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(windows), batch_size):
+                b = windows[i:i + batch_size].to(device)
+                logits = model(input_ids=b[:, :-1]).logits.float()  # (B, T, V)
+                loss = F.cross_entropy(logits.transpose(1, 2), b[:, 1:], reduction="none")  # (B, T)
+                sums += loss.sum(0).double().cpu()
+    finally:
+        model.train(was)
+    return sums / len(windows)
+
+
+def bucket_means(values: torch.Tensor | list[float], width: int) -> list[dict[str, float]]:
+    """`values` by position averaged over consecutive buckets of `width` positions (the last may be
+    shorter): [{"start", "end" (exclusive), "loss"}], for a readable loss-vs-position plot."""
+    if width < 1:
+        raise ValueError(f"bucket width must be >= 1; got {width}")
+    vals = [float(v) for v in values]
+    return [{"start": s, "end": min(s + width, len(vals)), "loss": math.fsum(vals[s:s + width]) / len(vals[s:s + width])}
+            for s in range(0, len(vals), width)]

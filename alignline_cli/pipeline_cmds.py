@@ -1,4 +1,4 @@
-"""`alignline pipeline`, `alignline deploy`: the Prefect-orchestrated commands (`alignline stage X --flow`
+"""`alignline pipeline`, `alignline ablate`, `alignline deploy`: the Prefect-orchestrated commands (`alignline stage X --flow`
 runs one stage as a flow); `alignline report RUN_DIR` rebuilds a run's report card.
 
     alignline pipeline --config configs/pipeline/tiny.yaml --run-dir runs/tiny
@@ -57,6 +57,29 @@ def register(app: typer.Typer) -> None:
         code = run_pipeline_command(config, run_dir=run_dir, from_stage=from_stage, to_stage=to_stage,
                                     overrides=list(overrides), force=force, print_config=print_config, wait=wait,
                                     say=_say)
+        if code:
+            raise typer.Exit(code)
+
+    @app.command("ablate")
+    def ablate(
+        config: Path = typer.Option(Path("configs/ablation/tiny.yaml"), "--config", "-c",
+                                    help="ablation YAML (data, tokenizer, base pretrain config, variants, seeds)"),
+        run_dir: Path | None = typer.Option(None, "--run-dir", help="run directory (default: run_dir in the YAML)"),
+        overrides: list[str] = typer.Option([], "--set", help="override: <key>=v for the ablation config (e.g. "
+                                            "max_concurrency=2, seeds=2), pretrain.<key>=v for the base pretrain "
+                                            "config (every variant); repeatable"),
+        print_config: bool = typer.Option(False, "--print-config", help="print the resolved ablation and every "
+                                          "variant's pretrain config, and exit"),
+        wait: bool = typer.Option(False, "--wait", help="when another process holds the run directory, wait"),
+    ) -> None:
+        """Architecture lab: pretrain each variant (and seed) on the same data, tokenizer and token budget,
+        measure val loss by position at 1x..8x the training length, and write <run_dir>/ablation.md.
+
+        Exit codes: 0 done, 1 a variant failed (the others finished; re-run to resume), 2 a user error."""
+        from flows.cli import run_ablate_command
+
+        code = run_ablate_command(config, run_dir=run_dir, overrides=list(overrides), print_config=print_config,
+                                  wait=wait, say=_say)
         if code:
             raise typer.Exit(code)
 

@@ -148,3 +148,62 @@ def run_pipeline_command(
         say(note, "warn")
     say(f"report: {result['report']}", "out")
     return 0
+
+
+def run_ablate_command(
+    config: str | Path | None,
+    *,
+    run_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    print_config: bool = False,
+    wait: bool = False,
+    say: Say = plain_say,
+) -> int:
+    """`alignline ablate`: validate the ablation config and every variant's pretrain config, lock the run
+    directory, run the ablation flow (flows/ablate.py); returns the exit code: 0 done; 1 a run failed
+    (the others finished, the table shows it, a re-run resumes it); 2 a user error (one `error:`
+    message, nothing written; or every failed run failed on one); 128+N when signal N stopped it."""
+    set_prefect_env()
+    import yaml
+
+    from alignline.config import UserError, config_to_dict
+    from alignline.launch import exit_with_tree_on_signal
+    from alignline.locks import LockHeld, run_lock
+    from flows.ablate import AblationFailed, load_ablation_config, resolve_ablation, run_ablation
+
+    def fail(message: str, code: int) -> int:
+        if _debug():
+            traceback.print_exc()
+        say(f"error: {message}", "error")
+        return code
+
+    all_over = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
+    try:
+        cfg = load_ablation_config(config, all_over)
+        plan = resolve_ablation(cfg)  # every variant's pretrain config, before the Prefect API starts
+    except UserError as exc:
+        return fail(str(exc), 2)
+    if print_config:
+        out = config_to_dict(cfg)
+        out["resolved_pretrain_configs"] = {r.label: r.resolved.config_dict for r in plan.runs}
+        say(yaml.safe_dump(out, sort_keys=False), "out")
+        return 0
+    exit_with_tree_on_signal()
+    report = Path(cfg.run_dir) / "ablation.md"
+    try:
+        with run_lock(cfg.run_dir, wait=wait, on_wait=lambda m: say(m, "warn")):
+            result = run_ablation(cfg)
+    except LockHeld as exc:
+        return fail(str(exc), 2)
+    except AblationFailed as exc:
+        return fail(str(exc), 2 if exc.user_error else 1)
+    except UserError as exc:
+        return fail(f"{exc}\ntable: {report}", 2)
+    except Exception as exc:
+        return fail(f"ablation failed: {type(exc).__name__}: {exc}\ntable: {report}\n"
+                    "re-run the same command to resume", 1)
+    for rec in result["runs"]:
+        wall = f"{rec['wall_s']:.1f}s" if rec.get("wall_s") is not None else ""
+        say(f"  {rec['variant'] + '-s' + str(rec['seed']):24s} {rec['status']:8s} {wall}", "out")
+    say(f"table: {result['report']}", "out")
+    return 0

@@ -440,8 +440,12 @@ def stage_task(
     force: bool = False,
     progress_key: str | None = None,
     progress_every_s: float = 2.0,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run stage `stage` unless its output is cached; returns {status, path, name, wall_s, headline, reason}.
+
+    `env`: extra environment variables of a stage run as a subprocess or under torchrun (e.g.
+    OMP_NUM_THREADS for stages running side by side); not applicable to an in-process stage.
 
     The output is `<run_dir>/<stage_dir_name(stage, config)>` (`name`): each variant of a stage (the
     rlhf stage's algorithms) is cached, resumed and forced on its own; logs name the variant.
@@ -469,6 +473,9 @@ def stage_task(
         if (task_run.run_count or 1) <= 1:
             discard_state(stage_dir / "state", f"{name} is forced to re-run (--from / force)")
         logger.info("%s: running (forced)", name)
+    if env and launcher == "inprocess" and nproc == 1 and timeout_s is None:
+        raise StageError(f"{name}: env {sorted(env)} applies to a stage run as a subprocess; this one runs "
+                         "in-process (set launcher: subprocess)")
     t0 = time.monotonic()
     with ProgressReporter(name, stage_dir, total_steps(config), every_s=progress_every_s, key=progress_key):
         if launcher in ("kubernetes", "slurm"):
@@ -477,7 +484,8 @@ def stage_task(
             cfg_file = _write_config(rd, name, config)
             cmd = stage_command(module, cfg_file, rd, inputs, nproc)
             logger.info("%s: launching %s", name, " ".join(cmd))
-            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+            env = {**(env or {}),
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
             try:
                 launch(cmd, on_line=lambda line: logger.info("[%s] %s", name, line), timeout=timeout_s,
                        cwd=os.getcwd(), env=env, log_file=rd / ".pipeline" / f"{name}.log")
