@@ -1,14 +1,14 @@
 """Architecture ablations without Prefect: parameter counts, seed statistics, the comparison table and
 plots that `alignline ablate` (flows/ablate.py) writes.
 
-    active_parameters(total, {"num_experts": 4, "num_experts_per_tok": 2, "hidden_size": 64, ...})
     rows = summary_rows(records, variants=["baseline", "alibi"], lengths=[1, 2, 4, 8])
     text = render_table(rows, lengths=[1, 2, 4, 8], seeds=2)
     plot_loss_curves({"baseline": [stage_dir_s0, stage_dir_s1], ...}, out_dir)
     plot_extrapolation({"baseline": [extrapolation_json_s0, ...], ...}, seq_len=128, out_dir=...)
 
 A record is one (variant, seed) run as the flow collects it (`VariantRun.record` in flows/ablate.py):
-variant, seed, status (ran | cached | failed), error, n_params, active_params, tokens_per_s, val_loss,
+variant, seed, status (ran | cached | failed), error, n_params, active_params (the pretrain stage's eval.json:
+MoE layers count only the routed experts a token uses), tokens_per_s, val_loss,
 gold_accuracy and `extrapolation` ({length multiple as a string: {"loss": float | None, "error": ...,
 "buckets": [...]}}). Everything here reads only those records and the stage directories.
 """
@@ -23,41 +23,7 @@ from typing import Any
 
 from alignline.report import _cell, read_metrics
 
-# Activations whose MLP has a gate projection next to the up projection (3 matrices, not 2).
-GATED_ACTIVATIONS = ("swiglu", "geglu")
 NA = "n/a"
-
-
-# --------------------------------------------------------------------------- parameter counts
-
-
-def expert_parameters(model: Mapping[str, Any]) -> int:
-    """Weights of one MLP expert in one decoder layer, from a pretrain `model:` config (a dict): a gated
-    MLP (swiglu, geglu: gate, up and down projections) has 3 * hidden * intermediate, an ungated one
-    (gelu, relu, swish: up and down) 2 * hidden * intermediate; the alignline MLP has no biases.
-    `moe_intermediate_size`, when the config has one, is the expert width, else `intermediate_size`."""
-    hidden = model.get("hidden_size")
-    width = model.get("moe_intermediate_size") or model.get("intermediate_size")
-    if not hidden or not width:
-        raise ValueError("cannot count expert parameters: the model config needs hidden_size and "
-                         f"intermediate_size (got hidden_size={hidden!r}, intermediate_size={width!r})")
-    activation = str(model.get("activation") or "swiglu").lower()
-    return (3 if activation in GATED_ACTIVATIONS else 2) * int(hidden) * int(width)
-
-
-def active_parameters(total: int, model: Mapping[str, Any]) -> int:
-    """Parameters one token uses: `total` for a dense model (`num_experts` missing or 0); for a mixture of
-    experts, total - (num_experts - num_experts_per_tok) * expert_parameters * num_hidden_layers (every
-    layer routed; shared experts and the router are always active, so they stay in)."""
-    experts = int(model.get("num_experts") or 0)
-    if experts <= 0:
-        return int(total)
-    top_k = model.get("num_experts_per_tok")
-    if not isinstance(top_k, int) or not 1 <= top_k <= experts:
-        raise ValueError(f"cannot count active parameters: num_experts={experts} needs num_experts_per_tok "
-                         f"in 1..{experts} (got {top_k!r})")
-    layers = int(model.get("num_hidden_layers") or 0)
-    return int(total) - (experts - top_k) * expert_parameters(model) * layers
 
 
 # --------------------------------------------------------------------------- what a stage dir says

@@ -288,13 +288,31 @@ def kl_to_reference(
     return total / max(n, 1)
 
 
-def gold_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 32) -> GoldResult:
+# The built-in suite's pretraining corpus writes its questions as "Q: {prompt} A: {answer}" (data/tasks.py).
+QA_PROMPT, QA_NEXT = "Q: {} A:", " Q:"
+
+
+def gold_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 32,
+              prompt_format: str = "chat") -> GoldResult:
     """Greedy-decode each prompt row and, where the rows have a verifier, score it against its gold
-    answer. Without one, `accuracy` is None and the samples carry no score."""
-    ids = greedy_responses(model, prompt_ids(tokenizer, [r["prompt"] for r in rows]),
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    answer. Without one, `accuracy` is None and the samples carry no score.
+
+    prompt_format "chat": the last user turn through the chat template (chat models). "qa": the corpus's
+    own "Q: {prompt} A:" with the answer read up to the next " Q:" (base models, which never saw the chat
+    template; the architecture lab compares pretrained variants this way).
+    """
+    if prompt_format == "qa":
+        prompts = [tokenizer(QA_PROMPT.format(r["prompt"][-1]["content"]), add_special_tokens=False)["input_ids"]
+                   for r in rows]
+    elif prompt_format == "chat":
+        prompts = prompt_ids(tokenizer, [r["prompt"] for r in rows])
+    else:
+        raise ValueError(f"prompt_format={prompt_format!r}: use 'chat' or 'qa'")
+    ids = greedy_responses(model, prompts, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            max_new_tokens=max_new_tokens, batch_size=batch_size)
     responses = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    if prompt_format == "qa":
+        responses = [text.split(QA_NEXT)[0] for text in responses]
     finished = [bool(x) and x[-1] == tokenizer.eos_token_id for x in ids]
     if not has_verifier(rows):
         samples = [{"prompt": r["prompt"][-1]["content"], "response": t, "task": r.get("task")}

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,6 @@ from prefect.futures import as_completed
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from alignline.ablation import (
-    active_parameters,
     length_key,
     plot_extrapolation,
     plot_loss_curves,
@@ -101,6 +101,12 @@ class VariantSpec(StrictModel):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="dotted pretrain config keys -> values, applied over the base pretrain "
         "config after its `set` (e.g. model.norm: layernorm, model.rope_scaling: {rope_type: yarn, factor: 8})",
+    )
+    eval_rope_scaling: dict[str, Any] | None = Field(
+        None, description="RoPE scaling applied to the trained model for the extrapolation evaluation only "
+        "(train short, extend at inference, as YaRN is used), e.g. {rope_type: yarn, factor: 8, "
+        "original_max_position_embeddings: 128}; a variant whose training config equals another's shares its "
+        "training run",
     )
 
     @field_validator("name")
@@ -262,7 +268,10 @@ class VariantRun:
     seed: int
     index: int  # position of the variant in `variants`
     resolved: ResolvedStage
-    run_dir: Path  # <run_dir>/variants/<variant>-s<seed>: the pretrain stage's run dir
+    out_dir: Path  # <run_dir>/variants/<variant>-s<seed>: this run's extrapolation.json
+    run_dir: Path  # the pretrain stage's run dir: out_dir, or the earlier run with the same training config
+    eval_rope_scaling: dict[str, Any] | None = None
+    shares: int | None = None  # index in plan.runs of the run that trains for this one
 
     @property
     def label(self) -> str:
@@ -332,7 +341,12 @@ def resolve_ablation(config: AblationConfig, run_dir: Path | None = None) -> Abl
                 problems.append(f"[{where}] changes the shared token budget: {', '.join(changed)}; every variant "
                                 "trains on the same tokens: change it for all in pretrain.set")
                 break
-            plan.runs.append(VariantRun(variant.name, seed, i, rs, run_dir / "variants" / f"{variant.name}-s{seed}"))
+            out_dir = run_dir / "variants" / f"{variant.name}-s{seed}"
+            same = next((j for j, other in enumerate(plan.runs) if other.shares is None
+                         and other.resolved.config_dict == rs.config_dict), None)
+            plan.runs.append(VariantRun(variant.name, seed, i, rs, out_dir,
+                                        out_dir if same is None else plan.runs[same].run_dir,
+                                        variant.eval_rope_scaling, same))
     if problems:
         raise ConfigError("ablation config has problems; nothing was run:\n" + "\n".join(problems))
     return plan
@@ -350,20 +364,54 @@ def _device(name: str) -> str:
 
 
 def extrapolation_key(ex: ExtrapolationConfig, seq_len: int, stage_dir: Path, data_dir: Path,
-                      tokenizer_dir: Path) -> dict[str, Any]:
+                      tokenizer_dir: Path, rope_scaling: dict[str, Any] | None = None) -> dict[str, Any]:
     """What extrapolation.json depends on: the settings, the model (pretrain manifest), the val data, the code."""
-    return stage_key({"extrapolation": ex.model_dump(mode="json"), "seq_len": seq_len},
+    return stage_key({"extrapolation": ex.model_dump(mode="json"), "seq_len": seq_len,
+                      "eval_rope_scaling": rope_scaling},
                      {"pretrain": stage_dir, "data": data_dir, "tokenizer": tokenizer_dir}, __file__)
 
 
-def measure_extrapolation(ex: ExtrapolationConfig, seq_len: int, stage_dir: Path, data_dir: Path,
-                          tokenizer_dir: Path, log=None) -> dict[str, dict[str, Any]]:
-    """`extrapolation_losses` of the pretrain stage's checkpoint on the data stage's val split."""
+# transformers' from_pretrained switches process-wide state (init and weight-tying contexts) while it
+# loads: two variant tasks loading at once in the flow's threads came back with an untied, meta-device
+# lm_head. Loads take turns; the evaluations themselves still run side by side.
+_LOAD_LOCK = threading.Lock()
+
+
+def load_scaled(checkpoint: Path, rope_scaling: dict[str, Any] | None, device: str):
+    """The checkpoint's causal LM, with `rope_scaling` merged into its RoPE parameters when given (ConfigError
+    for a model without RoPE, or a scaling its config refuses)."""
+    with _LOAD_LOCK:
+        return _load_scaled(checkpoint, rope_scaling, device)
+
+
+def _load_scaled(checkpoint: Path, rope_scaling: dict[str, Any] | None, device: str):
+    from transformers import AutoConfig
+
     from alignline.models import load_causal_lm
+
+    if not rope_scaling:
+        return load_causal_lm(checkpoint, device=device)
+    config = AutoConfig.from_pretrained(checkpoint)
+    if getattr(config, "position", "rope") != "rope":
+        raise ConfigError(f"eval_rope_scaling needs a RoPE model; {checkpoint} has position={config.position!r}")
+    try:
+        config.rope_parameters = {**config.rope_parameters, **rope_scaling}
+        if hasattr(config, "validated_rope_parameters"):  # alignline: check it now, not at the first forward
+            config.validated_rope_parameters()
+    except ValueError as exc:
+        raise ConfigError(f"eval_rope_scaling={rope_scaling}: {exc}") from None
+    return load_causal_lm(checkpoint, device=device, config=config)
+
+
+def measure_extrapolation(ex: ExtrapolationConfig, seq_len: int, stage_dir: Path, data_dir: Path,
+                          tokenizer_dir: Path, log=None, rope_scaling: dict[str, Any] | None = None,
+                          ) -> dict[str, dict[str, Any]]:
+    """`extrapolation_losses` of the pretrain stage's checkpoint (RoPE-scaled at inference when asked) on
+    the data stage's val split."""
     from alignline.tokenizer import load_tokenizer
     from stages.pretrain import read_texts, tokenize_stream
 
-    model = load_causal_lm(load_stage(stage_dir, verify=False).checkpoint, device=_device(ex.device))
+    model = load_scaled(load_stage(stage_dir, verify=False).checkpoint, rope_scaling, _device(ex.device))
     stream = tokenize_stream(read_texts(data_dir / "pretrain" / "val.jsonl"), load_tokenizer(tokenizer_dir))
     return extrapolation_losses(model, stream, seq_len, ex, log=log, what=stage_dir.parent.name)
 
@@ -402,12 +450,12 @@ def extrapolation_losses(model, stream, seq_len: int, ex: ExtrapolationConfig, l
 
 @task(name="extrapolation", cache_policy=NO_CACHE, log_prints=False)
 def extrapolation_task(ex: dict[str, Any], seq_len: int, stage_dir: str, data_dir: str, tokenizer_dir: str,
-                       out_file: str) -> dict[str, Any]:
+                       out_file: str, rope_scaling: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write `out_file` (extrapolation.json) unless it holds a result with this key; returns its content
     plus `status` (ran | cached)."""
     logger = get_run_logger()
     cfg = ExtrapolationConfig.model_validate(ex)
-    key = extrapolation_key(cfg, seq_len, Path(stage_dir), Path(data_dir), Path(tokenizer_dir))
+    key = extrapolation_key(cfg, seq_len, Path(stage_dir), Path(data_dir), Path(tokenizer_dir), rope_scaling)
     out = Path(out_file)
     if out.is_file():
         old = read_json(out)
@@ -417,7 +465,8 @@ def extrapolation_task(ex: dict[str, Any], seq_len: int, stage_dir: str, data_di
             return {**old, "status": "cached"}
         logger.info("%s: extrapolation re-measured (%s)", out.parent.name, "; ".join(changes))
     t0 = time.monotonic()
-    lengths = measure_extrapolation(cfg, seq_len, Path(stage_dir), Path(data_dir), Path(tokenizer_dir), logger)
+    lengths = measure_extrapolation(cfg, seq_len, Path(stage_dir), Path(data_dir), Path(tokenizer_dir), logger,
+                                    rope_scaling)
     result = {"key": key, "seq_len": seq_len, "bucket_width": max(1, seq_len // cfg.buckets_per_length),
               "wall_s": round(time.monotonic() - t0, 3), "lengths": lengths}
     write_json(out, result)
@@ -444,9 +493,11 @@ def _share_cache(run_dir: Path, variant_dir: Path) -> None:
 def variant_task(label: str, module: str, config: dict[str, Any], inputs: dict[str, str], run_dir: str,
                  variant_dir: str, nproc: int, launcher: str, timeout_s: float | None, env: dict[str, str],
                  retries: int, retry_delay_s: float, progress_key: str, progress_every_s: float,
-                 extrapolation: dict[str, Any], seq_len: int) -> dict[str, Any]:
+                 extrapolation: dict[str, Any], seq_len: int, out_dir: str | None = None,
+                 rope_scaling: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pretrain one (variant, seed) (the pipeline's stage task: cached, resumed, retried like a pipeline
-    stage), then its extrapolation evaluation; returns the record for the table."""
+    stage) in `variant_dir`, then its extrapolation evaluation (RoPE-scaled when asked) into `out_dir`;
+    returns the record for the table."""
     logger = get_run_logger()
     _share_cache(Path(run_dir), Path(variant_dir))
     logger.info("%s: pretrain starting", label)
@@ -458,12 +509,10 @@ def variant_task(label: str, module: str, config: dict[str, Any], inputs: dict[s
     stage_dir = Path(out["path"])
     ex = extrapolation_task.with_options(task_run_name=f"extrapolation-{label}")(
         extrapolation, seq_len, str(stage_dir), inputs["data"], inputs["tokenizer"],
-        str(Path(variant_dir) / "extrapolation.json"))
+        str(Path(out_dir or variant_dir) / "extrapolation.json"), rope_scaling)
     ev = load_stage(stage_dir, verify=False).eval
-    n_params = ev.get("n_params")
     return {"status": out["status"], "reason": out["reason"], "path": str(stage_dir), "wall_s": out["wall_s"],
-            "n_params": n_params,
-            "active_params": active_parameters(n_params, config["model"]) if isinstance(n_params, int) else None,
+            "n_params": ev.get("n_params"), "active_params": ev.get("n_active_params", ev.get("n_params")),
             "tokens_per_s": tokens_per_second(stage_dir), "val_loss": ev.get("val_loss"),
             "gold_accuracy": ev.get("gold_accuracy"), "extrapolation": ex["lengths"],
             "extrapolation_status": ex["status"]}
@@ -570,17 +619,22 @@ def _run(config: AblationConfig) -> dict[str, Any]:
     slug = _slug(config.name)
     records: list[dict[str, Any]] = [{"variant": r.variant, "seed": r.seed, "status": "pending",
                                       "path": str(r.stage_dir)} for r in plan.runs]
-    futures = {}
+    futures: dict[Any, int] = {}
+    by_index: list[Any] = []
     for i, r in enumerate(plan.runs):
         rs = r.resolved
+        if r.shares is not None:  # same training config: wait for that run, then reuse its stage dir
+            logger.info("%s trains exactly as %s: it reuses that run", r.label, plan.runs[r.shares].label)
         fut = variant_task.with_options(task_run_name=r.label).submit(
             label=r.label, module=rs.module, config=rs.config_dict, inputs=inputs, run_dir=str(run_dir),
             variant_dir=str(r.run_dir), nproc=rs.nproc, launcher=rs.entry.launcher, timeout_s=rs.entry.timeout_s,
             env=env, retries=rs.entry.retries if rs.entry.retries is not None else config.retries,
             retry_delay_s=config.retry_delay_s, progress_key=f"{slug}-{r.label}-progress",
             progress_every_s=config.report.progress_every_s, extrapolation=config.extrapolation.model_dump(),
-            seq_len=plan.seq_len)
+            seq_len=plan.seq_len, out_dir=str(r.out_dir), rope_scaling=r.eval_rope_scaling,
+            wait_for=[by_index[r.shares]] if r.shares is not None else None)
         futures[fut] = i
+        by_index.append(fut)
     failures: list[tuple[str, BaseException]] = []
     for done, fut in enumerate(as_completed(list(futures)), 1):
         i = futures[fut]

@@ -157,6 +157,8 @@ class EvalConfig(StrictModel):
     gold_prompts: int = Field(120, ge=0, description="first N of prompts/test.jsonl for gold accuracy/samples")
     max_new_tokens: int = Field(16, gt=0, description="greedy answer length cap in tokens")
     batch_size: int = Field(64, gt=0, description="prompts per generation batch")
+    prompt_format: Literal["chat", "qa"] = Field(
+        "chat", description="chat = the chat template; qa = the corpus's 'Q: ... A:' (what a base model knows)")
 
 
 class Config(StrictModel):
@@ -450,7 +452,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             final.load_state_dict(sd, strict=False)
         final = final.to(device).eval()
         rows = load_prompts(data_dir, "test", config.eval.gold_prompts) if config.eval.gold_prompts else []
-        gold = gold_eval(final, tokenizer, rows, config.eval.max_new_tokens, config.eval.batch_size) if rows else None
+        gold = gold_eval(final, tokenizer, rows, config.eval.max_new_tokens, config.eval.batch_size,
+                         config.eval.prompt_format) if rows else None
         ckpt = run.staging / "checkpoint"
         final.generation_config.update(do_sample=False, bos_token_id=tokenizer.bos_token_id,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -95,9 +95,15 @@ def test_config_shapes() -> None:
     plan = resolve_ablation(cfg)
     assert [r.label for r in plan.runs][:3] == ["baseline-s0", "baseline-s1", "baseline-s2"]
     assert len(plan.runs) == 3 * len(cfg.variant_specs)
-    mqa = [r for r in plan.runs if r.variant == "mqa"]
-    assert {r.resolved.config.model.num_key_value_heads for r in mqa} == {1}
-    assert [r.resolved.config.train.seed for r in mqa] == [0, 1, 2]
+    moe = [r for r in plan.runs if r.variant == "moe"]
+    assert {r.resolved.config.model.num_experts for r in moe} == {4}
+    assert [r.resolved.config.train.seed for r in moe] == [0, 1, 2]
+    # rope-yarn trains exactly as baseline: each seed shares the baseline run of the same seed
+    base = {r.seed: r for r in plan.runs if r.variant == "baseline"}
+    for r in (r for r in plan.runs if r.variant == "rope-yarn"):
+        assert r.run_dir == base[r.seed].run_dir and r.out_dir != r.run_dir
+        assert plan.runs[r.shares] is base[r.seed] and r.eval_rope_scaling["rope_type"] == "yarn"
+    assert all(r.shares is None for r in plan.runs if r.variant != "rope-yarn")
     assert {r.resolved.config.train.max_steps for r in plan.runs} == {7}  # pretrain.<key> reaches every variant
     # Override values (a dict like rope_scaling's, strings YAML would read otherwise) reach the config unchanged.
     from alignline.config import apply_overrides
@@ -197,37 +203,6 @@ def test_a_length_the_model_cannot_take_is_na_with_its_reason() -> None:
     assert line.count("n/a") >= 2 and "4x: ValueError: position 31" in line
 
 
-# --------------------------------------------------------------------------- parameter counts
-
-
-def test_active_parameters_closed_form() -> None:
-    from alignline.ablation import active_parameters
-
-    moe = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4, "num_experts": 4,
-           "num_experts_per_tok": 2, "num_shared_experts": 1, "activation": "swiglu"}
-    total = 1_000_000
-    # Two of four experts idle per token, in each of 4 layers, 3 matrices of 64x176 each.
-    assert active_parameters(total, moe) == total - 2 * 4 * 3 * 64 * 176
-    assert active_parameters(total, {**moe, "activation": "gelu"}) == total - 2 * 4 * 2 * 64 * 176
-    assert active_parameters(total, {**moe, "num_experts_per_tok": 4}) == total
-    assert active_parameters(total, {**moe, "moe_intermediate_size": 32}) == total - 2 * 4 * 3 * 64 * 32
-    assert active_parameters(total, {**moe, "num_experts": 0}) == total  # dense
-    assert active_parameters(total, {"hidden_size": 64}) == total  # a config from before MoE
-    with pytest.raises(ValueError, match="num_experts_per_tok"):
-        active_parameters(total, {**moe, "num_experts_per_tok": 5})
-    with pytest.raises(ValueError, match="intermediate_size"):
-        active_parameters(total, {**moe, "intermediate_size": None})
-
-
-def test_expert_size_is_the_real_mlp_size() -> None:
-    """The closed form counts what the model's MLP really holds (today's dense SwiGLU block)."""
-    from alignline.ablation import expert_parameters
-
-    model = _tiny_model()
-    mlp = model.model.layers[0].mlp
-    assert sum(p.numel() for p in mlp.parameters()) == expert_parameters({"hidden_size": 16, "intermediate_size": 24})
-
-
 def test_summary_rows_mean_and_spread_over_seeds() -> None:
     from alignline.ablation import render_table, summary_rows
 
@@ -262,7 +237,7 @@ def _runs(run_dir: Path) -> dict[str, dict]:
     return {f"{r['variant']}-s{r['seed']}": r for r in json.loads((run_dir / "ablation.json").read_text())["runs"]}
 
 
-VARIANTS = ["baseline", "rope-theta-500", "mqa"]
+VARIANTS = ["baseline", "alibi", "moe", "rope-yarn"]
 
 
 @pytest.mark.slow
@@ -271,22 +246,31 @@ def test_ci_config_end_to_end(ci_run) -> None:
     run_dir, code, said = ci_run
     assert code == 0, _errors(said)
     table = (run_dir / "ablation.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "| ran |" in line]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and ("| ran |" in line or "| cached |" in line)]
     assert [r.split("|")[1].strip() for r in rows] == VARIANTS
-    for label, rec in _runs(run_dir).items():
-        assert rec["status"] == "ran", label
-        assert math.isfinite(rec["val_loss"]) and rec["tokens_per_s"] > 0 and rec["active_params"] == rec["n_params"]
+    runs = _runs(run_dir)
+    for label, rec in runs.items():
+        # rope-yarn waited for the baseline's training and found it cached
+        assert rec["status"] == ("cached" if label == "rope-yarn-s0" else "ran"), label
+        assert math.isfinite(rec["val_loss"]) and rec["tokens_per_s"] > 0
         ex = json.loads((run_dir / "variants" / label / "extrapolation.json").read_text())
         assert set(ex["lengths"]) == {"1", "2", "4", "8"}
         assert all(math.isfinite(e["loss"]) for e in ex["lengths"].values())
         assert len(ex["lengths"]["8"]["buckets"]) == 8 * 4  # buckets_per_length: 4
-    mqa = _runs(run_dir)["mqa-s0"]
-    assert mqa["n_params"] < _runs(run_dir)["baseline-s0"]["n_params"]  # fewer key/value weights
+    moe, base = runs["moe-s0"], runs["baseline-s0"]
+    # 2 of 4 experts idle per token in each of 4 layers: 2 x 4 x (3 x 64 x 176) weights not active
+    assert moe["n_params"] - moe["active_params"] == 2 * 4 * 3 * 64 * 176
+    assert base["active_params"] == base["n_params"] and moe["active_params"] > base["n_params"] - 1000
+    # rope-yarn is the baseline's model, scaled at evaluation: same training numbers, other long-range losses
+    yarn = runs["rope-yarn-s0"]
+    assert yarn["path"] == base["path"] and yarn["val_loss"] == base["val_loss"]
+    assert yarn["extrapolation"]["8"]["loss"] != base["extrapolation"]["8"]["loss"]
     assert (run_dir / "ablation" / "loss_curves.png").is_file()
     assert (run_dir / "ablation" / "extrapolation.png").is_file()
     assert "val loss @8x" in table and "![length extrapolation](ablation/extrapolation.png)" in table
+    assert not (run_dir / "variants" / "rope-yarn-s0" / "pretrain").exists()
     # The variants trained on one data and tokenizer, each in its own stage dir (sharing the token shards).
-    for label in _runs(run_dir):
+    for label in ("baseline-s0", "alibi-s0", "moe-s0"):
         manifest = json.loads((run_dir / "variants" / label / "pretrain" / "manifest.json").read_text())
         assert manifest["inputs"]["data"]["path"] == str((run_dir / "data").resolve())
         assert (run_dir / "variants" / label / "cache").resolve() == (run_dir / "cache").resolve()
@@ -304,24 +288,47 @@ def test_second_run_reuses_and_one_changed_variant_retrains_alone(ci_run, tmp_pa
     assert {k: r["extrapolation_status"] for k, r in _runs(run_dir).items()} == {f"{v}-s0": "cached" for v in VARIANTS}
     assert _manifest_times(run_dir) == before  # nothing retrained
 
-    # mqa's override changes; a fourth variant crashes (seq_len 64 > max_position_embeddings 32).
+    # alibi's override changes; a fifth variant crashes (seq_len 64 > max_position_embeddings 32).
     data = yaml.safe_load(CI.read_text())
-    data["variants"][2]["overrides"] = {"model.num_key_value_heads": 4}
+    data["variants"][1]["overrides"] = {"model.position": "t5_bias"}
     data["variants"].append({"name": "broken", "overrides": {"model.max_position_embeddings": 32}})
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(data, sort_keys=False))
     code, said = _run_command(changed, run_dir=run_dir)
     assert code == 1
     (msg,) = _errors(said)
-    assert "1 of 4 runs failed: broken-s0" in msg and "re-run" in msg
+    assert "1 of 5 runs failed: broken-s0" in msg and "re-run" in msg
     runs = _runs(run_dir)
-    assert {k: r["status"] for k, r in runs.items()} == {"baseline-s0": "cached", "rope-theta-500-s0": "cached",
-                                                          "mqa-s0": "ran", "broken-s0": "failed"}
+    assert {k: r["status"] for k, r in runs.items()} == {"baseline-s0": "cached", "alibi-s0": "ran", "moe-s0": "cached",
+                                                          "rope-yarn-s0": "cached", "broken-s0": "failed"}
     after = _manifest_times(run_dir)
-    assert {k: after[k] for k in ("baseline-s0", "rope-theta-500-s0")} == \
-        {k: before[k] for k in ("baseline-s0", "rope-theta-500-s0")}
-    assert after["mqa-s0"] != before["mqa-s0"]
-    assert runs["mqa-s0"]["extrapolation_status"] == "ran"  # its model changed, so its evaluation too
+    assert {k: after[k] for k in ("baseline-s0", "moe-s0")} == {k: before[k] for k in ("baseline-s0", "moe-s0")}
+    assert after["alibi-s0"] != before["alibi-s0"]
+    assert runs["alibi-s0"]["extrapolation_status"] == "ran"  # its model changed, so its evaluation too
     table = (run_dir / "ablation.md").read_text()
     broken = next(line for line in table.splitlines() if line.startswith("| broken |"))
     assert "| failed |" in broken and "broken-s0" not in broken and "seed 0:" in broken
+
+
+def test_qa_prompt_format_asks_like_the_corpus_and_reads_up_to_the_next_question(monkeypatch) -> None:
+    """A base model's gold accuracy (eval.prompt_format=qa, the ablation's setting): prompts are the
+    corpus's "Q: ... A:" and the answer ends at the next " Q:"; the chat format would score it 0."""
+    import alignline.evaluation as ev
+    from alignline.model.tiny import toy_tokenizer
+
+    tok = toy_tokenizer(["Q: What is 12+15? A: 27 Q: Sort b a. A: a b"])
+    rows = [{"prompt": [{"role": "user", "content": "What is 12+15?"}], "answer": "27", "match": "numeric"},
+            {"prompt": [{"role": "user", "content": "Sort b a."}], "answer": "a b", "match": "exact"}]
+    seen = {}
+
+    def fake_greedy(model, prompts, **kw):
+        seen["prompts"] = [tok.decode(p) for p in prompts]
+        return [tok(" 27 Q: Sort", add_special_tokens=False)["input_ids"],
+                tok(" a b Q: What", add_special_tokens=False)["input_ids"]]
+
+    monkeypatch.setattr(ev, "greedy_responses", fake_greedy)
+    result = ev.gold_eval(None, tok, rows, prompt_format="qa")
+    assert [p.replace(" ", "") for p in seen["prompts"]] == ["Q:Whatis12+15?A:", "Q:Sortba.A:"]
+    assert result.accuracy == 1.0 and [s["response"].strip() for s in result.samples] == ["27", "a b"]
+    with pytest.raises(ValueError, match="prompt_format"):
+        ev.gold_eval(None, tok, rows, prompt_format="plain")

@@ -492,7 +492,7 @@ def test_other_variants_refuse_conversion_naming_the_field(variant, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["alibi-moe-layernorm", "infini-t5-sandwich-window"])
+@pytest.mark.parametrize("arch", ["alibi-moe-layernorm", "infini-t5-sandwich-window", "learned-relu-post"])
 def test_ppo_raises_reward_on_variant_models(arch, one_thread):
     """Our PPO trainer on an alignline variant policy, critic and reward model: the mean RM score rises."""
     import copy
@@ -503,7 +503,8 @@ def test_ppo_raises_reward_on_variant_models(arch, one_thread):
 
     overrides = {"alibi-moe-layernorm": dict(position="alibi", num_experts=4, norm="layernorm"),
                  "infini-t5-sandwich-window": dict(attention="infini", infini_segment_len=4, position="t5_bias",
-                                                   norm_position="sandwich", sliding_window=6)}[arch]
+                                                   norm_position="sandwich", sliding_window=6),
+                 "learned-relu-post": dict(position="learned", activation="relu", norm_position="post")}[arch]
     cfg = dict(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS,
                bos_token_id=BOS, **overrides)
@@ -516,3 +517,18 @@ def test_ppo_raises_reward_on_variant_models(arch, one_thread):
     ps = prompts(16, seed=4)
     scores = [t.step(ps)["score"] for _ in range(6)]
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.3, scores
+
+
+def test_cli_convert_names_the_switch_and_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from alignline_cli.main import app
+
+    model_of(position="alibi").save_pretrained(tmp_path / "alibi")
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "alibi"), "--to", "llama", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "position='alibi'" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+    model_of(num_experts=2).save_pretrained(tmp_path / "moe")
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "moe"), "--to", "mixtral", "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_local_experts == 2

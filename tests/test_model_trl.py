@@ -27,6 +27,9 @@ ARCHES = {
     "infini-t5-sandwich-window": dict(attention="infini", infini_segment_len=8, position="t5_bias",
                                       norm_position="sandwich", sliding_window=6),
     "deepnorm-sinusoidal-geglu": dict(norm="deepnorm", position="sinusoidal", activation="geglu"),
+    "learned-relu-post": dict(position="learned", activation="relu", norm_position="post"),
+    "nope-swish-infini-delta": dict(position="none", activation="swish", attention="infini", infini_segment_len=8,
+                                  infini_update="delta"),
 }
 # DeepNorm's small (beta-scaled) init learns more slowly in 15 steps: (SFT, reward) loss ratios it must beat.
 SLOWER = {"deepnorm-sinusoidal-geglu": (0.7, 0.65)}

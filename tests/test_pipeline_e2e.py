@@ -183,3 +183,20 @@ def test_sft_on_two_gloo_ranks_through_the_pipeline(first_run, tmp_path: Path) -
         assert ranks[step] == pytest.approx(loss, rel=1e-5), (step, single, ranks)
     again = run_pipeline(two, "stages.sft.nproc_per_node=2", name="sft2", to_stage="sft")
     assert statuses(again)["sft"] == "cached"
+
+
+def test_an_architecture_variant_runs_the_whole_pipeline(first_run, tmp_path: Path) -> None:
+    """The architecture lab's switches reach every stage: an ALiBi + MoE + LayerNorm/GELU decoder is
+    pretrained, fine-tuned, turned into a reward model and PPO-trained by the same pipeline, and every
+    checkpoint keeps the variant."""
+    run_dir, _ = first_run
+    variant_dir = tmp_path / "variant"
+    _copy_inputs(run_dir, variant_dir)
+    switches = {"position": "alibi", "num_experts": 4, "num_experts_per_tok": 2, "norm": "layernorm",
+                "activation": "gelu"}
+    result = run_pipeline(variant_dir, *[f"pretrain.model.{k}={v}" for k, v in switches.items()], name="variant")
+    assert statuses(result) == {"data": "cached", "tokenizer": "cached", **{s: "ran" for s in ALL[2:]}}
+    for stage in ("pretrain", "sft", "reward", "rlhf"):
+        config = json.loads((variant_dir / DIRS[stage] / "checkpoint" / "config.json").read_text())
+        assert {k: config[k] for k in switches} == switches, stage
+    assert _headline(variant_dir, "pretrain")["val_loss"] < _headline(variant_dir, "pretrain")["initial_val_loss"]

@@ -18,6 +18,13 @@ Attention runs on torch's scaled_dot_product_attention. Masks are built only whe
 and no cache -> `is_causal=True` (fused kernel, no mask tensor); one new token and no padding -> no mask;
 otherwise one boolean (B, 1, T, S) mask shared by all layers. Positions in a packed row (position_ids
 restarting at 0, no attention_mask) get a block-diagonal mask so documents do not see each other.
+
+Architecture switches (AlignlineConfig; defaults = the LLaMA recipe above): norm (RMSNorm, LayerNorm,
+DeepNorm), norm_position (pre, post, sandwich), activation (SwiGLU, GeGLU, GELU, ReLU, Swish), position
+(RoPE, ALiBi, sinusoidal, learned, T5 bias, none), a mixture of experts, a sliding window and
+Infini-attention. Distance-based variants (ALiBi, T5 bias, windows, Infini segments) number tokens by the
+padding mask (real tokens only) and build one additive (B, nh, T, S) mask per forward, so a cached decode
+step sees exactly the distances a full recompute sees.
 """
 
 import math
