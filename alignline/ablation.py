@@ -136,6 +136,12 @@ def _pyplot():
     return plt
 
 
+def _style(i: int) -> dict[str, str]:
+    """Line style of the i-th variant: the 10 default colours, then the same colours dashed, dotted, ...
+    so two variants never share a look."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[(i // 10) % 4]}
+
+
 def _mean_curve(stage_dirs: Sequence[str | Path], key: str) -> tuple[list[float], list[float]]:
     """`key` from each stage dir's metrics.jsonl, averaged over the dirs at the steps all of them logged."""
     per_dir = []
@@ -159,7 +165,7 @@ def plot_loss_curves(stage_dirs: Mapping[str, Sequence[str | Path]], out_dir: st
         for ax, key in zip(axes, ("loss", "val_loss"), strict=True):
             xs, ys = _mean_curve(dirs, key)
             if xs:
-                ax.plot(xs, ys, label=name, color=f"C{i % 10}", linewidth=1.3, marker="." if len(xs) < 20 else None)
+                ax.plot(xs, ys, label=name, linewidth=1.3, marker="." if len(xs) < 20 else None, **_style(i))
                 drawn = True
     if not drawn:
         plt.close(fig)
@@ -208,7 +214,7 @@ def plot_extrapolation(extrapolations: Mapping[str, Sequence[Mapping[str, Any]]]
         if curve is None:
             continue
         m, xs, ys = curve
-        ax.plot(xs, ys, label=f"{name} ({m}x)", color=f"C{i % 10}", linewidth=1.3)
+        ax.plot(xs, ys, label=f"{name} ({m}x)", linewidth=1.5, **_style(i))
         drawn = True
     if not drawn:
         plt.close(fig)

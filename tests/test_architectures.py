@@ -532,3 +532,17 @@ def test_cli_convert_names_the_switch_and_exits_2(tmp_path):
     res = CliRunner().invoke(app, ["convert", str(tmp_path / "moe"), "--to", "mixtral", "--out", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_local_experts == 2
+
+
+def test_an_idle_expert_still_gets_a_zero_gradient():
+    """DDP/FSDP need a gradient for every parameter on every rank, also for an expert no token chose."""
+    model = model_of(num_experts=4, num_experts_per_tok=1)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.gate.weight.zero_()
+        block.gate.weight[0] = 10.0  # every token prefers expert 0 (inputs are LayerNorm-free: push hard)
+    x = torch.ones(1, 5, BASE["hidden_size"])
+    out, _ = block(x)
+    out.sum().backward()
+    grads = block.experts.down_proj.grad
+    assert grads is not None and grads[0].abs().sum() > 0 and torch.equal(grads[1:], torch.zeros_like(grads[1:]))

@@ -325,6 +325,10 @@ class AlignlineExperts(nn.Module):
         for e in range(self.num_experts):
             token, slot = torch.where(top_k_index == e)  # tokens routed to expert e
             if token.numel() == 0:
+                # An idle expert still joins the graph (zero gradients, not None): DDP and FSDP expect
+                # every parameter to receive a gradient on every rank.
+                if torch.is_grad_enabled():
+                    out = out + 0.0 * sum(p[e].sum() for p in self.parameters()).to(out.dtype)
                 continue
             h = x[token]  # (n_e, C)
             if self.gated:
