@@ -324,11 +324,7 @@ class AlignlineExperts(nn.Module):
         out = torch.zeros_like(x)
         for e in range(self.num_experts):
             token, slot = torch.where(top_k_index == e)  # tokens routed to expert e
-            if token.numel() == 0:
-                # An idle expert still joins the graph (zero gradients, not None): DDP and FSDP expect
-                # every parameter to receive a gradient on every rank.
-                if torch.is_grad_enabled():
-                    out = out + 0.0 * sum(p[e].sum() for p in self.parameters()).to(out.dtype)
+            if token.numel() == 0:  # (the stacked weights still get a gradient, zero in this slice)
                 continue
             h = x[token]  # (n_e, C)
             if self.gated:
