@@ -4,7 +4,8 @@
 
 The directory name picks the class through the stages registry (`configs/pretrain/*.yaml` ->
 `stages.pretrain.Config`, `configs/rlhf/*` -> `stages.rlhf.Config`); `configs/pipeline/*` ->
-`flows.pipeline.PipelineConfig`. A registered stage or flows module that cannot be imported fails
+`flows.pipeline.PipelineConfig`; `configs/ablation/*` -> `flows.ablate.AblationConfig` with every variant's
+pretrain config resolved. A registered stage or flows module that cannot be imported fails
 the test (it is a broken install or a broken module, not a reason to skip). Also: config errors
 name the key (and the line), and are raised before any model is built.
 """
@@ -24,6 +25,8 @@ YAMLS = sorted((REPO / "configs").glob("*/*.yaml"))
 
 
 def _class_for(directory: str):
+    if directory == "ablation":
+        return importlib.import_module("flows.ablate").AblationConfig
     if directory == "pipeline":
         try:
             return importlib.import_module("flows.pipeline").PipelineConfig
@@ -31,7 +34,7 @@ def _class_for(directory: str):
             pytest.fail(f"configs/pipeline needs flows.pipeline.PipelineConfig, which cannot be imported: {exc}")
     if directory not in STAGES:
         pytest.fail(f"configs/{directory}/ matches no stage in stages.STAGES ({', '.join(STAGES)}) "
-                    "and is not configs/pipeline; rename the directory or register the stage")
+                    "and is not configs/pipeline or configs/ablation; rename the directory or register the stage")
     try:
         return config_class(directory)
     except StageNotAvailable as exc:
@@ -41,7 +44,13 @@ def _class_for(directory: str):
 @pytest.mark.parametrize("path", YAMLS, ids=[f"{p.parent.name}/{p.name}" for p in YAMLS])
 def test_config_validates(path):
     cls = _class_for(path.parent.name)
-    cfg = load_config(cls, path)
+    if path.parent.name == "ablation":
+        from flows.ablate import load_ablation_config, resolve_ablation
+
+        cfg = load_ablation_config(path)
+        assert resolve_ablation(cfg).runs  # every variant's pretrain config validates
+    else:
+        cfg = load_config(cls, path)
     assert isinstance(cfg, cls)
     # The header says how to run it.
     assert path.read_text().lstrip().startswith("#"), f"{path} needs a comment header saying how to run it"
