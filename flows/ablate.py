@@ -81,6 +81,7 @@ from flows.pipeline import stage_inputs
 from flows.tasks import (
     ResolvedStage,
     StageEntry,
+    append_stage_sets,
     not_a_user_error,
     quiet_user_errors,
     resolve_stage,
@@ -236,13 +237,7 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
     """Read an ablation YAML, apply `--set` overrides (stage config keys as `<stage>.<key>=v`), validate."""
     top, per_stage = split_overrides(overrides)
     data, source, key_lines = read_config(path, overrides=top)
-    for stage, items in per_stage.items():
-        entry = data.get(stage)
-        if entry is None:
-            entry = data[stage] = config_to_entry_default(stage)
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{source}: {stage}: expected a stage entry (config, set, ...); got {entry!r}")
-        entry["set"] = list(entry.get("set") or []) + items
+    append_stage_sets(data, per_stage, config_to_entry_default, str(source))
     if overrides:
         source = f"{path if path is not None else '<defaults>'} (with --set {' '.join(overrides)})"
     return config_from_dict(AblationConfig, data, source, key_lines)

@@ -78,6 +78,14 @@ def _debug() -> bool:
     return debug_enabled()
 
 
+def report_failure(say: Say, message: str, code: int) -> int:
+    """Say `error: message` (the traceback too under ALIGNLINE_DEBUG) and return the exit code."""
+    if _debug():
+        traceback.print_exc()
+    say(f"error: {message}", "error")
+    return code
+
+
 def run_pipeline_command(
     config: str | Path | None,
     *,
@@ -107,10 +115,7 @@ def run_pipeline_command(
     )
 
     def fail(message: str, code: int) -> int:
-        if _debug():
-            traceback.print_exc()
-        say(f"error: {message}", "error")
-        return code
+        return report_failure(say, message, code)
 
     all_over = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
     try:
@@ -172,10 +177,7 @@ def run_ablate_command(
     from flows.ablate import AblationFailed, load_ablation_config, resolve_ablation, run_ablation
 
     def fail(message: str, code: int) -> int:
-        if _debug():
-            traceback.print_exc()
-        say(f"error: {message}", "error")
-        return code
+        return report_failure(say, message, code)
 
     all_over = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
     try:

@@ -54,6 +54,7 @@ from flows.tasks import (
     REPO_ROOT,
     ResolvedStage,
     StageEntry,
+    append_stage_sets,
     not_a_user_error,
     quiet_user_errors,
     resolve_stage,
@@ -161,13 +162,9 @@ def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = 
     """Read a pipeline YAML, apply `--set` overrides (stage keys as `<stage>.<key>=v`), validate."""
     pipeline_over, stage_over = split_overrides(overrides)
     data, source, key_lines = read_config(path, overrides=pipeline_over)
-    for stage, items in stage_over.items():
-        stages = data.setdefault("stages", {}) or {}
-        data["stages"] = stages
-        entry = stages.get(stage)
-        if entry is None:
-            entry = stages[stage] = default_entry(stage)
-        entry["set"] = list(entry.get("set") or []) + items
+    if stage_over:
+        data["stages"] = data.get("stages") or {}
+        append_stage_sets(data["stages"], stage_over, default_entry, str(source))
     if overrides:  # name all of them, stage keys included, as the user typed them
         source = f"{path if path is not None else '<defaults>'} (with --set {' '.join(overrides)})"
     return config_from_dict(PipelineConfig, data, source, key_lines)

@@ -205,6 +205,19 @@ def _job_settings(stage: str, entry: StageEntry, where: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- cache
 
 
+def append_stage_sets(entries: dict[str, Any], per_stage: dict[str, list[str]], default_entry, source: str) -> None:
+    """Append each stage's `--set` items (`<stage>.<key>=v` with the stage prefix removed) to the `set` of its
+    entry in `entries` (a pipeline's `stages:` or an ablation config), creating `default_entry(stage)` when
+    the YAML has none."""
+    for stage, items in per_stage.items():
+        entry = entries.get(stage)
+        if entry is None:
+            entry = entries[stage] = default_entry(stage)
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: {stage}: expected a stage entry (config, set, ...); got {entry!r}")
+        entry["set"] = list(entry.get("set") or []) + items
+
+
 def data_files(module: ModuleType, config: Any) -> dict[str, Path]:
     """The data a stage reads from outside the run directory: its module's `data_files(config)`, if any."""
     fn = getattr(module, "data_files", None)
