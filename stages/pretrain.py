@@ -229,18 +229,21 @@ def val_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
     return stream[idx].long()
 
 
-def lm_loss(model, tokens: torch.Tensor, autocast, with_aux: bool = False):
-    """Next-token cross-entropy of (B, T+1) windows; with_aux: (cross-entropy + the MoE router losses, the
-    router losses (None when dense), router logits)."""
+def lm_loss(model, tokens: torch.Tensor, autocast, moe_config=None):
+    """Next-token cross-entropy of (B, T+1) windows. With `moe_config` (the model's config): (cross-entropy +
+    the weighted MoE router losses, those router losses (None when dense), router logits)."""
     import torch.nn.functional as F
 
     with autocast():
         out = model(input_ids=tokens[:, :-1])
     loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), tokens[:, 1:].reshape(-1))
-    if not with_aux:
+    if moe_config is None:
         return loss
-    aux = getattr(out, "aux_loss", None)
-    return (loss if aux is None else loss + aux.float()), aux, getattr(out, "router_logits", None)
+    from alignline.model.modeling import moe_aux_loss
+
+    router_logits = getattr(out, "router_logits", None)
+    aux = moe_aux_loss(moe_config, router_logits) if router_logits else None
+    return (loss if aux is None else loss + aux.float()), aux, router_logits
 
 
 def evaluate_loss(model, windows: torch.Tensor, micro: int, device, autocast) -> float:
@@ -397,7 +400,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             sync = k == accum - 1 or not hasattr(fwd, "no_sync")
             ctx = contextlib.nullcontext() if sync else fwd.no_sync()
             with ctx:
-                loss, aux, router_logits = lm_loss(fwd, mb, autocast, with_aux=True)
+                loss, aux, router_logits = lm_loss(fwd, mb, autocast, moe_config=model.config)
                 loss = loss / accum
                 loss.backward()
             loss_sum += loss.detach()

@@ -361,15 +361,22 @@ def test_router_losses_match_mixtral_and_are_minimal_at_uniform_load():
     assert z.item() == pytest.approx((torch.logsumexp(torch.cat(layers), -1) ** 2).mean().item(), rel=1e-6)
 
 
-def test_moe_loss_adds_the_weighted_aux_loss():
+def test_moe_loss_adds_the_weighted_router_losses():
+    from alignline.model.modeling import moe_aux_loss
+
     model = model_of(num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
     ids = _ids()
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, output_router_logits=True)  # the flag TRL passes is accepted
     balance, z = router_losses(out.router_logits, 4, 2)
     assert len(out.router_logits) == BASE["num_hidden_layers"]
-    assert out.aux_loss.item() == pytest.approx((0.5 * balance + 0.1 * z).item(), rel=1e-6)
+    assert out.aux_loss.item() == pytest.approx(balance.item(), rel=1e-6)  # Mixtral's convention: unweighted
+    weighted = moe_aux_loss(model.config, out.router_logits)
+    assert weighted.item() == pytest.approx((0.5 * balance + 0.1 * z).item(), rel=1e-6)
     plain = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
-    assert out.loss.item() == pytest.approx(plain.item() + out.aux_loss.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(plain.item() + weighted.item(), rel=1e-5)
+    # a dense model declares no router loss (TRL reads the coefficient to decide whether to add one)
+    assert model_of().config.router_aux_loss_coef == 0.0
+    assert model_of(num_experts=2).config.router_aux_loss_coef == 0.01
 
 
 # --------------------------------------------------------------------------- Infini-attention

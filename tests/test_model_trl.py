@@ -85,6 +85,10 @@ def test_sft_trainer_lowers_loss(tok, tmp_path, arch):
     trainer.train()
     after = _lm_loss(model, tok, rows[:16])
     assert after < SLOWER.get(arch, (0.6, 0.5))[0] * before, (before, after)
+    # TRL adds (and logs) the MoE balance loss from the router logits our backbone returns; none for dense models.
+    logged = [h["aux_loss"] for h in trainer.state.log_history if "aux_loss" in h]
+    assert bool(logged) == bool(ARCHES[arch].get("num_experts")), logged
+    assert all(x > 0 for x in logged)
 
 
 @pytest.mark.parametrize("arch", list(ARCHES))

@@ -18,7 +18,9 @@ Architecture switches (the "architecture lab"; the defaults are the LLaMA recipe
     activation      swiglu | geglu | gelu | relu | swish   (intermediate_size None: 2.75x gated, 4x plain)
     position        rope | alibi | sinusoidal | learned | t5_bias | none
     num_experts     0 = dense MLP; > 0 = top-k routed experts (num_experts_per_tok, num_shared_experts,
-                    router_aux_loss_coef, router_z_loss_coef)
+                    router_aux_loss_coef (None: 0.01 with experts), router_z_loss_coef). MoE forwards always
+                    return router_logits and add the router losses to `loss`; `output_router_logits` is
+                    Mixtral's flag, kept for TRL, which sets it and computes its own balance loss from them.
     sliding_window  None, or each token sees itself and the previous sliding_window - 1 tokens
     attention       standard | infini (compressive memory per layer over segments of infini_segment_len,
                     infini_update linear | delta)
@@ -101,8 +103,9 @@ class AlignlineConfig(PretrainedConfig):
     num_experts: int = 0
     num_experts_per_tok: int = 2
     num_shared_experts: int = 0
-    router_aux_loss_coef: float = 0.01
+    router_aux_loss_coef: float | None = None
     router_z_loss_coef: float = 0.0
+    output_router_logits: bool = False
     sliding_window: int | None = None
     attention: str = "standard"
     infini_segment_len: int = 64
@@ -121,6 +124,9 @@ class AlignlineConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.norm_position is None:
             self.norm_position = "post" if self.norm == "deepnorm" else "pre"
+        if self.router_aux_loss_coef is None:
+            # 0 for a dense model, so trainers that read the coefficient (TRL) add no router loss to it.
+            self.router_aux_loss_coef = 0.01 if self.num_experts else 0.0
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
             # Gated MLPs (3 matrices) at 2.75x, plain ones (2 matrices) at 4x: about the same parameters.
             self.intermediate_size = int(self.hidden_size * (2.75 if self.gated_mlp else 4))

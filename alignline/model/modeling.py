@@ -810,8 +810,10 @@ class AlignlineModel(AlignlinePreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast | tuple:
+        del output_router_logits  # accepted for HF/TRL callers: an MoE model always returns its router logits
         _check_kwargs(kwargs, type(self).__name__)
         cache = _one_cache(cache, past_key_values, type(self).__name__)
         if output_hidden_states is None:
@@ -930,21 +932,23 @@ def causal_lm_loss(
     return _CrossEntropy.apply(flat, target, denom.to(torch.float32), ignore_index)
 
 
-def moe_aux_loss(config: AlignlineConfig, router_logits: tuple[torch.Tensor, ...] | None,
-                 attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """router_aux_loss_coef * balance + router_z_loss_coef * z (see router_losses); None for a dense model.
+def _new_token_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """The padding mask of the T tokens this forward routed (a cached step routes only the new ones)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -T:]
 
-    This is what the model adds to its loss when given labels; training loops that compute their own loss
-    from the logits add `outputs.aux_loss` themselves.
-    """
+
+def moe_aux_loss(config: AlignlineConfig, router_logits: tuple[torch.Tensor, ...] | None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """router_aux_loss_coef * balance + router_z_loss_coef * z (see router_losses): what the model adds to its
+    loss when given labels; None for a dense model. Training loops that compute their own loss from the
+    logits add this (`outputs.aux_loss` is the unweighted balance loss, as in Mixtral)."""
     if not router_logits:
         return None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            attention_mask = None
-        else:  # a cached step routes only the new tokens: the mask's last T columns
-            attention_mask = attention_mask[:, -(router_logits[0].shape[0] // attention_mask.shape[0]):]
-    balance, z = router_losses(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
+    T = router_logits[0].shape[0] // (attention_mask.shape[0] if attention_mask is not None else 1)
+    balance, z = router_losses(router_logits, config.num_experts, config.num_experts_per_tok,
+                               _new_token_mask(attention_mask, T))
     return config.router_aux_loss_coef * balance + config.router_z_loss_coef * z
 
 
@@ -988,8 +992,10 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast | tuple:
+        del output_router_logits  # accepted for HF/TRL callers: an MoE model always returns its router logits
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1012,9 +1018,14 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or shift_labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
-        aux_loss = moe_aux_loss(self.config, outputs.router_logits, attention_mask)
-        if loss is not None and aux_loss is not None:
-            loss = loss + aux_loss.to(loss.device)
+        aux_loss = None
+        if outputs.router_logits:  # Mixtral's convention: aux_loss is the unweighted balance loss
+            balance, z = router_losses(outputs.router_logits, self.config.num_experts,
+                                       self.config.num_experts_per_tok, _new_token_mask(attention_mask, outputs.last_hidden_state.shape[1]))
+            aux_loss = balance
+            if loss is not None:
+                loss = loss + (self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z).to(
+                    loss.device)
         out = MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
@@ -1077,8 +1088,10 @@ class AlignlineForSequenceClassification(AlignlinePreTrainedModel):
         return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
+        del output_router_logits  # accepted for HF/TRL callers (reward heads report no router loss)
         del num_items_in_batch  # classification losses are per-row means
         outputs = self.model(
             input_ids=input_ids,
