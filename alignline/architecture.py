@@ -50,8 +50,13 @@ def check_switches(c: Any) -> None:
                   f"must be in [1, num_experts={c.num_experts}].")
     if c.num_shared_experts and not c.num_experts:
         raise bad("num_shared_experts", c.num_shared_experts, "shared experts need num_experts > 0.")
-    if c.router_aux_loss_coef < 0 or c.router_z_loss_coef < 0:
-        raise bad("router_aux_loss_coef", c.router_aux_loss_coef, "router loss coefficients must be >= 0.")
+    aux = c.router_aux_loss_coef
+    if (aux is not None and aux < 0) or c.router_z_loss_coef < 0:
+        raise bad("router_aux_loss_coef", aux, "router loss coefficients must be >= 0.")
+    if not c.num_experts and (aux or c.router_z_loss_coef):
+        # TRL reads router_aux_loss_coef to decide whether a model is an MoE to add a balance loss to.
+        raise bad("router_aux_loss_coef" if aux else "router_z_loss_coef", aux or c.router_z_loss_coef,
+                  "a dense model (num_experts=0) has no router; leave the router loss coefficients unset.")
     if c.position != "rope" and c.rope_parameters and \
             c.rope_parameters.get("rope_type", "default") != "default":
         raise bad("rope_parameters", c.rope_parameters,

@@ -79,7 +79,8 @@ class ModelConfig(StrictModel):
     num_experts: int = Field(0, ge=0, description="0 = dense MLP; > 0 = mixture of experts with this many experts")
     num_experts_per_tok: int = Field(2, gt=0, description="experts each token is routed to (top-k)")
     num_shared_experts: int = Field(0, ge=0, description="always-on experts beside the routed ones")
-    router_aux_loss_coef: float = Field(0.01, ge=0, description="weight of the load-balancing loss")
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="weight of the load-balancing loss; null = 0.01 with experts, 0 without")
     router_z_loss_coef: float = Field(0.0, ge=0, description="weight of the router z-loss (ST-MoE)")
     sliding_window: int | None = Field(None, gt=0, description="attend to the last N tokens only; null = all")
     attention: Literal["standard", "infini"] = Field(

@@ -147,6 +147,7 @@ def test_default_config_is_unchanged_llama():
     (dict(num_experts=2, num_experts_per_tok=3), "num_experts_per_tok"),
     (dict(num_shared_experts=1), "num_shared_experts"),
     (dict(sliding_window=0), "sliding_window"),
+    (dict(router_aux_loss_coef=0.01), "router_aux_loss_coef"),  # a dense model has no router
     (dict(attention="linear"), "attention"),
     (dict(attention="infini", infini_update="hebbian"), "infini_update"),
     (dict(position="alibi", rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_parameters"),
