@@ -112,7 +112,7 @@ class ModelConfig(StrictModel):
         return self
 
     def alignline_config(self, vocab_size: int, **token_ids: Any):
-        """The AlignlineConfig (or its kwargs for LlamaConfig) this section describes."""
+        """The AlignlineConfig this section describes (`model_kwargs` gives the fields LlamaConfig shares)."""
         from alignline.model import AlignlineConfig
 
         return AlignlineConfig(**self.model_kwargs(vocab_size), **token_ids)

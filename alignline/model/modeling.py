@@ -939,17 +939,21 @@ def _new_token_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor
     return attention_mask[:, -T:]
 
 
+def _router_terms(config: AlignlineConfig, router_logits: tuple[torch.Tensor, ...],
+                  attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unweighted balance loss, router_aux_loss_coef * balance + router_z_loss_coef * z) over the routed tokens."""
+    T = router_logits[0].shape[0] // (attention_mask.shape[0] if attention_mask is not None else 1)
+    balance, z = router_losses(router_logits, config.num_experts, config.num_experts_per_tok,
+                               _new_token_mask(attention_mask, T))
+    return balance, config.router_aux_loss_coef * balance + config.router_z_loss_coef * z
+
+
 def moe_aux_loss(config: AlignlineConfig, router_logits: tuple[torch.Tensor, ...] | None,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """router_aux_loss_coef * balance + router_z_loss_coef * z (see router_losses): what the model adds to its
     loss when given labels; None for a dense model. Training loops that compute their own loss from the
     logits add this (`outputs.aux_loss` is the unweighted balance loss, as in Mixtral)."""
-    if not router_logits:
-        return None
-    T = router_logits[0].shape[0] // (attention_mask.shape[0] if attention_mask is not None else 1)
-    balance, z = router_losses(router_logits, config.num_experts, config.num_experts_per_tok,
-                               _new_token_mask(attention_mask, T))
-    return config.router_aux_loss_coef * balance + config.router_z_loss_coef * z
+    return _router_terms(config, router_logits, attention_mask)[1] if router_logits else None
 
 
 class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
@@ -1020,12 +1024,9 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
             loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
         aux_loss = None
         if outputs.router_logits:  # Mixtral's convention: aux_loss is the unweighted balance loss
-            balance, z = router_losses(outputs.router_logits, self.config.num_experts,
-                                       self.config.num_experts_per_tok, _new_token_mask(attention_mask, outputs.last_hidden_state.shape[1]))
-            aux_loss = balance
+            aux_loss, weighted = _router_terms(self.config, outputs.router_logits, attention_mask)
             if loss is not None:
-                loss = loss + (self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z).to(
-                    loss.device)
+                loss = loss + weighted.to(loss.device)
         out = MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
