@@ -50,7 +50,7 @@ def check_switches(c: Any) -> None:
                   f"must be in [1, num_experts={c.num_experts}].")
     if c.num_shared_experts and not c.num_experts:
         raise bad("num_shared_experts", c.num_shared_experts, "shared experts need num_experts > 0.")
-    aux = c.router_aux_loss_coef
+    aux = getattr(c, "router_aux_loss_coef", None)  # MoE configs only
     if (aux is not None and aux < 0) or c.router_z_loss_coef < 0:
         raise bad("router_aux_loss_coef", aux, "router loss coefficients must be >= 0.")
     if not c.num_experts and (aux or c.router_z_loss_coef):

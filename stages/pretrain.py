@@ -235,8 +235,9 @@ def lm_loss(model, tokens: torch.Tensor, autocast, moe_config=None):
     the weighted MoE router losses, those router losses (None when dense), router logits)."""
     import torch.nn.functional as F
 
+    routed = getattr(moe_config, "num_experts", 0) > 0  # ask for the router logits whatever the config says
     with autocast():
-        out = model(input_ids=tokens[:, :-1])
+        out = model(input_ids=tokens[:, :-1], **({"output_router_logits": True} if routed else {}))
     loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), tokens[:, 1:].reshape(-1))
     if moe_config is None:
         return loss

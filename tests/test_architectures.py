@@ -148,6 +148,7 @@ def test_default_config_is_unchanged_llama():
     (dict(num_shared_experts=1), "num_shared_experts"),
     (dict(sliding_window=0), "sliding_window"),
     (dict(router_aux_loss_coef=0.01), "router_aux_loss_coef"),  # a dense model has no router
+    (dict(output_router_logits=True), "output_router_logits"),
     (dict(attention="linear"), "attention"),
     (dict(attention="infini", infini_update="hebbian"), "infini_update"),
     (dict(position="alibi", rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_parameters"),
@@ -375,9 +376,42 @@ def test_moe_loss_adds_the_weighted_router_losses():
     assert weighted.item() == pytest.approx((0.5 * balance + 0.1 * z).item(), rel=1e-6)
     plain = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     assert out.loss.item() == pytest.approx(plain.item() + weighted.item(), rel=1e-5)
-    # a dense model declares no router loss (TRL reads the coefficient to decide whether to add one)
-    assert model_of().config.router_aux_loss_coef == 0.0
     assert model_of(num_experts=2).config.router_aux_loss_coef == 0.01
+
+
+def test_output_router_logits_follows_the_argument_then_the_config():
+    """Mixtral's protocol, which TRL and transformers' tests rely on: the forward argument wins, else the
+    config's flag; off means no router logits, no aux_loss and a plain cross-entropy loss."""
+    model = model_of(num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5)
+    ids = _ids()
+    assert model.config.output_router_logits is True  # MoE default: the router losses train unless turned off
+    with torch.no_grad():
+        on = model(ids, labels=ids)
+        off = model(ids, labels=ids, output_router_logits=False)
+        model.config.output_router_logits = False
+        from_config = model(ids, labels=ids)
+        explicit = model(ids, labels=ids, output_router_logits=True)
+    assert on.router_logits and on.aux_loss is not None and explicit.router_logits
+    for out in (off, from_config):
+        assert out.router_logits is None and out.aux_loss is None
+        plain = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        assert out.loss.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert on.loss.item() > off.loss.item()
+    assert explicit.loss.item() == pytest.approx(on.loss.item(), rel=1e-6)
+
+
+def test_a_dense_config_has_no_router_attributes_like_llama():
+    """TRL (and transformers' MoE tests) treat a config with `output_router_logits` as an MoE: TRL then asks
+    for router logits and adds `coef * aux_loss`, which a dense model cannot give. Checkpoints saved before
+    this rule (router_aux_loss_coef 0.0, output_router_logits false in config.json) still load."""
+    dense = AlignlineConfig(**BASE)
+    assert not hasattr(dense, "output_router_logits") and not hasattr(dense, "router_aux_loss_coef")
+    assert "output_router_logits" not in dense.to_dict()
+    old = AlignlineConfig(**BASE, router_aux_loss_coef=0.0, output_router_logits=False)
+    assert not hasattr(old, "output_router_logits") and not hasattr(old, "router_aux_loss_coef")
+    moe = AlignlineConfig.from_dict(AlignlineConfig(**BASE, num_experts=2, output_router_logits=False,
+                                                    router_aux_loss_coef=0.2).to_dict())
+    assert (moe.output_router_logits, moe.router_aux_loss_coef) == (False, 0.2)
 
 
 # --------------------------------------------------------------------------- Infini-attention

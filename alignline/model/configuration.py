@@ -18,9 +18,11 @@ Architecture switches (the "architecture lab"; the defaults are the LLaMA recipe
     activation      swiglu | geglu | gelu | relu | swish   (intermediate_size None: 2.75x gated, 4x plain)
     position        rope | alibi | sinusoidal | learned | t5_bias | none
     num_experts     0 = dense MLP; > 0 = top-k routed experts (num_experts_per_tok, num_shared_experts,
-                    router_aux_loss_coef (None: 0.01 with experts), router_z_loss_coef). MoE forwards always
-                    return router_logits and add the router losses to `loss`; `output_router_logits` is
-                    Mixtral's flag, kept for TRL, which sets it and computes its own balance loss from them.
+                    router_aux_loss_coef (None: 0.01), router_z_loss_coef, output_router_logits (None: True)).
+                    As in Mixtral, an MoE forward returns router_logits and aux_loss (the unweighted
+                    balance loss) and adds the weighted router losses to `loss` when output_router_logits
+                    (the forward argument, else the config's) is true. router_aux_loss_coef and
+                    output_router_logits exist on MoE configs only, as on LlamaConfig vs MixtralConfig.
     sliding_window  None, or each token sees itself and the previous sliding_window - 1 tokens
     attention       standard | infini (compressive memory per layer over segments of infini_segment_len,
                     infini_update linear | delta)
@@ -103,9 +105,11 @@ class AlignlineConfig(PretrainedConfig):
     num_experts: int = 0
     num_experts_per_tok: int = 2
     num_shared_experts: int = 0
-    router_aux_loss_coef: float | None = None
     router_z_loss_coef: float = 0.0
-    output_router_logits: bool = False
+    # `router_aux_loss_coef` and `output_router_logits` are MoE-only attributes (set in __post_init__), absent
+    # on a dense config as on LlamaConfig: TRL and transformers' tests take `hasattr(config,
+    # "output_router_logits")` to mean "this model routes", and TRL writes both onto any config declaring
+    # router_aux_loss_coef.
     sliding_window: int | None = None
     attention: str = "standard"
     infini_segment_len: int = 64
@@ -124,9 +128,15 @@ class AlignlineConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.norm_position is None:
             self.norm_position = "post" if self.norm == "deepnorm" else "pre"
-        if self.router_aux_loss_coef is None:
-            # 0 for a dense model, so trainers that read the coefficient (TRL) add no router loss to it.
-            self.router_aux_loss_coef = 0.01 if self.num_experts else 0.0
+        aux, flag = kwargs.pop("router_aux_loss_coef", None), kwargs.pop("output_router_logits", None)
+        if self.num_experts or aux:  # a dense model given a coefficient is refused by _check, naming it
+            self.router_aux_loss_coef = 0.01 if aux is None else aux
+        if self.num_experts:
+            # On by default: an MoE forward returns its router logits and, with labels, adds the router losses.
+            self.output_router_logits = True if flag is None else flag
+        elif flag:
+            raise ValueError("AlignlineConfig.output_router_logits=True is invalid: a dense model "
+                             "(num_experts=0) has no router; leave it unset.")
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
             # Gated MLPs (3 matrices) at 2.75x, plain ones (2 matrices) at 4x: about the same parameters.
             self.intermediate_size = int(self.hidden_size * (2.75 if self.gated_mlp else 4))

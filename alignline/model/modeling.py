@@ -813,7 +813,8 @@ class AlignlineModel(AlignlinePreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast | tuple:
-        del output_router_logits  # accepted for HF/TRL callers: an MoE model always returns its router logits
+        if output_router_logits is None:  # Mixtral's flag: the argument, else the config (MoE configs only)
+            output_router_logits = getattr(self.config, "output_router_logits", False)
         _check_kwargs(kwargs, type(self).__name__)
         cache = _one_cache(cache, past_key_values, type(self).__name__)
         if output_hidden_states is None:
@@ -874,7 +875,7 @@ class AlignlineModel(AlignlinePreTrainedModel):
         out = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            router_logits=tuple(router_logits) if router_logits else None,
+            router_logits=tuple(router_logits) if router_logits and output_router_logits else None,
             **{CACHE_OUTPUT_FIELD: cache},
         )
         return out if return_dict is not False else out.to_tuple()
@@ -999,7 +1000,6 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast | tuple:
-        del output_router_logits  # accepted for HF/TRL callers: an MoE model always returns its router logits
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1009,6 +1009,7 @@ class AlignlineForCausalLM(AlignlinePreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, C)

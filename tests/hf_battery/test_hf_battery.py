@@ -8,7 +8,7 @@ The battery is not in the repo: `upstream.py` downloads the sdist of the install
 `tests/test_configuration_common.py` unmodified to `.cache/hf-battery/<version>/` and imports them. This
 module applies them the way transformers' `tests/models/llama/test_modeling_llama.py` does: a model
 tester that builds tiny configs and inputs, and a unittest class mixing in ModelTesterMixin plus a
-ConfigTester check. It is marked `hf_battery` and left out of `pytest tests` / `make test`.
+ConfigTester check; it runs twice, on the dense LLaMA recipe and on a mixture-of-experts config. It is marked `hf_battery` and left out of `pytest tests` / `make test`.
 
 Not run, because the sdist does not ship them (stand-ins in `standins/` keep the imports working):
 GenerationTesterMixin's generate() tests (our generation is tested against Llama in test_model.py
@@ -140,3 +140,19 @@ class AlignlineModelTest(ModelTesterMixin, unittest.TestCase):
         self.assertEqual(hidden.shape, (tester.batch_size, tester.seq_length, tester.hidden_size))
         self.assertEqual(logits.shape, (tester.batch_size, tester.seq_length, tester.vocab_size))
         self.assertEqual(scores.shape, (tester.batch_size, tester.num_labels))
+
+
+class AlignlineMoeModelTester(AlignlineModelTester):
+    """The same tiny model with routed + shared experts: the battery's MoE tests (router logits from the
+    config or the argument, sparse experts) then run instead of skipping."""
+
+    def get_config(self) -> AlignlineConfig:
+        config = super().get_config()
+        return AlignlineConfig(**{**config.to_dict(), "num_experts": 4, "num_experts_per_tok": 2,
+                                  "num_shared_experts": 1})
+
+
+class AlignlineMoeModelTest(AlignlineModelTest):
+    def setUp(self):
+        self.model_tester = AlignlineMoeModelTester(self)
+        self.config_tester = ConfigTester(self, config_class=AlignlineConfig, hidden_size=48, num_experts=4)
