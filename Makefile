@@ -7,6 +7,12 @@ BIN := $(VENV)/bin
 LOCK := lock/requirements.txt
 PIP_VERSION := 26.3
 RUN_DIR ?= runs/tiny
+# The extras the quick start installs and the lock pins: the test tools, plus GGUF export (llama.cpp),
+# serving and lm-evaluation-harness, which the pipeline's export/evaluate stages and the suite use.
+# `pip install alignline` alone stays without them.
+EXTRAS := dev gguf serve eval
+comma := ,
+space := $() $()
 
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -19,7 +25,7 @@ $(BIN)/alignline: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q -c $(LOCK) torch
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[$(subst $(space),$(comma),$(EXTRAS))]'
 	touch $(BIN)/alignline
 
 install: $(BIN)/alignline
@@ -55,7 +61,7 @@ deps-latest: install
 
 # Recompile the lock after changing dependencies in pyproject.toml.
 lock: install
-	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml $(EXTRAS:%=--extra %) --universal --python-version 3.11 \
 		--constraint lock/torch.txt -o $(LOCK) -q
 
 lint: install
