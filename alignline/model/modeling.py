@@ -48,7 +48,9 @@ from transformers.modeling_utils import PreTrainedModel
 from alignline.model.configuration import AlignlineConfig
 
 # Keyword arguments that HF/TRL callers pass and that need no action here.
-_IGNORED_KWARGS = {"cache_position"}  # positions are derived from position_ids / the cache length
+# cache_position: positions are derived from position_ids / the cache length. tokenizer: generate(tokenizer=...)
+# (stop strings, and transformers' server) leaves it in the model kwargs of every forward (transformers 5.24).
+_IGNORED_KWARGS = {"cache_position", "tokenizer"}
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, both as the forward argument
 # that generate() passes and as the output field it reads back. Forwards accept either name (one at a
