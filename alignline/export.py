@@ -70,14 +70,15 @@ def _source_config(checkpoint: Path):
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.model.convert import ConversionError, alignline_to_llama_config, llama_to_alignline_config
 
-    if not (checkpoint / "config.json").is_file():
-        raise ExportError(f"{checkpoint}/config.json not found: CKPT must be a checkpoint dir written by "
-                          "save_pretrained (e.g. runs/<run>/sft/checkpoint).")
     if (checkpoint / "adapter_config.json").is_file():
         # convert's wording: the stages write the merged model next to the adapter
         raise ConversionError(f"{checkpoint} is a PEFT adapter, not a model; export the merged model instead: the "
                               "lora, sft and reward stages write it to <stage dir>/checkpoint next to the adapter (or "
                               "merge it yourself with peft's merge_and_unload() and save_pretrained()).")
+    if not (checkpoint / "config.json").is_file():
+        hint = f"; {checkpoint}/checkpoint is one" if (checkpoint / "checkpoint" / "config.json").is_file() else ""
+        raise ExportError(f"{checkpoint}/config.json not found: CKPT must be a checkpoint dir written by "
+                          f"save_pretrained (e.g. runs/<run>/sft/checkpoint){hint}.")
     config = AutoConfig.from_pretrained(checkpoint)
     if config.model_type == "alignline":
         llama = alignline_to_llama_config(config)  # ConversionError naming each variant switch
@@ -355,11 +356,13 @@ def export_gguf(checkpoint: str | Path, out_file: str | Path, dtype: GgufDtype =
 class LlamaCpp:
     """One GGUF loaded by llama.cpp's server (xllamacpp, in-process, listening on 127.0.0.1 only).
 
-    Greedy decoding with an f32 KV cache (the default f16 cache already changes greedy tokens of small
-    models), no prompt cache reuse and one slot, so every request is computed from scratch alike.
+    Greedy decoding in f32 by default: an f32 KV cache (llama.cpp's default f16 cache already changes greedy
+    tokens of small models) and no flash attention; no prompt cache reuse and one slot, so every request
+    is computed from scratch alike.
     """
 
-    def __init__(self, gguf_path: str | Path, n_ctx: int = 512, threads: int = 1, kv_cache: str = "f32"):
+    def __init__(self, gguf_path: str | Path, n_ctx: int = 512, threads: int = 1, kv_cache: str = "f32",
+                 flash_attn: bool = False):
         import xllamacpp as xlc
 
         if not Path(gguf_path).is_file():
@@ -373,6 +376,10 @@ class LlamaCpp:
         cache = {"f32": xlc.ggml_type.GGML_TYPE_F32, "f16": xlc.ggml_type.GGML_TYPE_F16}[kv_cache]
         params.cache_type_k = params.cache_type_v = cache
         params.cache_prompt = False
+        # llama.cpp's CPU flash attention rounds through f16 (log-probs off by ~1e-3 on the tiny SFT model,
+        # ~1e-5 without it); it is the default of llama.cpp/Ollama, so it stays selectable.
+        params.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn \
+            else xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.warmup = False
         params.port = 0  # any free port: several exports/tests may run at once
         params.verbosity = -1
@@ -388,13 +395,15 @@ class LlamaCpp:
         with urllib.request.urlopen(req, timeout=600) as resp:
             return json.loads(resp.read())
 
-    def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, n_probs: int = 0) -> dict:
-        """llama.cpp's /completion on token ids: greedy, nothing added to the prompt, stops at end-of-generation.
-        The result's "tokens" are the new ids; with n_probs, "completion_probabilities" has the top log-probs."""
+    def complete(self, prompt_ids: Sequence[int], max_new_tokens: int, n_probs: int = 0,
+                 ignore_eos: bool = False) -> dict:
+        """llama.cpp's /completion on token ids: greedy, nothing added to the prompt, stops at end-of-generation
+        (ignore_eos: end-of-generation tokens are never chosen instead). The result's "tokens" are the new
+        ids; with n_probs, "completion_probabilities" has the top log-probs (over the unbiased logits)."""
         return self._post("/completion", {
             "prompt": list(prompt_ids), "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
             "samplers": ["top_k"], "cache_prompt": False, "return_tokens": True, "stream": False,
-            "n_probs": n_probs, "post_sampling_probs": False})
+            "n_probs": n_probs, "post_sampling_probs": False, "ignore_eos": ignore_eos})
 
     def tokenize(self, text: str, parse_special: bool = True) -> list[int]:
         """llama.cpp's token ids for `text` (no bos/eos added); special tokens are parsed when asked."""
@@ -416,21 +425,25 @@ def _cut(tokens: Sequence[int], eos_token_ids: Sequence[int]) -> list[int]:
     return list(tokens[: stop + 1])
 
 
-def _llama_cpp_for(gguf_path, prompts_token_ids, max_new_tokens, kv_cache, threads, n_ctx) -> LlamaCpp:
+def _llama_cpp_for(gguf_path, prompts_token_ids, max_new_tokens, kv_cache, flash_attn, threads, n_ctx) -> LlamaCpp:
     longest = max((len(p) for p in prompts_token_ids), default=0) + max_new_tokens
-    return LlamaCpp(gguf_path, n_ctx=n_ctx or max(64, longest), threads=threads, kv_cache=kv_cache)
+    return LlamaCpp(gguf_path, n_ctx=n_ctx or max(64, longest), threads=threads, kv_cache=kv_cache,
+                    flash_attn=flash_attn)
 
 
 def gguf_generate(gguf_path: str | Path, prompts_token_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
-                  eos_token_ids: Sequence[int] = (), kv_cache: str = "f32", threads: int = 1,
-                  n_ctx: int | None = None) -> list[list[int]]:
+                  eos_token_ids: Sequence[int] = (), ignore_eos: bool = False, kv_cache: str = "f32",
+                  flash_attn: bool = False, threads: int = 1, n_ctx: int | None = None) -> list[list[int]]:
     """Greedy new token ids from llama.cpp for each prompt (token ids, used as given: no bos added).
 
     Each list is cut after the first of `eos_token_ids` (kept), like `alignline.evaluation.greedy_responses`;
-    llama.cpp also stops by itself at the GGUF's end-of-generation tokens. kv_cache: "f32" (default) or "f16".
+    llama.cpp also stops by itself at the GGUF's end-of-generation tokens; with ignore_eos they are never
+    chosen (the next most likely token is), so every list is max_new_tokens long. kv_cache "f32" and no flash
+    attention (the defaults) compute in f32 throughout; kv_cache="f16", flash_attn=True are llama.cpp's own.
     """
-    with _llama_cpp_for(gguf_path, prompts_token_ids, max_new_tokens, kv_cache, threads, n_ctx) as cpp:
-        return [_cut(cpp.complete(ids, max_new_tokens)["tokens"], eos_token_ids) for ids in prompts_token_ids]
+    with _llama_cpp_for(gguf_path, prompts_token_ids, max_new_tokens, kv_cache, flash_attn, threads, n_ctx) as cpp:
+        return [_cut(cpp.complete(ids, max_new_tokens, ignore_eos=ignore_eos)["tokens"], eos_token_ids)
+                for ids in prompts_token_ids]
 
 
 def _prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
@@ -442,34 +455,50 @@ def _prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return prompt_ids(tokenizer, [prompt])[0]
 
 
+def _hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int], pad_id: int | None,
+               ignore_eos: bool) -> list[int]:
+    """transformers' greedy new tokens for one prompt (no padding: the computation llama.cpp does), cut after
+    the eos (kept); ignore_eos suppresses the eos logits instead, as llama.cpp's ignore_eos does."""
+    import torch
+
+    from alignline.generation import decoding_config, generate_exactly
+
+    config = decoding_config(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+                             pad_token_id=pad_id if pad_id is not None else eos_ids[0])
+    if ignore_eos:
+        config.suppress_tokens = list(eos_ids)
+    with torch.inference_mode():
+        out = generate_exactly(model, config, input_ids=torch.tensor([prompt_ids]))[0, len(prompt_ids):].tolist()
+    return _cut(out, eos_ids)
+
+
 def validate_gguf(checkpoint: str | Path, gguf_path: str | Path, prompts: Sequence[str | list[dict]],
-                  max_new_tokens: int = 16, *, kv_cache: str = "f32", n_probs: int = 5) -> dict[str, Any]:
+                  max_new_tokens: int = 16, *, ignore_eos: bool = False, kv_cache: str = "f32",
+                  flash_attn: bool = False, n_probs: int = 5) -> dict[str, Any]:
     """Greedy tokens of transformers (`checkpoint`, on CPU) vs llama.cpp (`gguf_path`) on each prompt.
 
     prompts: raw strings (no special tokens added), or conversations ([{role, content}, ...]) rendered with
-    the chat template as the evaluate stage does. Both stop after the eos. Returns
-        {"matched": k, "total": n, "all_matched": bool, "max_new_tokens", "kv_cache",
-         "max_abs_logprob_diff": float, "prompts": [{"prompt", "prompt_tokens", "hf", "gguf", "matched",
-          "first_divergence" (None when matched), "match_prefix", "max_abs_logprob_diff"}]}
+    the chat template as the evaluate stage does. Both stop after the eos, or with ignore_eos never pick it
+    (so each compares exactly max_new_tokens tokens). kv_cache / flash_attn: see `gguf_generate`. Returns
+        {"matched": k, "total": n, "all_matched": bool, "max_new_tokens", "ignore_eos", "kv_cache",
+         "flash_attn", "max_abs_logprob_diff": float, "prompts": [{"prompt", "prompt_tokens", "hf", "gguf",
+          "matched", "first_divergence" (None when matched), "match_prefix", "max_abs_logprob_diff"}]}
     max_abs_logprob_diff: over llama.cpp's top-`n_probs` log-probabilities at every step it generated,
     against transformers' on the same context (prompt + llama.cpp's tokens so far).
     """
     import torch
 
-    from alignline.evaluation import greedy_responses
     from alignline.generation import load_model
 
     model, tokenizer = load_model(checkpoint, device="cpu")
     eos = model.generation_config.eos_token_id
     eos_ids = [tokenizer.eos_token_id] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
-    with torch.inference_mode():  # batch_size=1: no padding, the same computation llama.cpp does
-        hf = greedy_responses(model, ids, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                              max_new_tokens=max_new_tokens, batch_size=1)
     rows = []
-    with _llama_cpp_for(gguf_path, ids, max_new_tokens, kv_cache, 1, None) as cpp:
-        for prompt, p_ids, a in zip(prompts, ids, hf, strict=True):
-            result = cpp.complete(p_ids, max_new_tokens, n_probs=n_probs)
+    with _llama_cpp_for(gguf_path, ids, max_new_tokens, kv_cache, flash_attn, 1, None) as cpp:
+        for prompt, p_ids in zip(prompts, ids, strict=True):
+            a = _hf_greedy(model, p_ids, max_new_tokens, eos_ids, tokenizer.pad_token_id, ignore_eos)
+            result = cpp.complete(p_ids, max_new_tokens, n_probs=n_probs, ignore_eos=ignore_eos)
             b = _cut(result["tokens"], eos_ids)
             with torch.inference_mode():
                 logprobs = torch.log_softmax(model(torch.tensor([p_ids + b])).logits[0].float(), -1)
@@ -490,7 +519,8 @@ def validate_gguf(checkpoint: str | Path, gguf_path: str | Path, prompts: Sequen
                          "max_abs_logprob_diff": diff})
     n_matched = sum(r["matched"] for r in rows)
     return {"matched": n_matched, "total": len(rows), "all_matched": n_matched == len(rows),
-            "max_new_tokens": max_new_tokens, "kv_cache": kv_cache,
+            "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos, "kv_cache": kv_cache,
+            "flash_attn": flash_attn,
             "max_abs_logprob_diff": max((r["max_abs_logprob_diff"] for r in rows), default=0.0), "prompts": rows}
 
 

@@ -55,12 +55,13 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {path} ({dtype}, {size:.1f} MiB)")
         if validate is False:
             return
-        report = validate_gguf(checkpoint, path, VALIDATION_PROMPTS, max_new_tokens=max_new_tokens)
+        # eos suppressed on both sides: every prompt compares max_new_tokens tokens, not a 2-token answer
+        report = validate_gguf(checkpoint, path, VALIDATION_PROMPTS, max_new_tokens=max_new_tokens, ignore_eos=True)
         for row in report["prompts"]:
             verdict = "match" if row["matched"] else f"differs at token {row['first_divergence']}"
             typer.echo(f"  {verdict:<20} {row['prompt']!r:.60}")
         typer.echo(f"llama.cpp vs transformers greedy: {report['matched']}/{report['total']} prompts identical "
-                   f"over {max_new_tokens} tokens (f32 KV cache); max |log-prob diff| "
+                   f"over {max_new_tokens} tokens (eos suppressed, f32 KV cache); max |log-prob diff| "
                    f"{report['max_abs_logprob_diff']:.1e}")
         if dtype == "f32" and not report["all_matched"]:
             # f32 weights and cache should reproduce transformers; a difference is a near-tie or a bug
