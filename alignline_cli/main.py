@@ -16,7 +16,16 @@ import traceback
 
 import typer
 
-from alignline_cli import data_cmds, lora_cmds, model_cmds, pipeline_cmds, serve_cmds, stage_cmds
+from alignline_cli import (
+    data_cmds,
+    eval_cmds,
+    export_cmds,
+    lora_cmds,
+    model_cmds,
+    pipeline_cmds,
+    serve_cmds,
+    stage_cmds,
+)
 
 app = typer.Typer(
     name="alignline",
@@ -35,7 +44,7 @@ def _options(
         os.environ["ALIGNLINE_DEBUG"] = "1"  # read by stage_cli in this process and in stage subprocesses
 
 
-for module in (pipeline_cmds, stage_cmds, data_cmds, model_cmds, lora_cmds, serve_cmds):
+for module in (pipeline_cmds, stage_cmds, data_cmds, model_cmds, export_cmds, serve_cmds, eval_cmds, lora_cmds):
     module.register(app)
 
 
