@@ -16,7 +16,7 @@ import traceback
 
 import typer
 
-from alignline_cli import data_cmds, lora_cmds, model_cmds, pipeline_cmds, stage_cmds
+from alignline_cli import data_cmds, eval_cmds, lora_cmds, model_cmds, pipeline_cmds, stage_cmds
 
 app = typer.Typer(
     name="alignline",
@@ -35,7 +35,7 @@ def _options(
         os.environ["ALIGNLINE_DEBUG"] = "1"  # read by stage_cli in this process and in stage subprocesses
 
 
-for module in (pipeline_cmds, stage_cmds, data_cmds, model_cmds, lora_cmds):
+for module in (pipeline_cmds, stage_cmds, data_cmds, model_cmds, lora_cmds, eval_cmds):
     module.register(app)
 
 
