@@ -84,6 +84,7 @@ class ReportCard:
     health: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> degeneration detectors
     fits: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # stage -> split -> length fit
     estimates: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # stage -> metric -> n, CI
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)  # lm-eval scores (benchmark_rows)
 
 
 # --------------------------------------------------------------------------- reading stage dirs
@@ -282,6 +283,23 @@ def eval_sections(run_dir: str | Path, stages: list[str], key: str) -> dict[str,
     return out
 
 
+def benchmark_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The lm-evaluation-harness scores of the evaluate stage (eval.json `stages.<stage>.lm_eval`), one row
+    per task and metric: {"task", "metric", "n", <stage>: value, <stage>_stderr: value, ...}."""
+    stages = read_eval(Path(run_dir) / "evaluate").get("stages")
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for stage, ev in (stages if isinstance(stages, dict) else {}).items():
+        tasks = ev.get("lm_eval") if isinstance(ev, dict) else None
+        for task, metrics in (tasks if isinstance(tasks, dict) else {}).items():
+            for metric, value in metrics.items():
+                if metric in ("n", "version", "alias") or metric.endswith("_stderr"):
+                    continue
+                row = rows.setdefault((task, metric), {"task": task, "metric": metric, "n": metrics.get("n")})
+                row[stage] = value
+                row[f"{stage}_stderr"] = metrics.get(f"{metric}_stderr")
+    return list(rows.values())
+
+
 def measurement_notes(run_dir: str | Path, stages: list[str]) -> list[str]:
     """What the run could not measure, and why: prompts without a verifier (no gold accuracy),
     on-policy reward pairs skipped for the same reason."""
@@ -323,6 +341,7 @@ def render_markdown(
     health: dict[str, dict[str, Any]] | None = None,
     fits: dict[str, dict[str, dict[str, Any]]] | None = None,
     estimates: dict[str, dict[str, dict[str, Any]]] | None = None,
+    benchmarks: list[dict[str, Any]] | None = None,
 ) -> str:
     """The report card. Images are relative links (report.md) or data URIs (`embed_images`)."""
     lines = [f"# alignline report card: {title}", ""]
@@ -386,6 +405,20 @@ def render_markdown(
         for stage, name, e in rows:
             lines.append(f"| {stage} | {name} | {_fmt(float(e['value']))} | {e['n']} | "
                          f"{_fmt(float(e['low']))} – {_fmt(float(e['high']))} |")
+        lines.append("")
+    if benchmarks:
+        cols = [s for s in dict.fromkeys(k for row in benchmarks for k in row
+                                         if k not in ("task", "metric", "n") and not k.endswith("_stderr"))]
+        lines += ["## Standard benchmarks (lm-evaluation-harness)", "",
+                  "Scored by lm-evaluation-harness in the evaluate stage (alignline/benchmarks.py), value ± standard "
+                  "error over n documents; alignline_* tasks run on this run's held-out data.", "",
+                  "| task | metric | n | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        for row in benchmarks:
+            cells = []
+            for c in cols:
+                v, se = row.get(c), row.get(f"{c}_stderr")
+                cells.append("-" if v is None else _fmt(v) + (f" ± {_fmt(se)}" if se is not None else ""))
+            lines.append(f"| {row['task']} | {row['metric']} | {row.get('n') or '-'} | " + " | ".join(cells) + " |")
         lines.append("")
     if health:
         lines += ["## Are the answers still answers?", "",
@@ -513,12 +546,13 @@ def build_report(
     health = output_health(run_dir, names)
     fits = eval_sections(run_dir, names, "length_fit")
     estimates = eval_sections(run_dir, names, "estimates")
+    benchmarks = benchmark_rows(run_dir)
     notes = [*(notes or []), *(f"NOTE: {n}" for n in measurement_notes(run_dir, names))]
     md = render_markdown(records, title=title or run_dir.name, notes=notes, plots=pngs, samples=samples,
-                         run_dir=run_dir, health=health, fits=fits, estimates=estimates)
+                         run_dir=run_dir, health=health, fits=fits, estimates=estimates, benchmarks=benchmarks)
     path = write_text(run_dir / "report.md", md + "\n")
     return ReportCard(markdown=md, metrics_rows=metrics_rows(records), sample_rows=samples, plots=pngs, path=path,
-                      records=records, health=health, fits=fits, estimates=estimates)
+                      records=records, health=health, fits=fits, estimates=estimates, benchmarks=benchmarks)
 
 
 def records_from_run_dir(run_dir: str | Path, stages: Sequence[str]) -> list[StageRecord]:

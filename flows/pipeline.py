@@ -379,7 +379,8 @@ def publish_report(config: PipelineConfig, run_dir: Path, records: list[StageRec
     if config.report.embed_images and card.plots:
         # The UI cannot read files from the run dir; embed the (small) PNGs as data URIs.
         md = render_markdown(card.records, title=config.name, notes=notes, plots=card.plots,
-                             samples=card.sample_rows, run_dir=run_dir, embed_images=True, health=card.health, fits=card.fits)
+                             samples=card.sample_rows, run_dir=run_dir, embed_images=True, health=card.health, fits=card.fits,
+                             benchmarks=card.benchmarks)
     create_markdown_artifact(markdown=md, key=f"{slug}-report-card",
                              description=f"alignline report card; also at {card.path}")
     if card.metrics_rows:

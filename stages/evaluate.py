@@ -14,6 +14,12 @@ gold_accuracy, per_task, rm_score, rm_score_raw, checkpoint; the normalisation u
 (one row per prompt: responses, gold scores and normalised RM scores of every stage), and a headline
 with `<stage>_gold_accuracy` / `<stage>_rm_score` for the report card.
 
+Standard benchmarks (`lm_eval: {tasks: [...], limit, num_fewshot, batch_size}`, off by default): the
+lm-evaluation-harness tasks run on each evaluated stage's model (alignline/benchmarks.py); scores in
+eval.json `stages.<stage>.lm_eval` ({task: {metric: value, metric_stderr, n, version}}), one headline
+number per stage and task, `<stage>_<task>_<metric>`, and a table in the report card. Our offline
+tasks (alignline_gold, alignline_pref) read this run's data stage; the harness's need the Hub.
+
 The rlhf input is one algorithm's output, `rlhf-<algorithm>/`: in the pipeline the one its rlhf
 config selects; by hand `--rlhf DIR`, else the only `rlhf-*` dir of the run, else the most recently
 finished (logged). eval.json names it per stage (`dir`, `variant`); other algorithms' outputs in
@@ -24,12 +30,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from alignline.artifacts import StageRun
+from alignline.benchmarks import check_tasks, evaluate_model, primary_metric
 from alignline.config import StrictModel
 from alignline.stage_cli import InputSpec, stage_main
 
@@ -44,6 +52,18 @@ INPUTS = [
 ]
 
 
+class LmEvalConfig(StrictModel):
+    """Standard benchmarks through lm-evaluation-harness on every evaluated stage (alignline/benchmarks.py)."""
+
+    tasks: list[str] = Field(default_factory=list, description=(
+        "lm-eval task names; empty = off. Ours run offline on this run's data stage (alignline_gold: "
+        "greedy exact match, alignline_pref: chosen vs rejected by log-likelihood); the harness's own "
+        "(hellaswag, arc_easy, gsm8k, ...) download their data from the Hugging Face Hub"))
+    limit: int | None = Field(None, gt=0, description="first N documents of each task; null = all")
+    num_fewshot: int | None = Field(None, ge=0, description="examples in context; null = each task's default (0 for ours)")
+    batch_size: int = Field(16, gt=0, description="requests per forward/generation batch")
+
+
 class Config(StrictModel):
     """Config of the evaluate stage."""
 
@@ -53,6 +73,8 @@ class Config(StrictModel):
     batch_size: int = Field(32, gt=0, description="prompts per generation and RM scoring batch")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when there is one")
     seed: int = Field(0, description="RNG seed set before evaluating (decoding is greedy)")
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig,
+                                  description="lm-evaluation-harness tasks run on every evaluated stage")
 
 
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
@@ -66,6 +88,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
 
     stage_inputs = {k: v for k, v in inputs.items() if v is not None}
     device = pick_device(config.device)  # before the stage dir exists: device: cuda without one is a user error
+    if config.lm_eval.tasks:  # task names and data files checked before any work (UserError)
+        check_tasks(config.lm_eval.tasks, stage_inputs.get("data"))
     run = StageRun(run_dir, "evaluate", config, inputs=stage_inputs, source=__file__)
     seed_everything(config.seed)
     rows = load_prompts(run.input("data").path, config.split, limit=config.num_prompts)
@@ -88,6 +112,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     golds: dict[str, list[float]] = {}
     estimates: dict[str, dict] = {}  # held-out proportions with n and a 95% interval
     rms: dict[str, list[float]] = {}
+    lm_eval_meta: dict = {}
     for i, stage in enumerate(models):
         src = run.input(stage)
         ckpt = src.checkpoint
@@ -109,6 +134,15 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             rms[stage] = [(x - rm_mean) / rm_std for x in raw]
             results[stage]["rm_score"] = sum(rms[stage]) / len(rms[stage])
             results[stage]["rm_score_raw"] = sum(raw) / len(raw)
+        if config.lm_eval.tasks:  # the harness on the model already loaded (no second load)
+            t0 = time.perf_counter()
+            bench = evaluate_model(model, tok, config.lm_eval.tasks, data_dir=run.input("data").path,
+                                   limit=config.lm_eval.limit, num_fewshot=config.lm_eval.num_fewshot,
+                                   batch_size=config.lm_eval.batch_size, seed=config.seed)
+            results[stage]["lm_eval"] = bench["tasks"]
+            lm_eval_meta = {k: bench[k] for k in ("lm_eval", "limit", "num_fewshot")}
+            log.info("evaluate: %s lm-eval %s in %.1f s", stage, ", ".join(config.lm_eval.tasks),
+                     time.perf_counter() - t0)
         if gold.accuracy is not None:
             run.metrics.log(i, **{f"{stage}_gold_accuracy": gold.accuracy})
         del model
@@ -130,6 +164,11 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
         for key in ("gold_accuracy", "rm_score"):
             if key in results[s]:
                 headline[f"{s}_{key}"] = results[s][key]
+        # One number per lm-eval task and stage (its primary metric); the rest is in eval.json.
+        for task, row in results[s].get("lm_eval", {}).items():
+            metric = primary_metric(task, row)
+            if metric is not None and row[metric] is not None:
+                headline[f"{s}_{task}_{metric}"] = row[metric]
     # The best stage by gold accuracy where there is a verifier, else by the reward model's score.
     rank_by = "gold_accuracy" if golds else ("rm_score" if rms else None)
     best = (max(models, key=lambda s: -1.0 if math.isnan(results[s][rank_by]) else results[s][rank_by])
@@ -137,7 +176,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     evaluation = {"split": config.split, "num_prompts": len(rows), "stages": results, "best_stage": best,
                   "best_by": rank_by, "verifier": "gold" if golds else "none", "estimates": estimates,
                   "reward_model": str(run.input("reward").checkpoint) if rm is not None else None,
-                  **({"rm_normalisation": {"reward_mean": rm_mean, "reward_std": rm_std}} if rm is not None else {})}
+                  **({"rm_normalisation": {"reward_mean": rm_mean, "reward_std": rm_std}} if rm is not None else {}),
+                  **({"lm_eval": {"tasks": list(config.lm_eval.tasks), **lm_eval_meta}} if lm_eval_meta else {})}
     return run.finalize(eval=evaluation, headline=headline, samples=samples)
 
 
