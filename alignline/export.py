@@ -91,6 +91,15 @@ def _source_config(checkpoint: Path):
     return llama
 
 
+def check_exportable(checkpoint: str | Path, formats: Sequence[str] = ("llama", "gguf")) -> None:
+    """Every refusal `export_llama` / `export_gguf` would raise for `checkpoint`, without writing or loading
+    weights: for callers (the export stage) that must fail before they create anything."""
+    llama = _source_config(Path(checkpoint))
+    if "gguf" in formats:
+        _rope_metadata(llama)
+        _tokenizer_metadata(Path(checkpoint), llama.vocab_size)
+
+
 def _atomic_dir(out: Path):
     """A temp dir next to `out` (same filesystem, so the final rename is atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -524,13 +533,36 @@ def validate_gguf(checkpoint: str | Path, gguf_path: str | Path, prompts: Sequen
             "max_abs_logprob_diff": max((r["max_abs_logprob_diff"] for r in rows), default=0.0), "prompts": rows}
 
 
+def validate_llama(checkpoint: str | Path, llama_dir: str | Path, prompts: Sequence[str | list[dict]],
+                   max_new_tokens: int = 16) -> dict[str, Any]:
+    """Greedy tokens of `checkpoint` vs its Llama export `llama_dir` (loaded as `LlamaForCausalLM`, on CPU): the
+    same weights, so every prompt must match. Returns {"matched", "total", "all_matched", "prompts": [...]}."""
+    from transformers import LlamaForCausalLM
+
+    from alignline.generation import load_model
+
+    model, tokenizer = load_model(checkpoint, device="cpu")
+    llama = LlamaForCausalLM.from_pretrained(str(llama_dir), dtype=model.dtype).eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = [tokenizer.eos_token_id] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    rows = []
+    for prompt in prompts:
+        ids = _prompt_ids(tokenizer, prompt)
+        a, b = (_hf_greedy(m, ids, max_new_tokens, eos_ids, tokenizer.pad_token_id, True) for m in (model, llama))
+        rows.append({"prompt": prompt, "source": a, "llama": b, "matched": a == b})
+    n_matched = sum(r["matched"] for r in rows)
+    return {"matched": n_matched, "total": len(rows), "all_matched": n_matched == len(rows), "prompts": rows}
+
+
 __all__ = [
     "GGUF_DTYPES",
     "ExportError",
+    "check_exportable",
     "LlamaCpp",
     "export_gguf",
     "export_llama",
     "gguf_generate",
     "rope_rows_to_interleaved",
     "validate_gguf",
+    "validate_llama",
 ]

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         wait: bool = typer.Option(False, "--wait", help="when another pipeline or stage holds the run directory, "
                                   "wait until it is free instead of exiting with code 2"),
     ) -> None:
-        """Run the whole pipeline (data -> ... -> rlhf -> evaluate) as an embedded Prefect flow.
+        """Run the whole pipeline (data -> ... -> rlhf -> evaluate -> export) as an embedded Prefect flow.
 
         Exit codes: 0 done, 1 a stage failed (re-run to resume), 2 a user error (config, a run directory
         another pipeline or stage holds, a full disk), 3 an evaluation gate stopped the run."""

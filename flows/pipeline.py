@@ -1,4 +1,5 @@
-"""The full pipeline as a Prefect 3 flow: data -> tokenizer -> pretrain -> sft -> reward -> rlhf -> evaluate.
+"""The full pipeline as a Prefect 3 flow: data -> tokenizer -> pretrain -> sft -> reward -> rlhf -> evaluate
+-> export.
 
     alignline pipeline --config configs/pipeline/tiny.yaml --run-dir runs/tiny        # embedded
     alignline pipeline --config configs/pipeline/tiny.yaml --from sft --set sft.optim.lr=1e-3

@@ -44,6 +44,7 @@ REGISTRY: list[StageSpec] = [
     StageSpec("reward", "stages.reward", "train a reward model with TRL RewardTrainer"),
     StageSpec("rlhf", "stages.rlhf", "RLHF: PPO (or DPO/GRPO/RLOO) against the reward model"),
     StageSpec("evaluate", "stages.evaluate", "evaluate checkpoints and write the report card"),
+    StageSpec("export", "stages.export", "export the aligned model to Llama and GGUF, validated in their runtimes"),
     StageSpec("lora", "stages.lora", "LoRA fine-tuning of a released model on chat data", pipeline=False),
 ]
 

@@ -30,7 +30,7 @@ _HARNESS: contextlib.ExitStack | None = None
 REPO = Path(__file__).resolve().parent.parent
 
 
-def ci_steps(stages=("pretrain", "sft", "reward", "rlhf", "evaluate")) -> list[str]:
+def ci_steps(stages=("pretrain", "sft", "reward", "rlhf", "evaluate", "export")) -> list[str]:
     """configs/pipeline/ci.yaml's few-step settings of these stages, as pipeline `--set` overrides:
     another pipeline YAML run end to end in the suite at CI size."""
     import yaml
@@ -147,6 +147,7 @@ FAKE_INPUTS = {
     "reward": ["data", "sft"],
     "rlhf": ["data", "sft", "reward"],
     "evaluate": ["data", "sft", "reward", "rlhf"],
+    "export": ["evaluate", "rlhf"],
 }
 assert tuple(FAKE_INPUTS) == pipeline_stages(), "a pipeline stage was registered: give it a fake here"
 

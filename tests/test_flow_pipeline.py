@@ -63,7 +63,7 @@ def test_cache_reuse_and_downstream_rerun(fake) -> None:
     # An SFT change re-runs SFT and everything downstream, never pretraining.
     third = run("sft.lr=0.2")
     assert statuses(third) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached",
-                               "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran"}
+                               "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
     assert calls(run_dir, "pretrain") == [0]
 
     # A deleted output is rebuilt, never served from a stale cache.

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow, pytest.mark.usefixture
 
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "configs" / "pipeline" / "ci.yaml"
-ALL = ["data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate"]
+ALL = ["data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate", "export"]
 DIRS = {**{s: s for s in ALL}, "rlhf": "rlhf-ppo"}  # output dirs: ci.yaml's rlhf runs PPO
 
 
@@ -81,6 +81,16 @@ def test_first_run_trains_every_stage_and_reports(first_run) -> None:
     assert norm == {"reward_mean": rm_eval["reward_mean"], "reward_std": rm_eval["reward_std"]}
     for v in evaluation["stages"].values():
         assert v["rm_score"] == pytest.approx((v["rm_score_raw"] - norm["reward_mean"]) / norm["reward_std"])
+    # lm-evaluation-harness scores of every model stage (configs/evaluate/tiny.yaml's offline tasks) in the card
+    assert "## Standard benchmarks (lm-evaluation-harness)" in report
+    for stage, v in evaluation["stages"].items():
+        assert set(v["lm_eval"]) == {"alignline_gold", "alignline_pref"}, stage
+        assert 0.0 <= v["lm_eval"]["alignline_pref"]["acc"] <= 1.0
+    assert "| alignline_pref | acc |" in report and "| alignline_gold | exact_match |" in report
+    # the export stage validated the aligned model in transformers (Llama) and llama.cpp (GGUF f32)
+    exported = _headline(run_dir, "export")
+    assert exported["llama_matched"] == exported["gguf_matched"] == 1.0
+    assert (run_dir / "export" / "model.gguf").is_file() and (run_dir / "export" / "llama" / "config.json").is_file()
 
 
 def test_second_run_reuses_every_stage(first_run) -> None:
@@ -96,7 +106,7 @@ def test_sft_change_reruns_only_downstream(first_run) -> None:
     pretrain_manifest = (run_dir / "pretrain" / "manifest.json").read_bytes()
     result = run_pipeline(run_dir, "sft.optim.lr=5e-4")
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached",
-                                "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran"}
+                                "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
     assert (run_dir / "pretrain" / "manifest.json").read_bytes() == pretrain_manifest
     assert yaml.safe_load((run_dir / "sft" / "config.yaml").read_text())["optim"]["lr"] == 5e-4
 
@@ -194,8 +204,11 @@ def test_an_architecture_variant_runs_the_whole_pipeline(first_run, tmp_path: Pa
     _copy_inputs(run_dir, variant_dir)
     switches = {"position": "alibi", "num_experts": 4, "num_experts_per_tok": 2, "norm": "layernorm",
                 "activation": "gelu"}
-    result = run_pipeline(variant_dir, *[f"pretrain.model.{k}={v}" for k, v in switches.items()], name="variant")
-    assert statuses(result) == {"data": "cached", "tokenizer": "cached", **{s: "ran" for s in ALL[2:]}}
+    # No Llama/GGUF counterpart for this variant: the export stage would refuse it, so it is left out.
+    result = run_pipeline(variant_dir, *[f"pretrain.model.{k}={v}" for k, v in switches.items()],
+                          "stages.export.enabled=false", name="variant")
+    assert statuses(result) == {"data": "cached", "tokenizer": "cached", **{s: "ran" for s in ALL[2:-1]},
+                                "export": "skipped"}
     for stage in ("pretrain", "sft", "reward", "rlhf"):
         config = json.loads((variant_dir / DIRS[stage] / "checkpoint" / "config.json").read_text())
         assert {k: config[k] for k in switches} == switches, stage

@@ -35,7 +35,7 @@ def test_real_files_pipeline_reports_only_what_exists_for_the_data(tmp_path, mon
                                [f"run_dir={run_dir}", "gates.min_reward_accuracy=0.0", *ci_steps()])
     result = pipeline_flow(config=cfg)
     assert {s: r["status"] for s, r in result["stages"].items()} == {
-        s: "ran" for s in ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate")}
+        s: "ran" for s in ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate", "export")}
 
     def ev(stage: str) -> dict:
         return json.loads((run_dir / stage / "eval.json").read_text())
