@@ -112,11 +112,15 @@ def _data_files(task: str) -> dict[str, str]:
     return dict(yaml.safe_load(our_tasks()[task].read_text(encoding="utf-8"))["dataset_kwargs"]["data_files"])
 
 
-def _our_task_config(task: str, data_dir: str | Path) -> dict[str, Any]:
-    """Our task's YAML as a config dict, its data files made absolute under `data_dir`."""
+def _our_task_config(task: str, data_dir: str | Path, chat: bool = False) -> dict[str, Any]:
+    """Our task's YAML as a config dict, its data files made absolute under `data_dir`. chat: the prompt is the
+    bare question (the user turn the chat template wraps, as the evaluate stage asks chat models), not the
+    plain-text "Q: ... A:" frame a base model continues."""
     cfg = yaml.safe_load(our_tasks()[task].read_text(encoding="utf-8"))
     root = Path(data_dir).resolve()
     cfg["dataset_kwargs"]["data_files"] = {split: str(root / rel) for split, rel in _data_files(task).items()}
+    if chat:
+        cfg["doc_to_text"] = "{{prompt[-1].content}}"
     return cfg
 
 
@@ -154,7 +158,7 @@ def _quiet(level: int = logging.ERROR) -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
-def _load_tasks(names: list[str], data_dir: str | Path | None):
+def _load_tasks(names: list[str], data_dir: str | Path | None, chat: bool = False):
     """(TaskManager, the built top-level tasks/groups): datasets are loaded here, so a harness task whose
     data cannot be fetched fails here, as one UserError, before any model work."""
     from lm_eval.tasks import TaskManager
@@ -165,7 +169,7 @@ def _load_tasks(names: list[str], data_dir: str | Path | None):
     built: list[Any] = []
     for name in names:
         try:  # building a task loads (downloads) its dataset
-            one = tm.load([_our_task_config(name, data_dir) if name in ours else name])
+            one = tm.load([_our_task_config(name, data_dir, chat) if name in ours else name])
         except OSError as exc:  # OfflineModeIsEnabled (a ConnectionError), DatasetNotFoundError, no route to host
             if name in ours:
                 raise
@@ -241,6 +245,7 @@ def evaluate_model(
     batch_size: int = 16,
     seed: int = 0,
     samples: bool = False,
+    chat_template: bool = False,
 ) -> dict[str, Any]:
     """Run lm_eval `tasks` on a loaded causal LM (on its device, in eval mode); the compact results.
     `samples=True` adds lm_eval's per-document records under "samples" ({task: [{doc_id, target,
@@ -254,16 +259,17 @@ def evaluate_model(
     model.eval()
     try:
         with _quiet():
-            tm, built = _load_tasks(names, data_dir)
+            tm, built = _load_tasks(names, data_dir, chat_template)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             raw = lm_eval.simple_evaluate(
                 model=lm, tasks=built, task_manager=tm, num_fewshot=num_fewshot, limit=limit, log_samples=samples,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                apply_chat_template=chat_template,
             )
     finally:
         model.train(was_training)
     out: dict[str, Any] = {"tasks": compact_results(raw), "lm_eval": getattr(lm_eval, "__version__", None),
-                           "limit": limit, "num_fewshot": num_fewshot}
+                           "limit": limit, "num_fewshot": num_fewshot, "chat_template": chat_template}
     if samples:
         out["samples"] = {t: [{"doc_id": s["doc_id"], "target": s["target"], "filtered_resps": s["filtered_resps"]}
                               for s in rows] for t, rows in raw.get("samples", {}).items()}
@@ -281,6 +287,7 @@ def run_benchmarks(
     device: str = "auto",
     seed: int = 0,
     samples: bool = False,
+    chat_template: bool = False,
 ) -> dict[str, Any]:
     """Run lm_eval `tasks` on the causal LM in `checkpoint` (a model dir, or a stage dir holding
     checkpoint/) and return the compact results (module docstring), with "checkpoint" added.
@@ -288,6 +295,8 @@ def run_benchmarks(
     tasks: our offline task names (need `data_dir`, a data stage directory) and/or the harness's.
     limit: first N documents per task (None: all). num_fewshot: examples in context (None: each task's
     default, 0 for ours; drawn from the validation split with `seed`). device: auto | cpu | cuda.
+    chat_template: render each prompt as a user turn through the tokenizer's chat template (lm_eval's
+    apply_chat_template), as chat models are asked; False: the task's plain text prompt.
     Every problem found before loading the model (task names, data files, adapter dir) is a UserError.
     """
     from alignline.distributed import pick_device
@@ -302,6 +311,8 @@ def run_benchmarks(
 
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     model = load_causal_lm(ckpt, device=dev)
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{ckpt}: the tokenizer has no chat template; evaluate without --chat-template")
     out = evaluate_model(model, tokenizer, names, data_dir=data_dir, limit=limit, num_fewshot=num_fewshot,
-                         batch_size=batch_size, seed=seed, samples=samples)
+                         batch_size=batch_size, seed=seed, samples=samples, chat_template=chat_template)
     return {"checkpoint": str(ckpt), **out}

@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:1."),
         data: Path | None = typer.Option(None, "--data", help="Data stage dir (runs/<name>/data) for alignline_* tasks."),
         seed: int = typer.Option(0, "--seed", help="Seed of the harness (few-shot sampling)."),
+        chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template",
+                                           help="Ask each prompt as a user turn through the checkpoint's chat "
+                                                "template (chat models); default: the task's plain text."),
         out: Path | None = typer.Option(None, "--out", help="Also write the results as JSON here."),
     ) -> None:
         """Run lm-evaluation-harness tasks on a checkpoint and print a table of scores."""
@@ -35,7 +38,7 @@ def register(app: typer.Typer) -> None:
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         # Every UserError (unknown task, missing --data, adapter dir) is raised before anything is written.
         res = run_benchmarks(checkpoint, names, data_dir=data, limit=limit, num_fewshot=num_fewshot,
-                             batch_size=batch_size, device=device, seed=seed)
+                             batch_size=batch_size, device=device, seed=seed, chat_template=chat_template)
         typer.echo(format_table(res))
         if out is not None:
             write_json(out, res)
@@ -55,4 +58,5 @@ def format_table(res: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join([f"{res.get('checkpoint', '')} (lm-eval {res.get('lm_eval')}, limit={res.get('limit')}, "
-                      f"num_fewshot={res.get('num_fewshot')})", *lines])
+                      f"num_fewshot={res.get('num_fewshot')}, chat_template={res.get('chat_template', False)})",
+                      *lines])

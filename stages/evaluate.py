@@ -14,7 +14,8 @@ gold_accuracy, per_task, rm_score, rm_score_raw, checkpoint; the normalisation u
 (one row per prompt: responses, gold scores and normalised RM scores of every stage), and a headline
 with `<stage>_gold_accuracy` / `<stage>_rm_score` for the report card.
 
-Standard benchmarks (`lm_eval: {tasks: [...], limit, num_fewshot, batch_size}`, off by default): the
+Standard benchmarks (`lm_eval: {tasks: [...], limit, num_fewshot, batch_size, chat_template}`, off by
+default; chat_template auto asks sft/rlhf through their chat template, pretrain in plain text): the
 lm-evaluation-harness tasks run on each evaluated stage's model (alignline/benchmarks.py); scores in
 eval.json `stages.<stage>.lm_eval` ({task: {metric: value, metric_stderr, n, version}}), one headline
 number per stage and task, `<stage>_<task>_<metric>`, and a table in the report card. Our offline
@@ -62,6 +63,9 @@ class LmEvalConfig(StrictModel):
     limit: int | None = Field(None, gt=0, description="first N documents of each task; null = all")
     num_fewshot: int | None = Field(None, ge=0, description="examples in context; null = each task's default (0 for ours)")
     batch_size: int = Field(16, gt=0, description="requests per forward/generation batch")
+    chat_template: Literal["auto", "on", "off"] = Field("auto", description=(
+        "ask each prompt as a user turn through the checkpoint's chat template (on), as plain text (off), "
+        "or auto: chat for the chat-trained stages (sft, rlhf), plain text for pretrain"))
 
 
 class Config(StrictModel):
@@ -136,10 +140,12 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             results[stage]["rm_score_raw"] = sum(raw) / len(raw)
         if config.lm_eval.tasks:  # the harness on the model already loaded (no second load)
             t0 = time.perf_counter()
+            chat = {"on": True, "off": False}.get(config.lm_eval.chat_template, stage != "pretrain")
             bench = evaluate_model(model, tok, config.lm_eval.tasks, data_dir=run.input("data").path,
                                    limit=config.lm_eval.limit, num_fewshot=config.lm_eval.num_fewshot,
-                                   batch_size=config.lm_eval.batch_size, seed=config.seed)
+                                   batch_size=config.lm_eval.batch_size, seed=config.seed, chat_template=chat)
             results[stage]["lm_eval"] = bench["tasks"]
+            results[stage]["lm_eval_chat_template"] = chat
             lm_eval_meta = {k: bench[k] for k in ("lm_eval", "limit", "num_fewshot")}
             log.info("evaluate: %s lm-eval %s in %.1f s", stage, ", ".join(config.lm_eval.tasks),
                      time.perf_counter() - t0)

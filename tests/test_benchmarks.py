@@ -201,6 +201,13 @@ def test_evaluate_stage_on_tiny_chain(tiny_chain, tmp_path):
     gold = gold_eval(load_causal_lm(ckpt).eval(), load_chat_tokenizer(ckpt), rows, max_new_tokens=16,
                      prompt_format="qa")
     assert ev["stages"]["pretrain"]["lm_eval"]["alignline_gold"]["exact_match"] == pytest.approx(gold.accuracy)
+    # chat_template auto: the SFT model is asked the bare question through its chat template, as gold_eval asks
+    # chat models, and scores what gold_eval scores (a plain "Q: ... A:" prompt would be off its distribution).
+    assert (ev["stages"]["pretrain"]["lm_eval_chat_template"], ev["stages"]["sft"]["lm_eval_chat_template"]) == \
+        (False, True)
+    ckpt = tiny_chain.sft / "checkpoint"
+    chat_gold = gold_eval(load_causal_lm(ckpt).eval(), load_chat_tokenizer(ckpt), rows, max_new_tokens=16)
+    assert ev["stages"]["sft"]["lm_eval"]["alignline_gold"]["exact_match"] == pytest.approx(chat_gold.accuracy)
 
     card = build_report(run_dir, records_from_run_dir(run_dir, stage_order()), plots=False)
     assert "## Standard benchmarks (lm-evaluation-harness)" in card.markdown
