@@ -33,6 +33,7 @@ from alignline.stage_cli import InputSpec, stage_main
 log = logging.getLogger("stages.export")
 
 MODEL_STAGES = ("pretrain", "sft", "rlhf")
+OUTPUTS = {"llama": "llama", "gguf": "model.gguf"}  # format -> its path in the stage dir
 INPUTS = [
     InputSpec("evaluate", default="evaluate", kinds=("evaluate",),
               help="evaluate stage (its samples.jsonl prompts validate the exports)"),
@@ -58,6 +59,7 @@ class Config(StrictModel):
 def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     from alignline.artifacts import load_stage
     from alignline.export import check_exportable, export_gguf, export_llama, validate_gguf, validate_llama
+    from alignline.files import remove_path
 
     stage_inputs = {k: v for k, v in inputs.items() if v is not None}
     if config.source not in stage_inputs:
@@ -67,6 +69,10 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     # A model export cannot express (a variant, an unknown tokenizer split) is refused before the stage dir exists.
     check_exportable(load_stage(stage_inputs[config.source]).checkpoint, config.formats)
     run = StageRun(run_dir, "export", config, inputs=stage_inputs, source=__file__)
+    # finalize replaces what this run writes; an artifact of a format no longer asked for (a re-run with
+    # formats: [gguf] after [llama, gguf]) would otherwise sit next to a manifest that does not describe it.
+    for stale in OUTPUTS.values():
+        remove_path(run.path / stale)
     checkpoint = run.input(config.source).checkpoint
     samples = run.input("evaluate").file("samples.jsonl")
     with open(samples, encoding="utf-8") as f:
@@ -79,7 +85,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     headline: dict[str, float] = {}
     if "llama" in config.formats:
         log.info("export: %s -> llama/ (LlamaForCausalLM)", checkpoint)
-        out = export_llama(checkpoint, run.staging / "llama")
+        out = export_llama(checkpoint, run.staging / OUTPUTS["llama"])
         check = validate_llama(checkpoint, out, prompts, config.max_new_tokens)
         results["llama"] = check
         headline["llama_matched"] = check["matched"] / check["total"]
@@ -89,7 +95,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
                                f"{check['total'] - check['matched']} of {check['total']} prompts: a conversion bug")
     if "gguf" in config.formats:
         log.info("export: %s -> model.gguf (%s)", checkpoint, config.gguf_dtype)
-        out = export_gguf(checkpoint, run.staging / "model.gguf", dtype=config.gguf_dtype)
+        out = export_gguf(checkpoint, run.staging / OUTPUTS["gguf"], dtype=config.gguf_dtype)
         check = validate_gguf(checkpoint, out, prompts, config.max_new_tokens, ignore_eos=True)
         results["gguf"] = {"dtype": config.gguf_dtype, "bytes": out.stat().st_size, **check}
         headline["gguf_matched"] = check["matched"] / check["total"]

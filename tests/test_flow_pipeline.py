@@ -246,7 +246,7 @@ def test_from_forces_a_stage_and_downstream(fake) -> None:
     run()
     result = run(from_stage="reward")
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
-                                "reward": "ran", "rlhf": "ran", "evaluate": "ran"}
+                                "reward": "ran", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
     # --from retrains: the forced stage's finished state is not resumed (that would train nothing), and
     # downstream stages see a new parent, so their state is not resumed either.
     assert calls(run_dir, "reward") == [0, 0] and calls(run_dir, "rlhf-ppo") == [0, 0]
@@ -263,7 +263,7 @@ def test_downstream_state_of_an_old_parent_is_never_resumed(fake, monkeypatch) -
     # reward has finished state (step 3), rlhf crashed with state at step 2; now SFT changes.
     result = run("sft.lr=0.2")
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached",
-                                "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran"}
+                                "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
     assert calls(run_dir, "reward") == [0, 0]  # not [0, 4]: nothing trained on the new SFT
     assert calls(run_dir, "rlhf-ppo") == [0, 0]  # not [0, 3]
     # (the "discarding training state ... input 'sft' changed" log line: tests/test_reuse_keys.py)
@@ -309,7 +309,7 @@ def test_switching_the_algorithm_keeps_both_outputs_and_reuses_each(fake) -> Non
 
     dpo = run("rlhf.algorithm=dpo")
     assert statuses(dpo) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
-                             "reward": "cached", "rlhf": "ran", "evaluate": "ran"}
+                             "reward": "cached", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
     assert names(dpo)["rlhf"] == "rlhf-dpo"
     assert (run_dir / "rlhf-ppo" / "manifest.json").read_bytes() == ppo_manifest  # PPO's output untouched
     assert json.loads((run_dir / "rlhf-dpo" / "manifest.json").read_text())["variant"] == "dpo"
@@ -344,7 +344,7 @@ def test_from_rlhf_restarts_only_the_selected_algorithm(fake) -> None:
 
     result = run("rlhf.algorithm=dpo", from_stage="rlhf")
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
-                                "reward": "cached", "rlhf": "ran", "evaluate": "ran"}
+                                "reward": "cached", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
     assert result["stages"]["rlhf"]["message"] == "forced"
     assert calls(run_dir, "rlhf-dpo") == [0, 0]  # retrained from scratch
     assert calls(run_dir, "rlhf-ppo") == [0]  # the other algorithm is not touched
