@@ -75,9 +75,10 @@ def harness_task_names() -> tuple[str, ...]:
     return tuple(TaskManager().all_tasks)
 
 
-def check_tasks(tasks: Sequence[str], data_dir: str | Path | None = None) -> None:
+def check_tasks(tasks: Sequence[str], data_dir: str | Path | None = None, missing_fields_ok: bool = False) -> None:
     """Raise a UserError, before any model is loaded, for an empty list, an unknown task name (with
-    close matches), or one of our offline tasks without a data stage directory holding its files."""
+    close matches), or one of our offline tasks without a data stage directory holding its files, or (unless
+    missing_fields_ok: the caller skips those tasks itself) whose files lack a field the task reads."""
     names = [t.strip() for t in tasks]
     if not names or any(not n for n in names):
         raise UserError(f"tasks: give one or more task names (got {list(tasks)!r})")
@@ -106,6 +107,31 @@ def check_tasks(tasks: Sequence[str], data_dir: str | Path | None = None) -> Non
                 if not (Path(data_dir) / rel).is_file():
                     raise UserError(f"task {n} needs {Path(data_dir) / rel}, which does not exist; --data must be a "
                                     "data stage directory of the built-in suite (alignline stage data --run-dir ...)")
+        unusable = {} if missing_fields_ok else missing_fields(mine, data_dir)
+        if unusable:
+            raise UserError("; ".join(f"task {t} cannot run on this data: {why}" for t, why in unusable.items()))
+
+
+# Fields each of our tasks reads from every row of its files (the built-in suite writes them all; a user's
+# own data may have no answers, i.e. no verifier, or no preference pairs).
+REQUIRED_FIELDS = {"alignline_gold": ("prompt", "answer"), "alignline_pref": ("prompt", "chosen", "rejected")}
+
+
+def missing_fields(tasks: Sequence[str], data_dir: str | Path) -> dict[str, str]:
+    """{our task: why it cannot run on this data stage} for each task whose files lack a field it reads."""
+    import json
+
+    out: dict[str, str] = {}
+    for task in (t for t in tasks if t in our_tasks()):
+        for rel in _data_files(task).values():
+            path = Path(data_dir) / rel
+            with open(path, encoding="utf-8") as f:
+                first = next((json.loads(line) for line in f if line.strip()), {})
+            absent = [k for k in REQUIRED_FIELDS.get(task, ()) if first.get(k) is None]
+            if absent:
+                out[task] = f"{path} has no {', '.join(absent)} (e.g. prompts without a verifier)"
+                break
+    return out
 
 
 def _data_files(task: str) -> dict[str, str]:

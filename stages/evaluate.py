@@ -38,7 +38,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignline.artifacts import StageRun
-from alignline.benchmarks import check_tasks, evaluate_model, primary_metric
+from alignline.benchmarks import check_tasks, evaluate_model, missing_fields, primary_metric
 from alignline.config import StrictModel
 from alignline.stage_cli import InputSpec, stage_main
 
@@ -92,8 +92,15 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
 
     stage_inputs = {k: v for k, v in inputs.items() if v is not None}
     device = pick_device(config.device)  # before the stage dir exists: device: cuda without one is a user error
-    if config.lm_eval.tasks:  # task names and data files checked before any work (UserError)
-        check_tasks(config.lm_eval.tasks, stage_inputs.get("data"))
+    lm_tasks, lm_skipped = list(config.lm_eval.tasks), {}
+    if lm_tasks:  # task names and data files checked before any work (UserError)
+        check_tasks(lm_tasks, stage_inputs.get("data"), missing_fields_ok=True)
+        # As gold accuracy is not measured on prompts without a verifier, our tasks are not run on data that lacks
+        # what they read (answers, preference pairs): logged and recorded in eval.json, never scored 0.
+        lm_skipped = missing_fields(lm_tasks, stage_inputs["data"]) if stage_inputs.get("data") else {}
+        lm_tasks = [t for t in lm_tasks if t not in lm_skipped]
+        for task, why in lm_skipped.items():
+            log.warning("evaluate: lm-eval task %s skipped: %s", task, why)
     run = StageRun(run_dir, "evaluate", config, inputs=stage_inputs, source=__file__)
     seed_everything(config.seed)
     rows = load_prompts(run.input("data").path, config.split, limit=config.num_prompts)
@@ -138,16 +145,16 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
             rms[stage] = [(x - rm_mean) / rm_std for x in raw]
             results[stage]["rm_score"] = sum(rms[stage]) / len(rms[stage])
             results[stage]["rm_score_raw"] = sum(raw) / len(raw)
-        if config.lm_eval.tasks:  # the harness on the model already loaded (no second load)
+        if lm_tasks:  # the harness on the model already loaded (no second load)
             t0 = time.perf_counter()
             chat = {"on": True, "off": False}.get(config.lm_eval.chat_template, stage != "pretrain")
-            bench = evaluate_model(model, tok, config.lm_eval.tasks, data_dir=run.input("data").path,
+            bench = evaluate_model(model, tok, lm_tasks, data_dir=run.input("data").path,
                                    limit=config.lm_eval.limit, num_fewshot=config.lm_eval.num_fewshot,
                                    batch_size=config.lm_eval.batch_size, seed=config.seed, chat_template=chat)
             results[stage]["lm_eval"] = bench["tasks"]
             results[stage]["lm_eval_chat_template"] = chat
             lm_eval_meta = {k: bench[k] for k in ("lm_eval", "limit", "num_fewshot")}
-            log.info("evaluate: %s lm-eval %s in %.1f s", stage, ", ".join(config.lm_eval.tasks),
+            log.info("evaluate: %s lm-eval %s in %.1f s", stage, ", ".join(lm_tasks),
                      time.perf_counter() - t0)
         if gold.accuracy is not None:
             run.metrics.log(i, **{f"{stage}_gold_accuracy": gold.accuracy})
@@ -183,7 +190,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
                   "best_by": rank_by, "verifier": "gold" if golds else "none", "estimates": estimates,
                   "reward_model": str(run.input("reward").checkpoint) if rm is not None else None,
                   **({"rm_normalisation": {"reward_mean": rm_mean, "reward_std": rm_std}} if rm is not None else {}),
-                  **({"lm_eval": {"tasks": list(config.lm_eval.tasks), **lm_eval_meta}} if lm_eval_meta else {})}
+                  **({"lm_eval": {"tasks": lm_tasks, **lm_eval_meta}} if lm_eval_meta else {}),
+                  **({"lm_eval_skipped": lm_skipped} if lm_skipped else {})}
     return run.finalize(eval=evaluation, headline=headline, samples=samples)
 
 

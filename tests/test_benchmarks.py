@@ -114,6 +114,26 @@ def test_check_tasks_errors(tmp_path):
         check_tasks(["alignline_pref"], tmp_path / "nope")
 
 
+def test_data_without_answers_is_named_not_scored(tmp_path, toy_run):
+    """A user's prompts with no answers (no verifier): alignline_gold cannot score them. `alignline eval` says
+    so (UserError naming the field and file); the evaluate stage skips that task (missing_fields)."""
+    import shutil
+
+    from alignline.benchmarks import missing_fields
+    from alignline.files import read_jsonl, write_jsonl
+
+    data = tmp_path / "data"
+    shutil.copytree(toy_run["data"], data)
+    for split in ("val", "test"):
+        rows = [{k: v for k, v in r.items() if k != "answer"} for r in read_jsonl(data / "prompts" / f"{split}.jsonl")]
+        write_jsonl(data / "prompts" / f"{split}.jsonl", rows)
+    assert set(missing_fields(["alignline_gold", "alignline_pref"], data)) == {"alignline_gold"}
+    assert missing_fields(["alignline_gold", "alignline_pref"], toy_run["data"]) == {}
+    with pytest.raises(UserError, match=r"alignline_gold cannot run on this data: .*prompts/val.jsonl has no answer"):
+        check_tasks(["alignline_pref", "alignline_gold"], data)
+    check_tasks(["alignline_gold"], data, missing_fields_ok=True)
+
+
 def test_adapter_dir_is_refused(tmp_path, toy_run):
     adapter = tmp_path / "adapter"
     adapter.mkdir()

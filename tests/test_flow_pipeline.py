@@ -424,7 +424,7 @@ def test_a_registered_stage_runs_in_the_pipeline_with_nothing_else_changed(fake,
     stages.register(stages.StageSpec("toy", "fakestages.toy", "a toy stage between sft and reward"), after="sft")
     try:
         assert stages.pipeline_stages() == ("data", "tokenizer", "pretrain", "sft", "toy", "reward", "rlhf",
-                                            "evaluate")
+                                            "evaluate", "export")
         first = run()
         assert list(first["stages"]) == list(stages.pipeline_stages())  # run in registry order
         assert statuses(first)["toy"] == "ran" and calls(run_dir, "toy") == [0]

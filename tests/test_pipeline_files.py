@@ -47,6 +47,9 @@ def test_real_files_pipeline_reports_only_what_exists_for_the_data(tmp_path, mon
     evaluation = ev("evaluate")
     assert evaluation["verifier"] == "none" and evaluation["best_by"] == "rm_score"
     assert not any("gold_accuracy" in r for r in evaluation["stages"].values())
+    # lm-eval likewise: alignline_gold needs answers and is skipped, named; the preference task runs on the pairs.
+    assert "prompts/val.jsonl has no answer" in evaluation["lm_eval_skipped"]["alignline_gold"]
+    assert all(set(r["lm_eval"]) == {"alignline_pref"} for r in evaluation["stages"].values())
     # rm_score is one computation everywhere: normalised with the reward stage's statistics.
     assert ev("rlhf-ppo")["rm_normalisation"] == evaluation["rm_normalisation"] == {
         k: ev("reward")[k] for k in ("reward_mean", "reward_std")}

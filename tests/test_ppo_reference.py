@@ -286,8 +286,11 @@ def test_accumulating_k_micro_batches_is_one_batch(optimizer):
         params.append(trainable(t))
     before = [p.detach() for p in trainer(args(), eos_id=V).params]
     assert max(float((p - q).abs().max()) for p, q in zip(params[0], before)) > 1e-3
+    # Adam's first step is lr * g / (|g| + eps): an element whose gradient is near eps turns summation-order
+    # rounding into ~1e-4 * lr (1.6e-6 measured); a dropped or doubled micro-batch moves elements by ~lr.
+    atol = 1e-6 if optimizer == "sgd" else 1e-5
     for p, q in zip(*params):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(p, q, atol=atol, rtol=1e-5)
 
 
 def test_every_rollout_is_trained_on_once_per_epoch(monkeypatch):
