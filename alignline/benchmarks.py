@@ -138,7 +138,24 @@ def _data_files(task: str) -> dict[str, str]:
     return dict(yaml.safe_load(our_tasks()[task].read_text(encoding="utf-8"))["dataset_kwargs"]["data_files"])
 
 
-def _our_task_config(task: str, data_dir: str | Path, chat: bool = False) -> dict[str, Any]:
+def _fitting_pairs(tokenizer, max_length: int, dropped: dict[str, int]):
+    """lm_eval `process_docs` for alignline_pref: keep the pairs whose every answer fits the model's context
+    (the harness left-truncates a long prompt but asserts on a continuation longer than max_length; a user's
+    data, e.g. Alpaca responses, can exceed a small model's context). Counts the rest in `dropped`."""
+
+    def keep(doc) -> bool:
+        return all(len(tokenizer(" " + doc[k][-1]["content"], add_special_tokens=False)["input_ids"]) < max_length
+                   for k in ("chosen", "rejected"))
+
+    def process(dataset):
+        kept = dataset.filter(keep)
+        dropped[str(dataset.split)] = len(dataset) - len(kept)
+        return kept
+
+    return process
+
+
+def _our_task_config(task: str, data_dir: str | Path, chat: bool = False, fits=None) -> dict[str, Any]:
     """Our task's YAML as a config dict, its data files made absolute under `data_dir`. chat: the prompt is the
     bare question (the user turn the chat template wraps, as the evaluate stage asks chat models), not the
     plain-text "Q: ... A:" frame a base model continues."""
@@ -147,6 +164,8 @@ def _our_task_config(task: str, data_dir: str | Path, chat: bool = False) -> dic
     cfg["dataset_kwargs"]["data_files"] = {split: str(root / rel) for split, rel in _data_files(task).items()}
     if chat:
         cfg["doc_to_text"] = "{{prompt[-1].content}}"
+    if fits is not None and task == "alignline_pref":
+        cfg["process_docs"] = fits
     return cfg
 
 
@@ -184,7 +203,7 @@ def _quiet(level: int = logging.ERROR) -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
-def _load_tasks(names: list[str], data_dir: str | Path | None, chat: bool = False):
+def _load_tasks(names: list[str], data_dir: str | Path | None, chat: bool = False, fits=None):
     """(TaskManager, the built top-level tasks/groups): datasets are loaded here, so a harness task whose
     data cannot be fetched fails here, as one UserError, before any model work."""
     from lm_eval.tasks import TaskManager
@@ -195,7 +214,7 @@ def _load_tasks(names: list[str], data_dir: str | Path | None, chat: bool = Fals
     built: list[Any] = []
     for name in names:
         try:  # building a task loads (downloads) its dataset
-            one = tm.load([_our_task_config(name, data_dir, chat) if name in ours else name])
+            one = tm.load([_our_task_config(name, data_dir, chat, fits) if name in ours else name])
         except OSError as exc:  # OfflineModeIsEnabled (a ConnectionError), DatasetNotFoundError, no route to host
             if name in ours:
                 raise
@@ -285,8 +304,9 @@ def evaluate_model(
     model.eval()
     try:
         with _quiet():
-            tm, built = _load_tasks(names, data_dir, chat_template)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            dropped: dict[str, int] = {}
+            tm, built = _load_tasks(names, data_dir, chat_template, _fitting_pairs(tokenizer, lm.max_length, dropped))
             raw = lm_eval.simple_evaluate(
                 model=lm, tasks=built, task_manager=tm, num_fewshot=num_fewshot, limit=limit, log_samples=samples,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
@@ -294,7 +314,10 @@ def evaluate_model(
             )
     finally:
         model.train(was_training)
-    out: dict[str, Any] = {"tasks": compact_results(raw), "lm_eval": getattr(lm_eval, "__version__", None),
+    tasks_out = compact_results(raw)
+    if "alignline_pref" in tasks_out and dropped.get("test"):  # test pairs that did not fit (not scored)
+        tasks_out["alignline_pref"]["over_max_length"] = dropped["test"]
+    out: dict[str, Any] = {"tasks": tasks_out, "lm_eval": getattr(lm_eval, "__version__", None),
                            "limit": limit, "num_fewshot": num_fewshot, "chat_template": chat_template}
     if samples:
         out["samples"] = {t: [{"doc_id": s["doc_id"], "target": s["target"], "filtered_resps": s["filtered_resps"]}

@@ -134,6 +134,24 @@ def test_data_without_answers_is_named_not_scored(tmp_path, toy_run):
     check_tasks(["alignline_gold"], data, missing_fields_ok=True)
 
 
+def test_pairs_longer_than_the_context_are_left_out_and_counted(tmp_path, toy_run):
+    """A user's responses can be longer than a small model's context; the harness would assert on them. They
+    are dropped and counted (over_max_length), the rest scored as before."""
+    import shutil
+
+    from alignline.files import read_jsonl, write_jsonl
+
+    data = tmp_path / "data"
+    shutil.copytree(toy_run["data"], data)
+    rows = read_jsonl(data / "preference" / "test.jsonl")[:LIMIT]
+    long = " ".join(["word"] * (toy_run["model"].config.max_position_embeddings + 8))
+    rows[0]["chosen"][-1]["content"] = long
+    rows[1]["rejected"][-1]["content"] = long
+    write_jsonl(data / "preference" / "test.jsonl", rows)
+    res = run_benchmarks(toy_run["ckpt"], ["alignline_pref"], data_dir=data, device="cpu")["tasks"]["alignline_pref"]
+    assert (res["n"], res["over_max_length"]) == (LIMIT - 2, 2)
+
+
 def test_adapter_dir_is_refused(tmp_path, toy_run):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
