@@ -67,7 +67,8 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
                           f"{run_dir}; run it first, or set source to one of "
                           f"{[s for s in MODEL_STAGES if s in stage_inputs] or list(MODEL_STAGES)}")
     # A model export cannot express (a variant, an unknown tokenizer split) is refused before the stage dir exists.
-    check_exportable(load_stage(stage_inputs[config.source]).checkpoint, config.formats)
+    # (verify=False: StageRun verifies every input's hashes just below; hashing a large checkpoint twice is waste)
+    check_exportable(load_stage(stage_inputs[config.source], verify=False).checkpoint, config.formats)
     run = StageRun(run_dir, "export", config, inputs=stage_inputs, source=__file__)
     # finalize replaces what this run writes; an artifact of a format no longer asked for (a re-run with
     # formats: [gguf] after [llama, gguf]) would otherwise sit next to a manifest that does not describe it.
