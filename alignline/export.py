@@ -481,9 +481,20 @@ def _hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[
     return _cut(out, eos_ids)
 
 
+def _source(checkpoint: str | Path, loaded: tuple | None) -> tuple[Any, Any, list[int]]:
+    """(model, tokenizer, eos ids) of the source: `loaded` (a (model, tokenizer) the caller already holds, so
+    validating two formats loads it once), else loaded from `checkpoint` on the CPU."""
+    from alignline.generation import load_model
+
+    model, tokenizer = loaded if loaded is not None else load_model(checkpoint, device="cpu")
+    eos = model.generation_config.eos_token_id
+    eos_ids = [tokenizer.eos_token_id] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return model, tokenizer, eos_ids
+
+
 def validate_gguf(checkpoint: str | Path, gguf_path: str | Path, prompts: Sequence[str | list[dict]],
                   max_new_tokens: int = 16, *, ignore_eos: bool = False, kv_cache: str = "f32",
-                  flash_attn: bool = False, n_probs: int = 5) -> dict[str, Any]:
+                  flash_attn: bool = False, n_probs: int = 5, loaded: tuple | None = None) -> dict[str, Any]:
     """Greedy tokens of transformers (`checkpoint`, on CPU) vs llama.cpp (`gguf_path`) on each prompt.
 
     prompts: raw strings (no special tokens added), or conversations ([{role, content}, ...]) rendered with
@@ -497,11 +508,7 @@ def validate_gguf(checkpoint: str | Path, gguf_path: str | Path, prompts: Sequen
     """
     import torch
 
-    from alignline.generation import load_model
-
-    model, tokenizer = load_model(checkpoint, device="cpu")
-    eos = model.generation_config.eos_token_id
-    eos_ids = [tokenizer.eos_token_id] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    model, tokenizer, eos_ids = _source(checkpoint, loaded)
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     rows = []
     with _llama_cpp_for(gguf_path, ids, max_new_tokens, kv_cache, flash_attn, 1, None) as cpp:
@@ -534,17 +541,14 @@ def validate_gguf(checkpoint: str | Path, gguf_path: str | Path, prompts: Sequen
 
 
 def validate_llama(checkpoint: str | Path, llama_dir: str | Path, prompts: Sequence[str | list[dict]],
-                   max_new_tokens: int = 16) -> dict[str, Any]:
+                   max_new_tokens: int = 16, *, loaded: tuple | None = None) -> dict[str, Any]:
     """Greedy tokens of `checkpoint` vs its Llama export `llama_dir` (loaded as `LlamaForCausalLM`, on CPU): the
-    same weights, so every prompt must match. Returns {"matched", "total", "all_matched", "prompts": [...]}."""
+    same weights, so every prompt must match. Returns {"matched", "total", "all_matched", "prompts": [...]}.
+    loaded: the source's (model, tokenizer) when the caller holds them already."""
     from transformers import LlamaForCausalLM
 
-    from alignline.generation import load_model
-
-    model, tokenizer = load_model(checkpoint, device="cpu")
+    model, tokenizer, eos_ids = _source(checkpoint, loaded)
     llama = LlamaForCausalLM.from_pretrained(str(llama_dir), dtype=model.dtype).eval()
-    eos = model.generation_config.eos_token_id
-    eos_ids = [tokenizer.eos_token_id] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     rows = []
     for prompt in prompts:
         ids = _prompt_ids(tokenizer, prompt)

@@ -82,12 +82,15 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     if not prompts:
         raise ConfigError(f"export: {samples} has no prompts to validate the exports on")
 
+    from alignline.generation import load_model
+
+    source = load_model(checkpoint, device="cpu")  # once, for both formats' validation
     results: dict[str, dict] = {"source": config.source, "checkpoint": str(checkpoint)}
     headline: dict[str, float] = {}
     if "llama" in config.formats:
         log.info("export: %s -> llama/ (LlamaForCausalLM)", checkpoint)
         out = export_llama(checkpoint, run.staging / OUTPUTS["llama"])
-        check = validate_llama(checkpoint, out, prompts, config.max_new_tokens)
+        check = validate_llama(checkpoint, out, prompts, config.max_new_tokens, loaded=source)
         results["llama"] = check
         headline["llama_matched"] = check["matched"] / check["total"]
         log.info("export: llama/ greedy tokens match the source on %d/%d prompts", check["matched"], check["total"])
@@ -97,7 +100,7 @@ def run(config: Config, inputs: dict[str, Path], run_dir: str | Path) -> Path:
     if "gguf" in config.formats:
         log.info("export: %s -> model.gguf (%s)", checkpoint, config.gguf_dtype)
         out = export_gguf(checkpoint, run.staging / OUTPUTS["gguf"], dtype=config.gguf_dtype)
-        check = validate_gguf(checkpoint, out, prompts, config.max_new_tokens, ignore_eos=True)
+        check = validate_gguf(checkpoint, out, prompts, config.max_new_tokens, ignore_eos=True, loaded=source)
         results["gguf"] = {"dtype": config.gguf_dtype, "bytes": out.stat().st_size, **check}
         headline["gguf_matched"] = check["matched"] / check["total"]
         headline["gguf_max_abs_logprob_diff"] = check["max_abs_logprob_diff"]
