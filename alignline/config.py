@@ -8,7 +8,7 @@ overrides last, validates, and on failure raises `ConfigError` naming the file, 
     cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["optim.lr=3e-4"])
     save_config(cfg, run_dir / "config.yaml")
 
-Shared sub-configs (optimizer, schedule, LoRA, logging) live here; each stage's own
+Shared sub-configs (optimizer, schedule, LoRA, logging, the decoder's shape) live here; each stage's own
 config lives beside the stage in `stages/<name>.py`.
 """
 
@@ -152,6 +152,116 @@ class TrainerLoopConfig(StrictModel):
         "ddp", description="under torchrun (nproc_per_node > 1): ddp = a full copy per rank, gradients averaged; "
         "fsdp = FSDP2, parameters, gradients and optimizer state sharded over the ranks (for models that do not fit)")
     max_train_examples: int | None = Field(None, ge=1, description="use the first N training examples only")
+
+
+# --------------------------------------------------------------------------- decoder shape
+
+
+class ModelConfig(StrictModel):
+    """Decoder shape and architecture switches. vocab_size comes from the tokenizer. The switch defaults are
+    the LLaMA recipe (converts 1:1 to LlamaForCausalLM); see alignline/model/configuration.py."""
+
+    arch: Literal["alignline", "llama"] = Field("alignline", description="alignline decoder or HF LlamaForCausalLM")
+    hidden_size: int = Field(64, gt=0, description="model width; divisible by num_attention_heads")
+    intermediate_size: int | None = Field(
+        176, gt=0, description="hidden width of the MLP (and of each expert); null = 2.75x width gated, 4x plain")
+    num_hidden_layers: int = Field(2, gt=0, description="decoder blocks")
+    num_attention_heads: int = Field(4, gt=0, description="query heads; divisible by num_key_value_heads")
+    num_key_value_heads: int = Field(2, gt=0, description="key/value heads (grouped-query attention)")
+    max_position_embeddings: int = Field(
+        256, gt=0, description="longest sequence in tokens; >= train.seq_len (the learned table's size)"
+    )
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
+    rope_scaling: dict[str, Any] | None = Field(
+        None, description="RoPE scaling, e.g. {rope_type: yarn, factor: 8, original_max_position_embeddings: 128}")
+    tie_word_embeddings: bool = Field(True, description="share the input embedding and output head weights")
+    initializer_range: float = Field(0.02, gt=0, description="std of the normal weight initialisation")
+    norm: Literal["rmsnorm", "layernorm", "deepnorm"] = Field(
+        "rmsnorm", description="normalisation; deepnorm = post-norm LayerNorm with DeepNet's alpha/beta")
+    norm_position: Literal["pre", "post", "sandwich"] | None = Field(
+        None, description="where the norms sit; null = post for deepnorm, else pre")
+    activation: Literal["swiglu", "geglu", "gelu", "relu", "swish"] = Field(
+        "swiglu", description="MLP activation; swiglu/geglu are gated (3 matrices)")
+    position: Literal["rope", "alibi", "sinusoidal", "learned", "t5_bias", "none"] = Field(
+        "rope", description="position encoding; none = NoPE (causal mask only)")
+    num_experts: int = Field(0, ge=0, description="0 = dense MLP; > 0 = mixture of experts with this many experts")
+    num_experts_per_tok: int = Field(2, gt=0, description="experts each token is routed to (top-k)")
+    num_shared_experts: int = Field(0, ge=0, description="always-on experts beside the routed ones")
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="weight of the load-balancing loss; null = 0.01 with experts, 0 without")
+    router_z_loss_coef: float = Field(0.0, ge=0, description="weight of the router z-loss (ST-MoE)")
+    sliding_window: int | None = Field(None, gt=0, description="attend to the last N tokens only; null = all")
+    attention: Literal["standard", "infini"] = Field(
+        "standard", description="infini = Infini-attention: segment-local attention + compressive memory")
+    infini_segment_len: int = Field(64, gt=0, description="Infini-attention segment length in tokens")
+    infini_update: Literal["linear", "delta"] = Field("linear", description="Infini-attention memory update rule")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.arch == "llama":
+            odd = [f"{k}={getattr(self, k)!r}" for k in SWITCHES if getattr(self, k) != ModelConfig.model_fields[k].default]
+            if odd:
+                raise ValueError(f"arch=llama is the LLaMA recipe only; {', '.join(odd)} need arch=alignline")
+        from types import SimpleNamespace
+
+        from alignline.architecture import check_switches
+
+        # The model's own combination rules, without loading torch (AlignlineConfig runs the same ones).
+        position = self.norm_position or ("post" if self.norm == "deepnorm" else "pre")
+        fields = {k: getattr(self, k) for k in SWITCHES} | {"norm_position": position}
+        check_switches(SimpleNamespace(**fields, hidden_size=self.hidden_size, rope_parameters=self.rope_scaling,
+                                       relative_attention_num_buckets=32, relative_attention_max_distance=128))
+        return self
+
+    def alignline_config(self, vocab_size: int, **token_ids: Any):
+        """The AlignlineConfig this section describes (`model_kwargs` gives the fields LlamaConfig shares)."""
+        from alignline.model import AlignlineConfig
+
+        return AlignlineConfig(**self.model_kwargs(vocab_size), **token_ids)
+
+    def model_kwargs(self, vocab_size: int) -> dict[str, Any]:
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        kwargs = dict(
+            vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, initializer_range=self.initializer_range,
+            rope_parameters=rope,
+        )
+        if self.arch == "alignline":
+            kwargs.update({k: getattr(self, k) for k in SWITCHES})
+        return kwargs
+
+
+def build_model(m: ModelConfig, tokenizer, vocab_size: int | None = None):
+    """A freshly initialised causal LM of the configured shape (seed the RNG before calling). `vocab_size`:
+    the output layer's rows, default the tokenizer's length (a distillation student takes its teacher's,
+    which may be padded past the tokenizer)."""
+    vocab = vocab_size or len(tokenizer)
+    token_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+    if m.arch == "alignline":
+        from alignline.model import AlignlineForCausalLM
+
+        return AlignlineForCausalLM(m.alignline_config(vocab, **token_ids))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = m.model_kwargs(vocab)
+    if kwargs["intermediate_size"] is None:
+        kwargs["intermediate_size"] = int(m.hidden_size * 2.75)
+    return LlamaForCausalLM(LlamaConfig(**kwargs, **token_ids))
+
+
+# Architecture switches passed through to AlignlineConfig unchanged.
+SWITCHES = ("norm", "norm_position", "activation", "position", "num_experts", "num_experts_per_tok",
+            "num_shared_experts", "router_aux_loss_coef", "router_z_loss_coef", "sliding_window", "attention",
+            "infini_segment_len", "infini_update")
 
 
 def split_batch(batch_size: int, world_size: int, key: str = "train.batch_size") -> int:

@@ -300,6 +300,29 @@ def benchmark_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+# The rows of the student-vs-teacher table: (label, eval.json key of each model's section).
+DISTILL_ROWS = [("parameters", "params"), ("generation tokens/s", "gen_tokens_per_s"), ("val loss", "val_loss"),
+                ("gold accuracy", "gold_accuracy"), ("RM score", "rm_score")]
+
+
+def distill_table(run_dir: str | Path, stages: list[str]) -> list[dict[str, Any]]:
+    """The distill stage's student beside its teacher, one row per measurement (eval.json `student` /
+    `teacher`), then the student's closeness to the teacher; [] without a finished distill stage."""
+    if "distill" not in stages:
+        return []
+    ev = read_eval(Path(run_dir) / "distill")
+    s, t = ev.get("student"), ev.get("teacher")
+    if not isinstance(s, dict) or not isinstance(t, dict):
+        return []
+    rows = [{"metric": label, "student": s.get(key), "teacher": t.get(key)} for label, key in DISTILL_ROWS
+            if key in s or key in t]
+    rows += [{"metric": label, "student": ev.get(key), "teacher": None} for label, key in (
+        ("KL(student ‖ teacher), nats per answer", "kl_student_teacher"),
+        ("loss on the teacher's answers", "teacher_answer_loss"), ("same answer as the teacher", "agreement"))
+        if key in ev]
+    return rows
+
+
 def measurement_notes(run_dir: str | Path, stages: list[str]) -> list[str]:
     """What the run could not measure, and why: prompts without a verifier (no gold accuracy),
     on-policy reward pairs skipped for the same reason."""
@@ -342,6 +365,7 @@ def render_markdown(
     fits: dict[str, dict[str, dict[str, Any]]] | None = None,
     estimates: dict[str, dict[str, dict[str, Any]]] | None = None,
     benchmarks: list[dict[str, Any]] | None = None,
+    distill: list[dict[str, Any]] | None = None,
 ) -> str:
     """The report card. Images are relative links (report.md) or data URIs (`embed_images`)."""
     lines = [f"# alignline report card: {title}", ""]
@@ -363,7 +387,7 @@ def render_markdown(
         status = STATUS_ICON.get(rec.status, rec.status)
         if rec.message and rec.status != "ran":  # why a stage ran gets its own section below
             status += f" ({_cell(rec.message, 80)})"
-        lines.append(f"| {rec.name} | {status} | {wall} | {_cell(head, 400)} | {ckpt} |")
+        lines.append(f"| {rec.name} | {status} | {wall} | {_cell(head, 1000)} | {ckpt} |")
     lines.append("")
     lines += _variants_section(records)
     # Why each stage ran in full (the table cell is cut): which input or data file changed.
@@ -419,6 +443,14 @@ def render_markdown(
                 v, se = row.get(c), row.get(f"{c}_stderr")
                 cells.append("-" if v is None else _fmt(v) + (f" ± {_fmt(se)}" if se is not None else ""))
             lines.append(f"| {row['task']} | {row['metric']} | {row.get('n') or '-'} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if distill:
+        lines += ["## Distillation: student beside teacher", "",
+                  "The distill stage's student and its teacher on the same held-out data (stages/distill.py).", "",
+                  "| metric | student | teacher |", "|---|---|---|"]
+        for row in distill:
+            cells = ["-" if row[c] is None else _fmt(row[c]) for c in ("student", "teacher")]
+            lines.append(f"| {row['metric']} | " + " | ".join(cells) + " |")
         lines.append("")
     if health:
         lines += ["## Are the answers still answers?", "",
@@ -547,9 +579,11 @@ def build_report(
     fits = eval_sections(run_dir, names, "length_fit")
     estimates = eval_sections(run_dir, names, "estimates")
     benchmarks = benchmark_rows(run_dir)
+    distill = distill_table(run_dir, names)
     notes = [*(notes or []), *(f"NOTE: {n}" for n in measurement_notes(run_dir, names))]
     md = render_markdown(records, title=title or run_dir.name, notes=notes, plots=pngs, samples=samples,
-                         run_dir=run_dir, health=health, fits=fits, estimates=estimates, benchmarks=benchmarks)
+                         run_dir=run_dir, health=health, fits=fits, estimates=estimates, benchmarks=benchmarks,
+                         distill=distill)
     path = write_text(run_dir / "report.md", md + "\n")
     return ReportCard(markdown=md, metrics_rows=metrics_rows(records), sample_rows=samples, plots=pngs, path=path,
                       records=records, health=health, fits=fits, estimates=estimates, benchmarks=benchmarks)

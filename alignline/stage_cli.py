@@ -95,7 +95,7 @@ def flag_overrides(flags: Sequence[ConfigFlag], values: dict[str, Any]) -> list[
 
 
 # Stages whose output is a causal-LM checkpoint (what --init of a training stage may be).
-MODEL_STAGES = ("pretrain", "sft", "rlhf", "lora")
+MODEL_STAGES = ("pretrain", "sft", "rlhf", "lora", "distill")
 
 
 def default_config_path(stage: str) -> Path:

@@ -61,7 +61,7 @@ from flows.tasks import (
     resolve_stage,
     stage_task,
 )
-from stages import load_stage_module, pipeline_stages
+from stages import load_stage_module, optional_stages, pipeline_stages
 
 
 def default_entry(stage: str) -> dict[str, Any]:
@@ -115,7 +115,8 @@ class PipelineConfig(StrictModel):
     stages: dict[str, StageEntry] = Field(
         default_factory=dict, validate_default=True,
         description="one entry per pipeline stage (stages.REGISTRY, in run order): its config, overrides, "
-        "launcher; a stage left out runs configs/<stage>/tiny.yaml",
+        "launcher; a stage left out runs configs/<stage>/tiny.yaml; an optional stage (distill) runs only with "
+        "`enabled: true`",
     )
     gates: GateConfig = Field(
         default_factory=GateConfig, description="reward gate before RLHF, marks after it"
@@ -133,7 +134,11 @@ class PipelineConfig(StrictModel):
         if unknown:
             raise ValueError(f"unknown pipeline stage(s) {', '.join(map(repr, unknown))}; the pipeline's stages "
                              f"are {', '.join(known)} (registered in stages/__init__.py)")
-        return {name: given[name] if given.get(name) is not None else default_entry(name) for name in known}
+        out = {name: given[name] if given.get(name) is not None else default_entry(name) for name in known}
+        for name in optional_stages():  # off unless the config says `enabled: true` (not merely configures it)
+            if isinstance(out[name], dict) and "enabled" not in out[name]:
+                out[name] = {**out[name], "enabled": False}
+        return out
 
 
 class GateFailed(RuntimeError):

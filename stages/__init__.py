@@ -28,12 +28,14 @@ from alignline.config import ConfigError
 class StageSpec:
     """One stage: `name` (its command and output dir), `module` (implements the stage interface),
     `description` (shown by `alignline stage --help`), `pipeline` (a step of `alignline pipeline`, in
-    registry order; False: run on its own, like lora)."""
+    registry order; False: run on its own, like lora), `optional` (a pipeline step that is off unless the
+    pipeline config lists it, like distill)."""
 
     name: str
     module: str
     description: str
     pipeline: bool = True
+    optional: bool = False
 
 
 REGISTRY: list[StageSpec] = [
@@ -43,6 +45,8 @@ REGISTRY: list[StageSpec] = [
     StageSpec("sft", "stages.sft", "supervised fine-tuning with TRL SFTTrainer (full or LoRA)"),
     StageSpec("reward", "stages.reward", "train a reward model with TRL RewardTrainer"),
     StageSpec("rlhf", "stages.rlhf", "RLHF: PPO (or DPO/GRPO/RLOO) against the reward model"),
+    StageSpec("distill", "stages.distill", "distil the aligned model into a smaller student (TRL DistillationTrainer)",
+              optional=True),
     StageSpec("evaluate", "stages.evaluate", "evaluate checkpoints and write the report card"),
     StageSpec("export", "stages.export", "export the aligned model to Llama and GGUF, validated in their runtimes"),
     StageSpec("lora", "stages.lora", "LoRA fine-tuning of a released model on chat data", pipeline=False),
@@ -78,6 +82,11 @@ def unregister(name: str) -> None:
 def pipeline_stages() -> tuple[str, ...]:
     """The pipeline's stages, in run order."""
     return tuple(s.name for s in REGISTRY if s.pipeline)
+
+
+def optional_stages() -> tuple[str, ...]:
+    """Pipeline steps that run only where a pipeline config lists them (enabled)."""
+    return tuple(s.name for s in REGISTRY if s.pipeline and s.optional)
 
 
 def stage_order() -> tuple[str, ...]:

@@ -3,7 +3,7 @@
     python -m stages.evaluate --config configs/evaluate/tiny.yaml --run-dir runs/tiny
     alignline stage evaluate --run-dir runs/tiny --set num_prompts=32
 
-For each of the run's `pretrain`, `sft` and `rlhf` stage outputs that exists (complete), it greedily
+For each of the run's `pretrain`, `sft`, `rlhf` and `distill` stage outputs that exists (complete), it greedily
 answers the first `num_prompts` prompts of `prompts/<split>.jsonl` (data stage) and reports
 gold accuracy (the prompts' scorer against their answer, with n and a 95% interval; only where the
 prompts have a verifier, else `verifier: "none"` and no gold numbers) and the mean score of the
@@ -44,7 +44,7 @@ from alignline.stage_cli import InputSpec, stage_main
 
 log = logging.getLogger("stages.evaluate")
 
-MODEL_STAGES = ("pretrain", "sft", "rlhf")
+MODEL_STAGES = ("pretrain", "sft", "rlhf", "distill")
 INPUTS = [
     InputSpec("data", default="data", kinds=("data",), help="data stage directory (prompts/<split>.jsonl)"),
     InputSpec("reward", default="reward", kinds=("reward",), required=False, help="reward stage (RM scores); optional"),
@@ -65,7 +65,7 @@ class LmEvalConfig(StrictModel):
     batch_size: int = Field(16, gt=0, description="requests per forward/generation batch")
     chat_template: Literal["auto", "on", "off"] = Field("auto", description=(
         "ask each prompt as a user turn through the checkpoint's chat template (on), as plain text (off), "
-        "or auto: chat for the chat-trained stages (sft, rlhf), plain text for pretrain"))
+        "or auto: chat for the chat-trained stages (sft, rlhf, distill), plain text for pretrain"))
 
 
 class Config(StrictModel):

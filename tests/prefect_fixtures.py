@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import pipeline_stages
+from stages import optional_stages, pipeline_stages
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -73,7 +73,8 @@ FAKE_STAGE = textwrap.dedent(
     from alignline.stage_cli import InputSpec, stage_main
 
     STAGE = {stage!r}
-    INPUTS = [InputSpec(n, default=n, required=True) for n in {inputs!r}]
+    # An optional stage's output (distill) is read only when there is one, as the real evaluate does.
+    INPUTS = [InputSpec(n, default=n, required=n not in {optional!r}) for n in {inputs!r}]
 
 
     class Config(StrictModel):
@@ -146,7 +147,8 @@ FAKE_INPUTS = {
     "sft": ["data", "pretrain"],
     "reward": ["data", "sft"],
     "rlhf": ["data", "sft", "reward"],
-    "evaluate": ["data", "sft", "reward", "rlhf"],
+    "distill": ["data", "rlhf"],
+    "evaluate": ["data", "sft", "reward", "rlhf", "distill"],
     "export": ["evaluate", "rlhf"],
 }
 assert tuple(FAKE_INPUTS) == pipeline_stages(), "a pipeline stage was registered: give it a fake here"
@@ -164,7 +166,7 @@ def make_fake_stages(root: Path, package: str = "fakestages") -> str:
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")
     for stage, inputs in FAKE_INPUTS.items():
-        (pkg / f"{stage}.py").write_text(FAKE_STAGE.format(stage=stage, inputs=inputs,
+        (pkg / f"{stage}.py").write_text(FAKE_STAGE.format(stage=stage, inputs=inputs, optional=optional_stages(),
                                                            extra=FAKE_EXTRA.get(stage, "")))
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
@@ -176,4 +178,6 @@ def fake_pipeline_overrides(package: str, run_dir: Path, name: str = "fake") -> 
     out = [f"name={name}", f"run_dir={run_dir}", "retries=0", "retry_delay_s=0", "report.progress_every_s=0.2"]
     for stage in FAKE_INPUTS:
         out += [f"stages.{stage}.module={package}.{stage}", f"stages.{stage}.config=null"]
+    # Optional stages (distill) are off unless enabled: the fake pipeline runs every stage.
+    out += [f"stages.{stage}.enabled=true" for stage in optional_stages()]
     return out

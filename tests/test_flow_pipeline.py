@@ -63,7 +63,8 @@ def test_cache_reuse_and_downstream_rerun(fake) -> None:
     # An SFT change re-runs SFT and everything downstream, never pretraining.
     third = run("sft.lr=0.2")
     assert statuses(third) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached",
-                               "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
+                               "sft": "ran", "reward": "ran", "rlhf": "ran", "distill": "ran", "evaluate": "ran",
+                               "export": "ran"}
     assert calls(run_dir, "pretrain") == [0]
 
     # A deleted output is rebuilt, never served from a stale cache.
@@ -116,7 +117,21 @@ def test_report_card_file_and_artifacts(fake) -> None:
     edges = {name: {ids[i.id] for i in t.task_inputs.get("wait_for", [])} for name, t in by_name.items()}
     assert edges["data"] == set() and edges["tokenizer"] == {"data"}
     assert edges["rlhf-ppo"] == {"data", "sft", "reward"}
-    assert edges["evaluate"] == {"data", "sft", "reward", "rlhf-ppo"}
+    assert edges["evaluate"] == {"data", "sft", "reward", "rlhf-ppo", "distill"}
+
+
+def test_an_optional_stage_turned_off_is_skipped_and_not_read(fake) -> None:
+    """distill off: skipped, and evaluate's inputs do not name it; on again: it runs and evaluate re-runs
+    with it as an input (its reuse key changed), the stages before it are reused."""
+    run, run_dir = fake
+    off = run("stages.distill.enabled=false")
+    assert statuses(off) == {**{s: "ran" for s in ALL}, "distill": "skipped"}
+    assert not (run_dir / "distill").exists()
+    inputs = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["inputs"]
+    assert "distill" not in inputs and "rlhf" in inputs
+    on = run()
+    assert statuses(on) == {**{s: "cached" for s in ALL}, "distill": "ran", "evaluate": "ran", "export": "ran"}
+    assert "distill" in json.loads((run_dir / "evaluate" / "manifest.json").read_text())["inputs"]
 
 
 def test_crash_resumes_at_failed_stage_from_its_state(fake, monkeypatch) -> None:
@@ -246,7 +261,7 @@ def test_from_forces_a_stage_and_downstream(fake) -> None:
     run()
     result = run(from_stage="reward")
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
-                                "reward": "ran", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
+                                "reward": "ran", "rlhf": "ran", "distill": "ran", "evaluate": "ran", "export": "ran"}
     # --from retrains: the forced stage's finished state is not resumed (that would train nothing), and
     # downstream stages see a new parent, so their state is not resumed either.
     assert calls(run_dir, "reward") == [0, 0] and calls(run_dir, "rlhf-ppo") == [0, 0]
@@ -263,7 +278,8 @@ def test_downstream_state_of_an_old_parent_is_never_resumed(fake, monkeypatch) -
     # reward has finished state (step 3), rlhf crashed with state at step 2; now SFT changes.
     result = run("sft.lr=0.2")
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached",
-                                "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
+                                "sft": "ran", "reward": "ran", "rlhf": "ran", "distill": "ran", "evaluate": "ran",
+                                "export": "ran"}
     assert calls(run_dir, "reward") == [0, 0]  # not [0, 4]: nothing trained on the new SFT
     assert calls(run_dir, "rlhf-ppo") == [0, 0]  # not [0, 3]
     # (the "discarding training state ... input 'sft' changed" log line: tests/test_reuse_keys.py)
@@ -309,7 +325,8 @@ def test_switching_the_algorithm_keeps_both_outputs_and_reuses_each(fake) -> Non
 
     dpo = run("rlhf.algorithm=dpo")
     assert statuses(dpo) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
-                             "reward": "cached", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
+                             "reward": "cached", "rlhf": "ran", "distill": "ran", "evaluate": "ran",
+                                "export": "ran"}
     assert names(dpo)["rlhf"] == "rlhf-dpo"
     assert (run_dir / "rlhf-ppo" / "manifest.json").read_bytes() == ppo_manifest  # PPO's output untouched
     assert json.loads((run_dir / "rlhf-dpo" / "manifest.json").read_text())["variant"] == "dpo"
@@ -344,7 +361,8 @@ def test_from_rlhf_restarts_only_the_selected_algorithm(fake) -> None:
 
     result = run("rlhf.algorithm=dpo", from_stage="rlhf")
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached", "sft": "cached",
-                                "reward": "cached", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
+                                "reward": "cached", "rlhf": "ran", "distill": "ran", "evaluate": "ran",
+                                "export": "ran"}
     assert result["stages"]["rlhf"]["message"] == "forced"
     assert calls(run_dir, "rlhf-dpo") == [0, 0]  # retrained from scratch
     assert calls(run_dir, "rlhf-ppo") == [0]  # the other algorithm is not touched
@@ -419,12 +437,12 @@ def test_a_registered_stage_runs_in_the_pipeline_with_nothing_else_changed(fake,
     run, run_dir = fake
     # Next to the fake stages this session imported (the package is imported once, from the first test's dir).
     src = Path(importlib.import_module("fakestages").__path__[0])
-    (src / "toy.py").write_text(FAKE_STAGE.format(stage="toy", inputs=["sft"], extra=""))
+    (src / "toy.py").write_text(FAKE_STAGE.format(stage="toy", inputs=["sft"], optional=(), extra=""))
     importlib.invalidate_caches()
     stages.register(stages.StageSpec("toy", "fakestages.toy", "a toy stage between sft and reward"), after="sft")
     try:
         assert stages.pipeline_stages() == ("data", "tokenizer", "pretrain", "sft", "toy", "reward", "rlhf",
-                                            "evaluate", "export")
+                                            "distill", "evaluate", "export")
         first = run()
         assert list(first["stages"]) == list(stages.pipeline_stages())  # run in registry order
         assert statuses(first)["toy"] == "ran" and calls(run_dir, "toy") == [0]

@@ -22,16 +22,39 @@ from stages import pipeline_stages
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["tiny", "ci"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_distill", "ci"])
 def test_shipped_pipelines_validate_every_stage(name: str) -> None:
     cfg = load_pipeline_config(REPO / "configs" / "pipeline" / f"{name}.yaml")
     resolved = resolve_pipeline(cfg)
-    assert list(resolved) == list(pipeline_stages())
+    # The optional distill stage runs where the pipeline turns it on (tiny_distill, and ci for the suite).
+    expected = [s for s in pipeline_stages() if s != "distill" or name != "tiny"]
+    assert list(resolved) == expected
     # The DAG from each stage's INPUTS: every input is produced by an earlier stage of this run.
     run_dir = Path("/nonexistent/run")
-    for i, stage in enumerate(pipeline_stages()):
+    for i, stage in enumerate(expected):
         for path in stage_inputs(resolved[stage], run_dir, set(resolved)).values():
-            assert Path(path).name in pipeline_stages()[:i], (stage, path)
+            assert Path(path).name in expected[:i], (stage, path)
+    if "distill" in resolved:  # the student is compared beside the teacher by evaluate
+        assert stage_inputs(resolved["evaluate"], run_dir, set(resolved))["distill"] == str(run_dir / "distill")
+
+
+def test_an_optional_stage_runs_only_when_enabled(tmp_path: Path) -> None:
+    """distill (StageSpec.optional): off when a pipeline leaves it out or only configures it; on with
+    `enabled: true`, from the YAML or the command line."""
+    from stages import optional_stages
+
+    assert optional_stages() == ("distill",)
+    left_out = tmp_path / "p.yaml"
+    left_out.write_text("name: x\nstages:\n  sft: {config: configs/sft/tiny.yaml}\n")
+    for path, extra, on in ((left_out, [], False), (left_out, ["distill.loss.sft_weight=0.5"], False),
+                            (left_out, ["stages.distill.config=configs/distill/tiny.yaml"], False),
+                            (left_out, ["stages.distill.enabled=true"], True),
+                            (REPO / "configs" / "pipeline" / "tiny.yaml", [], False),
+                            (REPO / "configs" / "pipeline" / "tiny.yaml", ["stages.distill.enabled=true"], True)):
+        cfg = load_pipeline_config(path, extra)
+        assert cfg.stages["distill"].enabled is on, (path, extra)
+        assert ("distill" in resolve_pipeline(cfg)) is on
+    assert all(cfg.stages[s].enabled for s in pipeline_stages() if s != "distill")
 
 
 def test_ci_pipeline_is_small() -> None:

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow, pytest.mark.usefixture
 
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "configs" / "pipeline" / "ci.yaml"
-ALL = ["data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate", "export"]
+ALL = ["data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "distill", "evaluate", "export"]
 DIRS = {**{s: s for s in ALL}, "rlhf": "rlhf-ppo"}  # output dirs: ci.yaml's rlhf runs PPO
 
 
@@ -73,7 +73,7 @@ def test_first_run_trains_every_stage_and_reports(first_run) -> None:
     assert "| evaluate | ran |" in card
     assert max(float(a.data) for a in arts if a.key == "ci-pretrain-progress") == 100.0
     evaluation = json.loads((run_dir / "evaluate" / "eval.json").read_text())
-    assert set(evaluation["stages"]) == {"pretrain", "sft", "rlhf"}
+    assert set(evaluation["stages"]) == {"pretrain", "sft", "rlhf", "distill"}
     assert evaluation["stages"]["rlhf"]["dir"] == "rlhf-ppo" and evaluation["stages"]["rlhf"]["variant"] == "ppo"
     # One meaning of rm_score in every eval.json: normalised with the reward stage's statistics.
     norm = evaluation["rm_normalisation"]
@@ -91,6 +91,12 @@ def test_first_run_trains_every_stage_and_reports(first_run) -> None:
     exported = _headline(run_dir, "export")
     assert exported["llama_matched"] == exported["gguf_matched"] == 1.0
     assert (run_dir / "export" / "model.gguf").is_file() and (run_dir / "export" / "llama" / "config.json").is_file()
+    # the optional distill stage (on in ci.yaml): a student of the rlhf model, shown beside it in the card
+    distilled = json.loads((run_dir / "distill" / "eval.json").read_text())
+    assert Path(distilled["teacher_model"]) == (run_dir / "rlhf-ppo" / "checkpoint").resolve()
+    assert distilled["param_ratio"] < 0.5 and distilled["train_steps"] == 6
+    assert "rm_score" in distilled["student"] and "rm_score" in distilled["teacher"]  # the run's reward model
+    assert "## Distillation: student beside teacher" in report and "| distill |" in report
 
 
 def test_second_run_reuses_every_stage(first_run) -> None:
@@ -106,7 +112,8 @@ def test_sft_change_reruns_only_downstream(first_run) -> None:
     pretrain_manifest = (run_dir / "pretrain" / "manifest.json").read_bytes()
     result = run_pipeline(run_dir, "sft.optim.lr=5e-4")
     assert statuses(result) == {"data": "cached", "tokenizer": "cached", "pretrain": "cached",
-                                "sft": "ran", "reward": "ran", "rlhf": "ran", "evaluate": "ran", "export": "ran"}
+                                "sft": "ran", "reward": "ran", "rlhf": "ran", "distill": "ran", "evaluate": "ran",
+                                "export": "ran"}
     assert (run_dir / "pretrain" / "manifest.json").read_bytes() == pretrain_manifest
     assert yaml.safe_load((run_dir / "sft" / "config.yaml").read_text())["optim"]["lr"] == 5e-4
 

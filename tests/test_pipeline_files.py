@@ -12,6 +12,7 @@ and says so, and held-out numbers come with their sample size and interval.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -32,10 +33,11 @@ def test_real_files_pipeline_reports_only_what_exists_for_the_data(tmp_path, mon
     monkeypatch.chdir(REPO)  # data paths in configs/data/files_tiny.yaml are relative to the working directory
     run_dir = tmp_path / "run"
     cfg = load_pipeline_config(REPO / "configs/pipeline/files_tiny.yaml",
-                               [f"run_dir={run_dir}", "gates.min_reward_accuracy=0.0", *ci_steps()])
+                               [f"run_dir={run_dir}", "gates.min_reward_accuracy=0.0", "stages.distill.enabled=true",
+                                *ci_steps(("pretrain", "sft", "reward", "rlhf", "distill", "evaluate", "export"))])
     result = pipeline_flow(config=cfg)
     assert {s: r["status"] for s, r in result["stages"].items()} == {
-        s: "ran" for s in ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "evaluate", "export")}
+        s: "ran" for s in ("data", "tokenizer", "pretrain", "sft", "reward", "rlhf", "distill", "evaluate", "export")}
 
     def ev(stage: str) -> dict:
         return json.loads((run_dir / stage / "eval.json").read_text())
@@ -43,6 +45,9 @@ def test_real_files_pipeline_reports_only_what_exists_for_the_data(tmp_path, mon
     # No verifier: gold accuracy is absent everywhere, never a 0.
     for stage in ("pretrain", "sft", "rlhf-ppo"):
         assert "gold_accuracy" not in ev(stage) and ev(stage)["verifier"] == "none", stage
+    # The student is compared with its teacher on what these files allow: no gold accuracy for either.
+    assert "gold_accuracy" not in ev("distill")["student"] and "gold_accuracy" not in ev("distill")["teacher"]
+    assert math.isfinite(ev("distill")["student"]["val_loss"]) and ev("distill")["param_ratio"] < 1.0
     assert "gold_accuracy" not in ev("rlhf-ppo")["policy"] and "overoptimisation" not in ev("rlhf-ppo")
     evaluation = ev("evaluate")
     assert evaluation["verifier"] == "none" and evaluation["best_by"] == "rm_score"

@@ -58,7 +58,7 @@ def test_released_model_runs_lora_sft_reward_ppo_evaluate(tmp_path, arch):
     result = pipeline_flow(config=cfg)
     statuses = {s: r["status"] for s, r in result["stages"].items()}
     assert statuses == {"data": "ran", "tokenizer": "skipped", "pretrain": "skipped", "sft": "ran", "reward": "ran",
-                        "rlhf": "ran", "evaluate": "ran", "export": "skipped"}
+                        "rlhf": "ran", "distill": "skipped", "evaluate": "ran", "export": "skipped"}
     sft_tok = AutoTokenizer.from_pretrained(str(run_dir / "sft" / "checkpoint"))
     assert sft_tok.pad_token == "<|pad|>" and sft_tok.pad_token_id != sft_tok.eos_token_id
     assert sft_tok.chat_template == base_tok.chat_template  # the base's own template, carried downstream

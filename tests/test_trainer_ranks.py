@@ -1,5 +1,5 @@
-"""The Trainer stages (sft, reward, rlhf's dpo, lora; kto/grpo/rloo run) under torchrun: 2 gloo ranks on CPU train what
-one process trains, write one stage dir, and survive a kill -9 of one rank.
+"""The Trainer stages (sft, reward, rlhf's dpo, lora, distill; kto/grpo/rloo run) under torchrun: 2 gloo
+ranks on CPU train what one process trains, write one stage dir, and survive a kill -9 of one rank.
 
     .venv/bin/pytest tests/test_trainer_ranks.py -q              # ~6 min on 2 CPU cores (+ tiny_chain)
     .venv/bin/pytest tests/test_trainer_ranks.py -q -m "not slow" # the config checks, seconds
@@ -50,11 +50,17 @@ DPO_SET = [*COMMON, "steps=4", "save_every=2", "dpo.batch_size=8", "eval.num_pro
 LORA_SET = [*COMMON, "train.max_steps=4", "train.batch_size=8", "train.save_every=2", "train.max_length=128",
             "lora.dropout=0.0", "schedule.warmup_steps=1", "eval.num_samples=2", "eval.max_new_tokens=4",
             "data.max_val_examples=8"]
+# Teacher-forced (supervised) with the SFT term: both normalisers are global-batch token counts, so N ranks
+# compute one process's loss. (On-policy batches sample per rank with their own seeds, by design.)
+DISTILL_SET = [*COMMON, "train.max_steps=4", "train.batch_size=8", "train.save_every=2", "train.eval_every=100",
+               "schedule.warmup_steps=1", "loss.sft_weight=0.3", "loss.divergence=jsd", "loss.temperature=1.5",
+               "train.max_train_examples=64", "eval.gold_prompts=4", "eval.val_chats=8", "eval.max_new_tokens=4"]
 STAGES = {  # name -> (module, config, overrides, output dir name)
     "sft": ("stages.sft", "configs/sft/tiny.yaml", SFT_SET, "sft"),
     "reward": ("stages.reward", "configs/reward/tiny.yaml", REWARD_SET, "reward"),
     "dpo": ("stages.rlhf", "configs/rlhf/dpo_tiny.yaml", DPO_SET, "rlhf-dpo"),
     "lora": ("stages.lora", "configs/lora/tiny.yaml", LORA_SET, "lora"),
+    "distill": ("stages.distill", "configs/distill/tiny.yaml", DISTILL_SET, "distill"),
 }
 
 
@@ -75,6 +81,8 @@ def _args(name: str, run_dir: Path, chain, lora_inputs) -> list[str]:
         args += ["--base", lora_inputs["base"], "--data", lora_inputs["data"]]
     elif name == "dpo":
         args += ["--init", str(chain.sft), "--reward", str(chain.reward), "--data", str(chain.data)]
+    elif name == "distill":
+        args += ["--teacher", str(chain.sft), "--data", str(chain.data)]
     else:
         args += ["--init", str(chain.pretrain if name == "sft" else chain.sft), "--data", str(chain.data)]
     for s in sets:

@@ -817,6 +817,9 @@ class AlignlineModel(AlignlinePreTrainedModel):
     ) -> MoeModelOutputWithPast | tuple:
         if output_router_logits is None:  # Mixtral's flag: the argument, else the config (MoE configs only)
             output_router_logits = getattr(self.config, "output_router_logits", False)
+        # A head's option that TRL's DistillationTrainer also hands the backbone (it slices the hidden
+        # states itself); LlamaModel swallows it in **kwargs, so the backbone ignores it too.
+        kwargs.pop("logits_to_keep", None)
         _check_kwargs(kwargs, type(self).__name__)
         cache = _one_cache(cache, past_key_values, type(self).__name__)
         if output_hidden_states is None:
