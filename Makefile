@@ -37,7 +37,7 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
-# About a minute: the library and model tests, no stage trainings, Prefect or subprocesses.
+# About 90 s: the library and model tests, no stage trainings, Prefect or subprocesses.
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow and not hf_battery" -q
 
