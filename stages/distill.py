@@ -231,6 +231,7 @@ def _run(config: Config, inputs: dict[str, Path], run_dir: str | Path, dist) -> 
     from trl import DistillationConfig
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
+    from alignline.chat import encode_render
     from alignline.config import build_model
     from alignline.distill import DistillTrainer, check_shared_tokenizer, distill_examples, trl_beta
     from alignline.distributed import barrier, pick_device
@@ -265,6 +266,8 @@ def _run(config: Config, inputs: dict[str, Path], run_dir: str | Path, dist) -> 
         raise InputError(f"distill: no training examples in {config.data.train}")
     val_chats = [r["messages"] for r in read_jsonl(data_dir / "sft" / "val.jsonl", config.eval.val_chats)]
     val_rows = distill_examples(tokenizer, val_chats, t.max_length)
+    if val_chats:  # the evaluation's answer masks need this template: fail now, not after training
+        encode_render(tokenizer, val_chats[0], tokenizer.chat_template)
 
     run = StageRun(run_dir, "distill", config, inputs=stage_inputs, source=__file__, external_inputs=external,
                    data=data_files(config))
