@@ -30,6 +30,7 @@ import copy
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -266,7 +267,23 @@ def test_pipeline_launches_ppo_on_two_ranks_with_torchrun(inputs, tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def _resume_worker(rank: int, world: int, ports: list[int], inputs: dict, root: str) -> None:
+def _shared_port(rank: int, root: str, i: int) -> int:
+    """A free port for group `i`, picked by rank 0 just before it joins and handed to the other rank in a
+    file. Ports picked minutes ahead can be taken meanwhile by the gloo connections of the earlier runs
+    (ephemeral ports), and a group whose rank 0 cannot bind waits for its store until the test times out."""
+    path = Path(root, f"port-{i}")
+    if rank == 0:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(_free_port()))
+        tmp.replace(path)
+    deadline = time.monotonic() + 120
+    while not path.is_file():
+        assert time.monotonic() < deadline, f"rank 0 never wrote {path}"
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _resume_worker(rank: int, world: int, inputs: dict, root: str) -> None:
     """In one pair of processes (imports paid once): an uninterrupted 4-iteration run into a/, a run into
     b/ killed after iteration 3 (state saved at 2), and its resumption; each run joins a fresh group."""
     from alignline.config import load_config
@@ -274,8 +291,8 @@ def _resume_worker(rank: int, world: int, ports: list[int], inputs: dict, root: 
     from stages import rlhf as ppo
 
     cfg = load_config(ppo.Config, REPO / "configs/rlhf/tiny.yaml", [*SHORT, "steps=4", "logging.report_to=[]"])
-    for name, port, fail_after in (("a", ports[0], None), ("b", ports[1], 3), ("b", ports[2], None)):
-        _join_group(rank, world, port)
+    for i, (name, fail_after) in enumerate((("a", None), ("b", 3), ("b", None))):
+        _join_group(rank, world, _shared_port(rank, root, i))
         os.environ.pop(FAIL_AFTER_ENV, None)
         if fail_after is not None:
             os.environ[FAIL_AFTER_ENV] = str(fail_after)
@@ -293,8 +310,7 @@ def test_two_rank_run_resumes_bitwise(inputs, tmp_path):
 
     from tests.test_ppo_stage import _assert_same_weights
 
-    ports = [_free_port() for _ in range(3)]
-    mp.spawn(_resume_worker, args=(2, ports, inputs, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_resume_worker, args=(2, inputs, str(tmp_path)), nprocs=2, join=True)
     assert all((tmp_path / f"interrupted-{r}").read_text() == "b" for r in range(2))
     a, b = tmp_path / "a" / "rlhf-ppo", tmp_path / "b" / "rlhf-ppo"
     ev_a, ev_b = (json.loads((p / "eval.json").read_text()) for p in (a, b))
