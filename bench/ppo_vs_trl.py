@@ -1,8 +1,10 @@
 """Benchmark (not a test): our PPO (alignline.rl.ppo) vs TRL 1.12's trl.experimental.ppo.PPOTrainer.
 
     .venv/bin/python bench/ppo_vs_trl.py --run-dir runs/tiny [--iters 10] [--threads 1] [--write]
+    .venv/bin/python bench/ppo_vs_trl.py --run-dir runs/tiny --policy pretrain --max-new-tokens 48  # long answers
 
-Both run on the same tiny SFT policy, reward model (value model initialised from it), prompts
+Both run on the same tiny SFT policy (or `--policy pretrain`: a base model, which rarely emits EOS,
+so every answer runs to --max-new-tokens: the long-response regime where generation dominates), reward model (value model initialised from it), prompts
 (prompts/train.jsonl of the run's data stage) and hyperparameters, each in its own process.
 Measured: seconds per PPO iteration (median after a warm-up iteration) split into generation,
 scoring and training (as NeMo-RL and verl report it), generation tokens/s,
@@ -53,6 +55,7 @@ HP = dict(
     gamma=1.0,
     lam=0.95,
     missing_eos_penalty=1.0,
+    adam_betas=(0.9, 0.999),   # TRL's (transformers') AdamW defaults; eps 1e-8, no weight decay on both sides
 )
 
 
@@ -82,13 +85,16 @@ def reward_stats(reward_dir: Path) -> tuple[float, float]:
     return float(ev["reward_mean"]), float(ev["reward_std"])
 
 
+POLICY = "sft"  # the stage whose checkpoint is the initial policy and the reference (--policy)
+
+
 def load_models(run_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
 
-    sft, rm = run_dir / "sft" / "checkpoint", run_dir / "reward" / "checkpoint"
+    sft, rm = run_dir / POLICY / "checkpoint", run_dir / "reward" / "checkpoint"
     tok = AutoTokenizer.from_pretrained(str(sft))
     f32 = dict(dtype=torch.float32)
     policy = AutoModelForCausalLM.from_pretrained(str(sft), **f32)
@@ -106,7 +112,7 @@ def score_policy(policy_dir: Path, run_dir: Path, n_prompts: int, seed: int) -> 
     import alignline.model  # noqa: F401 - registers model_type "alignline" with the Auto classes
     from alignline.rl.rollout import generate, left_pad, sequence_scores, truncate_after_eos
 
-    tok = AutoTokenizer.from_pretrained(str(run_dir / "sft" / "checkpoint"))
+    tok = AutoTokenizer.from_pretrained(str(run_dir / POLICY / "checkpoint"))
     policy = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
     rm = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "reward" / "checkpoint"),
                                                             dtype=torch.float32).eval()
@@ -143,7 +149,8 @@ def run_ours(run_dir: Path, iters: int, out: Path, seed: int) -> dict:
         ppo_epochs=HP["ppo_epochs"], max_new_tokens=HP["max_new_tokens"],
         temperature=HP["temperature"], gamma=HP["gamma"], lam=HP["lam"], clip_range=HP["clip_range"],
         clip_range_value=HP["clip_range_value"], vf_coef=HP["vf_coef"], kl=KLArgs(beta=HP["beta"]),
-        missing_eos_penalty=HP["missing_eos_penalty"], optim={"lr": HP["lr"], "weight_decay": 0.0, "grad_clip": 1.0},
+        missing_eos_penalty=HP["missing_eos_penalty"], optim={"lr": HP["lr"], "weight_decay": 0.0, "grad_clip": 1.0,
+                                                                    "betas": HP["adam_betas"], "eps": 1e-8},
     )
     trainer = PPOTrainer(args, policy, value, reward, ref_policy=ref, eos_id=tok.eos_token_id,
                          pad_id=tok.pad_token_id, reward_mean=mean, reward_std=std)
@@ -318,12 +325,14 @@ def summarise(name: str, res: dict, score_before: float) -> dict:
     }
 
 
-def write_section(rows: list[dict], argv: list[str], env: str) -> None:
+def write_section(rows: list[dict], argv: list[str], env: str, regime: str) -> None:
+    """Replace (or add) the `### <regime>` subsection of BENCHMARKS.md's "PPO vs TRL" section; the
+    section's own text and the other regimes' subsections stay as they are."""
     path = REPO / "BENCHMARKS.md"
     ours, trl = rows
     speed = trl["s_per_iter"] / ours["s_per_iter"]
     lines = [
-        SECTION,
+        f"### {regime}",
         "",
         f"Command: `{' '.join(argv)}`  ",
         f"Machine: {env}",
@@ -347,12 +356,17 @@ def write_section(rows: list[dict], argv: list[str], env: str) -> None:
         f"Versions: ours {ours['versions']}, TRL side {trl['versions']}. Hyperparameters: `{json.dumps(HP)}`.",
         "",
     ]
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    # Replace only our own section (up to the next "## " heading); other sections stay untouched.
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
     block = "\n".join(lines) + "\n"
-    text = pattern.sub(block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    path.write_text(text, encoding="utf-8")
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
+    if not re.search(rf"^{re.escape(SECTION)}\n", text, re.M):
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n"
+    section = re.search(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", text, re.S | re.M)
+    body = section.group(0)
+    sub = re.compile(rf"^### {re.escape(regime)}\n.*?(?=^### |\Z)", re.S | re.M)
+    body = sub.sub(lambda _: block, body) if sub.search(body) else body.rstrip("\n") + "\n\n" + block
+    if not body.endswith("\n\n"):
+        body = body.rstrip("\n") + "\n\n"
+    path.write_text(text[: section.start()] + body + text[section.end() :], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -361,13 +375,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--policy", choices=["sft", "pretrain"], default="sft", help="initial policy (and reference)")
+    p.add_argument("--max-new-tokens", type=int, default=HP["max_new_tokens"], help="response_length")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "ppo_vs_trl")
     p.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
     p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    global POLICY
+    POLICY = a.policy
+    HP["max_new_tokens"] = a.max_new_tokens
     if a.child:
         return child(a.child, a.run_dir, a.iters, a.out, a.seed, a.threads)
-    for stage in ("data", "sft", "reward"):
+    for stage in ("data", a.policy, "reward"):
         if not (a.run_dir / stage / "manifest.json").is_file():
             raise SystemExit(f"{a.run_dir / stage} is not a finished stage; run "
                              f"`alignline pipeline --config configs/pipeline/tiny.yaml --run-dir {a.run_dir}` first")
@@ -378,14 +397,15 @@ def main(argv: list[str] | None = None) -> None:
         out = a.out / impl
         out.mkdir(parents=True, exist_ok=True)
         cmd = [py, str(Path(__file__).resolve()), "--child", impl, "--run-dir", str(a.run_dir), "--iters",
-               str(a.iters), "--seed", str(a.seed), "--threads", str(a.threads), "--out", str(out)]
+               str(a.iters), "--seed", str(a.seed), "--threads", str(a.threads), "--out", str(out),
+               "--policy", a.policy, "--max-new-tokens", str(a.max_new_tokens)]
         print(f"[{impl}] {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True, env=env, cwd=REPO)
         results[impl] = json.loads((out / "result.json").read_text())
     import torch
 
     torch.set_num_threads(a.threads)
-    before = score_policy(a.run_dir / "sft" / "checkpoint", a.run_dir, 64, a.seed + 1)
+    before = score_policy(a.run_dir / a.policy / "checkpoint", a.run_dir, 64, a.seed + 1)
     rows = [summarise(k, results[k], before) for k in ("ours", "trl")]
     for r in rows:
         print(json.dumps(r))
@@ -395,7 +415,9 @@ def main(argv: list[str] | None = None) -> None:
         machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch threads={a.threads}"
         if torch.cuda.is_available():
             machine = torch.cuda.get_device_name(0)
-        write_section(rows, ["python", "bench/ppo_vs_trl.py", *(argv or sys.argv[1:])], machine)
+        regime = (f"Short answers: the SFT policy, max_new_tokens {a.max_new_tokens}" if a.policy == "sft" else
+                  f"Long answers: the pretrained base as policy, max_new_tokens {a.max_new_tokens}")
+        write_section(rows, ["python", "bench/ppo_vs_trl.py", *(argv or sys.argv[1:])], machine, regime)
 
 
 if __name__ == "__main__":

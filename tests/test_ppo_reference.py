@@ -215,14 +215,22 @@ def test_micro_loss_matches_the_clipped_objectives_written_out():
 # --------------------------------------------------------------------------- the optimizer loop
 
 
-def fixed_length_rollout(t):
-    """A scored rollout in which every response has all max_new_tokens tokens (EOS is out of the
-    vocabulary, so never sampled): every micro-batch then holds the same number of real tokens, and
-    the per-micro-batch token means of k micro-batches average to the token mean of their union."""
+def ragged_rollout(t, n=16):
+    """A scored rollout whose responses hold 1, 2, ..., max_new_tokens real tokens in turn: sampled at
+    full length (EOS is out of the vocabulary), then cut. Log-probs and values are causal, so those
+    of the kept positions are exact; the advantages are computed on the cut rollout. The micro-batches
+    of a minibatch then hold different numbers of tokens, where only a minibatch-wide token mean
+    makes k accumulated micro-batches one batch."""
     torch.manual_seed(5)
-    ro = t.compute_advantages(t.rollout(prompts()))
-    assert bool(ro.mask.all()) and ro.mask.shape[1] == t.args.max_new_tokens
-    return ro
+    ro = t.rollout(prompts(n))
+    B, R = ro.mask.shape
+    assert R == t.args.max_new_tokens
+    keep = torch.arange(R)[None, :] < (torch.arange(B) % R + 1)[:, None]
+    P = ro.context_len
+    ro.query_response[:, P:] = torch.where(keep, ro.query_response[:, P:], PAD)
+    ro.attention_mask[:, P:] = keep.long()
+    ro.mask = keep.long()
+    return t.compute_advantages(ro)
 
 
 def sgd(t, lr):
@@ -235,17 +243,20 @@ def sgd(t, lr):
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05])
 def test_optimize_equals_a_plain_minibatch_loop(grad_clip):
     """optimize() == for each epoch, for each minibatch of a fresh permutation: zero_grad, the loss of
-    the whole minibatch in one piece, backward, clip, step. SGD, so a gradient scaled by k or piled up
-    across minibatches shows (Adam would normalise it away); grad_clip 0.05 is below every gradient
-    norm here, so ignoring it shows too."""
+    the whole minibatch in one piece, backward, clip, step. Ragged responses, so micro-batches
+    weighted by anything but their share of the minibatch's tokens show, and so does a length-sorted
+    split that changed what a minibatch holds. SGD, so a gradient scaled by k or piled up across
+    minibatches shows (Adam would normalise it away); grad_clip 0.05 is below every gradient norm
+    here, so ignoring it shows too."""
     a = args(grad_accum_steps=2, optim={"lr": 1e-2, "weight_decay": 0.0, "grad_clip": grad_clip})
     t = trainer(a, eos_id=V)
-    ro = fixed_length_rollout(t)
+    ro = ragged_rollout(t)
     ref = copy.deepcopy(t)
-    sgd(t, 0.1)
+    lr = 0.1 if grad_clip else 0.01  # unclipped, lr 0.1 makes the critic's steps diverge
+    sgd(t, lr)
     t.optimize(copy.deepcopy(ro), torch.Generator().manual_seed(11))
 
-    opts = sgd(ref, 0.1)
+    opts = sgd(ref, lr)
     gen = torch.Generator().manual_seed(11)
     norms = []
     for _ in range(a.ppo_epochs):
@@ -264,30 +275,31 @@ def test_optimize_equals_a_plain_minibatch_loop(grad_clip):
     with torch.no_grad():
         moved = max(float((p - q).abs().max()) for p, q in zip(ref.params, make_models()[0].parameters()))
     assert moved > 5e-4
-    # Eight SGD steps with another summation order: float rounding stays ~1e-6, far below any bug.
+    # Eight SGD steps with another summation order: float rounding stays ~1e-6, far below any bug (unclipped
+    # at lr 0.1, the critic's gradient norm grows to ~1e3 and amplifies that rounding to ~1e-2).
     for p, q in zip(t.params, ref.params):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_accumulating_k_micro_batches_is_one_batch(optimizer):
-    """One optimizer step over 8 rollouts: 4 accumulated micro-batches of 2 == one batch of 8."""
+    """One optimizer step over 8 rollouts of 1..6 tokens: 4 accumulated micro-batches of 2 == one batch of 8."""
     params = []
     for k in (1, 4):
         a = args(rollout_batch_size=8, mini_batch_size=8, grad_accum_steps=k, ppo_epochs=1,
-                 optim={"lr": 1e-2, "weight_decay": 0.0, "grad_clip": 0.0})
+                 optim={"lr": 1e-2, "weight_decay": 0.0, "grad_clip": 0.0, "eps": 1e-4})
         t = trainer(a, eos_id=V)
         if optimizer == "sgd":
             sgd(t, 0.5)
-        torch.manual_seed(5)
-        ro = t.compute_advantages(t.rollout(prompts(8)))
-        assert bool(ro.mask.all())
+        ro = ragged_rollout(t, 8)
+        assert len(set(ro.mask.sum(1).tolist())) == 6
         t.optimize(ro, torch.Generator().manual_seed(3))
         params.append(trainable(t))
     before = [p.detach() for p in trainer(args(), eos_id=V).params]
     assert max(float((p - q).abs().max()) for p, q in zip(params[0], before)) > 1e-3
-    # Adam's first step is lr * g / (|g| + eps): an element whose gradient is near eps turns summation-order
-    # rounding into ~1e-4 * lr (1.6e-6 measured); a dropped or doubled micro-batch moves elements by ~lr.
+    # Adam's first step is lr * g / (|g| + eps): with eps 1e-8 an element whose gradient is near eps turns
+    # summation-order rounding into up to ~1e-2 * lr (7.8e-5 measured); eps 1e-4 keeps that below 1e-6.
+    # A dropped or doubled micro-batch, or one weighted by anything but its token share, moves elements by ~lr.
     atol = 1e-6 if optimizer == "sgd" else 1e-5
     for p, q in zip(*params):
         torch.testing.assert_close(p, q, atol=atol, rtol=1e-5)
@@ -314,6 +326,47 @@ def test_every_rollout_is_trained_on_once_per_epoch(monkeypatch):
     for e in range(a.ppo_epochs):
         assert sorted(x for i in seen[e * per_epoch : (e + 1) * per_epoch] for x in i) == list(range(16))
     assert seen[:per_epoch] != seen[per_epoch : 2 * per_epoch]  # a fresh permutation each epoch
+
+
+def test_micro_batches_are_cut_from_each_minibatch_by_length_and_trimmed(monkeypatch):
+    """Each minibatch (the rows a fresh permutation puts in it) is cut into micro-batches of ascending
+    response length, so every micro-batch's forward is trimmed to its own longest response and
+    prompt: with ragged responses the trained positions add up to less than the untrimmed layout's."""
+    a = args(rollout_batch_size=16, mini_batch_size=8, grad_accum_steps=4, ppo_epochs=2)
+    t = trainer(a, eos_id=V)
+    ro = ragged_rollout(t)
+    gen = torch.Generator().manual_seed(4)
+    g2 = torch.Generator().manual_seed(4)
+    perms = [torch.randperm(16, generator=g2).tolist() for _ in range(2)]
+    seen, widths = [], []
+    real_fwd = t.policy_fwd.forward
+
+    def spy_fwd(qr=None, attn=None, *rest, **kw):
+        if qr is not None:
+            widths.append(qr.shape[1])
+        return real_fwd(qr, attn, *rest, **kw)
+
+    real = t._micro_loss
+
+    def spy(r, idx):
+        seen.append(idx.tolist())
+        return real(r, idx)
+
+    monkeypatch.setattr(t, "_micro_loss", spy)
+    monkeypatch.setattr(t.policy_fwd, "forward", spy_fwd)
+    t.optimize(ro, gen)
+    lengths = ro.mask.sum(1).tolist()
+    prompt_len = ro.attention_mask[:, : ro.context_len].sum(1).tolist()
+    assert len(seen) == 2 * 2 * 4 and all(len(i) == 2 for i in seen)  # epochs x minibatches x micro-batches
+    for m in range(4):
+        rows = [x for i in seen[m * 4 : (m + 1) * 4] for x in i]
+        epoch, start = divmod(m, 2)
+        assert sorted(rows) == sorted(perms[epoch][start * 8 : (start + 1) * 8])  # the minibatch's own rows
+        keys = [(lengths[x], prompt_len[x]) for x in rows]
+        assert keys == sorted(keys)
+    for i, w in zip(seen, widths, strict=True):
+        assert w == max(prompt_len[x] for x in i) + max(lengths[x] for x in i)
+    assert sum(widths) < len(seen) * ro.query_response.shape[1]
 
 
 def test_critic_moves_towards_the_returns():

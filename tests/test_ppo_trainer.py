@@ -237,7 +237,8 @@ def test_lora_policy_uses_its_base_as_reference():
     ro = t.last_rollout
     with torch.no_grad():
         ref = response_logprobs(base_copy, ro.query_response, ro.attention_mask, ro.context_len, 1.0)
-    torch.testing.assert_close(ro.ref_logprobs, ref, atol=1e-5, rtol=0)
+    # Scored on the real response tokens only (packed): 0 past each response's end.
+    torch.testing.assert_close(ro.ref_logprobs, ref * ro.mask, atol=1e-5, rtol=0)
     assert not torch.allclose(ro.logprobs, ro.ref_logprobs)  # the adapter did learn something
     with pytest.raises(ValueError, match="ref_policy"):
         PPOTrainer(args(), base_copy, value, rm, eos_id=EOS, pad_id=PAD)
@@ -550,7 +551,8 @@ def test_step_metrics_are_the_rollouts_statistics_and_a_consistent_time_split():
 
 def test_global_micro_stats_sum_the_ranks_weighted_rows(monkeypatch):
     """Each rank's weighted micro-batch rows (see _weighted_stats) summed over ranks in one all-reduce,
-    row by row; ratio_var turns back into a variance (E[r^2] - mean^2, never below 0)."""
+    row by row; a minibatch's rows then sum to its token means, with ratio_var turned back into a
+    variance (E[r^2] - mean^2, never below 0)."""
     from types import SimpleNamespace
 
     import alignline.rl.ppo as ppo_mod
@@ -569,13 +571,20 @@ def test_global_micro_stats_sum_the_ranks_weighted_rows(monkeypatch):
             {"policy_loss": 2.0, "ratio_mean": 0.7, "ratio_var": 0.7 * 0.8}]
     out = PPOTrainer._global_micro_stats(me, rows)
     assert len(sums) == 1 and sums[0].dtype == torch.float64 and sums[0].shape == (2, 3)  # one all-reduce
-    assert out[0]["policy_loss"] == pytest.approx(2.0) and out[0]["ratio_mean"] == pytest.approx(1.0)
-    assert out[0]["ratio_var"] == pytest.approx(0.75 * 1.04 + 0.25 * 1.01 - 1.0)
-    assert out[1]["policy_loss"] == pytest.approx(3.0) and out[1]["ratio_var"] == 0.0  # clamped: 0.92 - 1
+    assert out[0] == pytest.approx({"policy_loss": 2.0, "ratio_mean": 1.0, "ratio_var": 0.75 * 1.04 + 0.25 * 1.01})
+    assert out[1] == pytest.approx({"policy_loss": 3.0, "ratio_mean": 1.0, "ratio_var": 0.7 * 0.8 + 0.3 * 1.2})
     assert list(out[1]) == ["policy_loss", "ratio_mean", "ratio_var"]
     single = SimpleNamespace(dist=DistInfo(), device="cpu")
     assert PPOTrainer._global_micro_stats(single, rows) is rows
     assert PPOTrainer._global_micro_stats(me, []) == []
+    # Two micro-batches holding 3/4 and 1/4 of a minibatch's tokens, ratios (mean, var) (1.2, 0.04), (0.8, 0.01).
+    mb = PPOTrainer._minibatch_stats([PPOTrainer._weighted_stats(
+        {"policy_loss": torch.tensor(pl), "ratio_mean": torch.tensor(m), "ratio_var": torch.tensor(v)}, w)
+        for pl, m, v, w in ((2.0, 1.2, 0.04, 0.75), (-1.0, 0.8, 0.01, 0.25))])
+    mean = 0.75 * 1.2 + 0.25 * 0.8
+    assert mb == pytest.approx({"policy_loss": 1.25, "ratio_mean": mean,
+                                "ratio_var": 0.75 * (0.04 + 1.44) + 0.25 * (0.01 + 0.64) - mean**2})
+    assert PPOTrainer._minibatch_stats([{"ratio_mean": 1.0, "ratio_var": 0.9}])["ratio_var"] == 0.0  # clamped
 
 
 def test_two_ranks_update_like_one_process(monkeypatch):
@@ -754,9 +763,11 @@ def test_step_shuffles_minibatches_with_the_generator_it_is_given(monkeypatch):
 
 
 def test_optimize_reports_the_mean_over_its_minibatches(monkeypatch):
-    """optimize()'s statistics: each minibatch's is the mean of its micro-batches' plus the two
-    gradient norms (policy and critic clipped apart); the update reports the mean over minibatches
-    and keeps the first minibatch's (16 rollouts, minibatches of 8 in 2 micro-batches, 2 epochs)."""
+    """optimize()'s statistics: each minibatch's is the token mean over its micro-batches (each
+    micro-batch's weighted by its share of the minibatch's response tokens; ratio_var the variance
+    over all of them) plus the two gradient norms (policy and critic clipped apart); the update
+    reports the mean over minibatches and keeps the first minibatch's (16 rollouts, minibatches of 8
+    in 2 micro-batches, 2 epochs, ragged lengths)."""
     t = trainer(args(), seed=4)
     torch.manual_seed(4)
     ro = t.rollout(prompts())
@@ -771,22 +782,30 @@ def test_optimize_reports_the_mean_over_its_minibatches(monkeypatch):
 
     def spy_micro(r, idx):
         loss, stats, ntok = real(r, idx)
-        micro.append({k: float(v) for k, v in stats.items()})
+        micro.append(({k: float(v) for k, v in stats.items()}, ntok))
         return loss, stats, ntok
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
     monkeypatch.setattr(t, "_micro_loss", spy_micro)
     out = t.optimize(ro, torch.Generator().manual_seed(0))
     assert len(norms) == 2 * 4 and len(micro) == 2 * 4  # 4 optimizer steps, 2 micro-batches each
+    assert any(a[1] != b[1] for a, b in zip(micro[0::2], micro[1::2]))  # the token weights differ
 
     def mean(xs):
         return sum(xs) / len(xs)
 
+    def minibatch(pair):
+        n = sum(k for _, k in pair)
+        st = {key: sum(s[key] * k for s, k in pair) / n for key in pair[0][0]}
+        st["ratio_var"] = sum((s["ratio_var"] + s["ratio_mean"] ** 2) * k for s, k in pair) / n - st["ratio_mean"] ** 2
+        return st
+
+    mbs = [minibatch(micro[i : i + 2]) for i in range(0, 8, 2)]
     assert out["policy_grad_norm"] == pytest.approx(mean(norms[0::2]))
     assert out["critic_grad_norm"] == pytest.approx(mean(norms[1::2]))
     assert t.first_minibatch_stats["policy_grad_norm"] == pytest.approx(norms[0])
     assert t.first_minibatch_stats["critic_grad_norm"] == pytest.approx(norms[1])
-    for k in micro[0]:
-        assert out[k] == pytest.approx(mean([m[k] for m in micro]), rel=1e-6, abs=1e-9), k
-        assert t.first_minibatch_stats[k] == pytest.approx(mean([m[k] for m in micro[:2]]), rel=1e-6, abs=1e-9), k
-    assert set(out) == set(micro[0]) | {"policy_grad_norm", "critic_grad_norm", "_train_tokens"}
+    for k in micro[0][0]:
+        assert out[k] == pytest.approx(mean([m[k] for m in mbs]), rel=1e-6, abs=1e-9), k
+        assert t.first_minibatch_stats[k] == pytest.approx(mbs[0][k], rel=1e-6, abs=1e-9), k
+    assert set(out) == set(micro[0][0]) | {"policy_grad_norm", "critic_grad_norm", "_train_tokens"}

@@ -566,3 +566,85 @@ def test_left_pad_refuses_empty_input_and_positions_start_at_zero():
     assert ids.dtype == attn.dtype == torch.long
     assert position_ids_from_mask(attn).tolist() == [[0, 1, 2], [0, 0, 0]]
     assert position_ids_from_mask(torch.tensor([[0, 1, 1, 1]])).tolist() == [[0, 0, 1, 2]]
+
+
+def _tiny_causal(arch: str):
+    """A tiny causal LM of `arch` with a 50-token vocabulary (ids 0 pad, 1 eos, 2 bos)."""
+    import transformers as tf
+
+    from alignline.model import AlignlineConfig, AlignlineForCausalLM
+
+    small = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    if arch == "alignline":
+        return AlignlineForCausalLM(AlignlineConfig(**small)).eval()
+    if arch == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**small)).eval()
+    return _tiny_llama() if arch == "llama" else _tiny_gpt2()
+
+
+def _ragged_batch():
+    prompts = [[2, 7, 8, 9, 10, 11], [2, 12, 13], [2, 14, 15, 16]]
+    responses = torch.tensor([[20, 21, 1, 0], [22, 23, 24, 25], [26, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    ids, attn = left_pad(prompts, 0)
+    return torch.cat([ids, responses], 1), torch.cat([attn, mask], 1), ids.shape[1], mask
+
+
+@pytest.mark.parametrize("arch", ["alignline", "llama", "qwen2", "gpt2", "peft"])
+def test_packed_logprobs_run_the_head_on_real_tokens_only_and_equal_the_full_forward(arch):
+    """response_logprobs with the response mask: the LM head sees only the 9 real response tokens
+    (not 3 x 5 positions), and log-probs, entropy and their gradients equal the full forward's on
+    those tokens (T = 0.7), 0 elsewhere. A PEFT-wrapped policy packs through its base model."""
+    from alignline.rl import rollout
+
+    model = _tiny_causal("llama" if arch == "peft" else arch)
+    if arch == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    qr, attn, P, mask = _ragged_batch()
+    full_logp, full_ent = rollout.response_logprobs(model, qr, attn, P, 0.7, with_entropy=True)
+    backbone, head = rollout._packable(model)
+    rows = []
+    hook = head.register_forward_hook(lambda m, inp, out: rows.append(tuple(inp[0].shape)))
+    logp, ent = rollout.response_logprobs(model, qr, attn, P, 0.7, with_entropy=True, mask=mask)
+    hook.remove()
+    assert rows == [(9, head.weight.shape[1])]
+    torch.testing.assert_close(logp, full_logp * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, full_ent * mask, atol=1e-5, rtol=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_full = torch.autograd.grad((full_logp * mask).sum(), params)
+    g_packed = torch.autograd.grad(logp.sum(), params)
+    for a, b in zip(g_full, g_packed, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_that_rescales_its_logits_is_scored_through_its_own_forward():
+    """A causal LM whose forward is not head(backbone(x)) (here: logits / 2 after the head, as Gemma 2's
+    soft-capping or Granite's logits_scaling do) is detected once and scored with its own forward:
+    the packed call still equals the full one."""
+    from transformers import LlamaForCausalLM
+
+    from alignline.rl import rollout
+
+    class Halved(LlamaForCausalLM):
+        def forward(self, *a, **k):
+            out = super().forward(*a, **k)
+            out.logits = out.logits / 2
+            return out
+
+    plain = _tiny_llama()
+    model = Halved(plain.config).eval()
+    model.load_state_dict(plain.state_dict())
+    assert rollout._packable(model) is None
+    assert rollout._packable(_tiny_llama()) is not None
+    qr, attn, P, mask = _ragged_batch()
+    with torch.no_grad():
+        full = rollout.response_logprobs(model, qr, attn, P, 0.7)
+        packed = rollout.response_logprobs(model, qr, attn, P, 0.7, mask=mask)
+    torch.testing.assert_close(packed, full * mask, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        assert not torch.allclose(full * mask, rollout.response_logprobs(plain, qr, attn, P, 0.7) * mask)

@@ -21,10 +21,14 @@ The scored rollouts (a few tensors of B x (prompt + response) entries) are then 
 every rank holds the global batch in the single-process layout and the reward normalisation
 (`reward_norm: running`), GAE, reward/advantage whitening, the adaptive KL controller's statistic
 and the logged rollout metrics are computed over the global batch, as one process would. For the
-updates every rank shares one minibatch permutation and takes 1/N of each micro-batch; policy and
-critic run their training forwards through DDP, which averages gradients, and each rank weights its
-loss by its share of the micro-batch's response tokens, so one optimizer step on N ranks is one
-step on the global micro-batches in one process (same token means). The update's metrics are
+updates every rank shares one minibatch permutation and takes every N-th row of each micro-batch;
+policy and critic run their training forwards through DDP, which averages gradients.
+
+A minibatch's loss is the token mean over all its response tokens: each micro-batch (each rank's
+piece of one) is weighted by its share of the minibatch's tokens, so the update does not depend on
+how the minibatch is split, over micro-batches or ranks. Micro-batches are therefore cut by length
+(short answers together) and trimmed to their own longest prompt and response, and the LM head
+runs on real response tokens only (`response_logprobs` with a mask). The update's metrics are
 all-reduced. Generation, scoring and saving use the unwrapped models.
 """
 
@@ -62,6 +66,7 @@ from alignline.rl.core import (
     value_loss,
 )
 from alignline.rl.rollout import (
+    PolicyForward,
     TokenValues,
     disable_dropout,
     generate,
@@ -168,7 +173,7 @@ class PPOTrainer:
         self.ptx_sampler = ptx_sampler
         # Training forwards go through DDP under torchrun (gradients averaged over ranks); rollout,
         # scoring, generate() and state dicts use the unwrapped models. One process: no wrapper.
-        self.policy_fwd = wrap_model(policy, self.dist, "ddp")
+        self.policy_fwd = wrap_model(PolicyForward(policy), self.dist, "ddp")
         self.critic_fwd = wrap_model(TokenValues(value_model), self.dist, "ddp")
         self.policy_params = [p for p in policy.parameters() if p.requires_grad]
         self.critic_params = [p for p in value_model.parameters() if p.requires_grad]
@@ -212,11 +217,11 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ rollout
 
-    def _ref_logprobs(self, qr, attn, ctx):
+    def _ref_logprobs(self, qr, attn, ctx, mask):
         if self.ref_policy is not None:
-            return response_logprobs(self.ref_policy, qr, attn, ctx, self.args.temperature)
+            return response_logprobs(self.ref_policy, qr, attn, ctx, self.args.temperature, mask=mask)
         with self.policy.disable_adapter():
-            return response_logprobs(self.policy, qr, attn, ctx, self.args.temperature)
+            return response_logprobs(self.policy, qr, attn, ctx, self.args.temperature, mask=mask)
 
     def _values(self, qr, attn, ctx, train: bool = False):
         """Per-token values on the normalised reward scale. The critic starts as a copy of the reward
@@ -295,10 +300,10 @@ class PPOTrainer:
         out = {k: [] for k in ("logp", "ent", "ref", "val", "raw")}
         for sl in _chunks(len(prompts), a.forward_batch_size):
             q, m = qr[sl], full_attn[sl]
-            logp, ent = response_logprobs(self.policy, q, m, P, a.temperature, with_entropy=True)
+            logp, ent = response_logprobs(self.policy, q, m, P, a.temperature, with_entropy=True, mask=mask[sl])
             out["logp"].append(logp)
             out["ent"].append(ent)
-            out["ref"].append(self._ref_logprobs(q, m, P))
+            out["ref"].append(self._ref_logprobs(q, m, P, mask[sl]))
             out["val"].append(self._values(q, m, P))
             out["raw"].append(sequence_scores(self.reward_model, q, m, P, mask[sl]))
         cat = {k: torch.cat(v) for k, v in out.items()}
@@ -411,14 +416,17 @@ class PPOTrainer:
     # ------------------------------------------------------------------ optimisation
 
     def _micro_loss(self, ro: Rollout, idx: torch.Tensor):
+        """Token-mean losses and statistics of the rollouts `idx`, and their response-token count."""
         a = self.args
         qr, attn, mask = ro.query_response[idx], ro.attention_mask[idx], ro.mask[idx]
-        # Trim to the longest response in this micro-batch: less compute, same values.
+        # Trim to these rows: drop the prompt columns that are left padding in all of them and the response
+        # columns past the longest response. Positions come from the mask, so the values are the same.
+        P = ro.context_len
+        lead = P - int(attn[:, :P].sum(1).max())
         R = int(mask.sum(1).max())
-        keep = ro.context_len + R
-        qr, attn, mask = qr[:, :keep], attn[:, :keep], mask[:, :R]
-        logp = response_logprobs(self.policy_fwd, qr, attn, ro.context_len, a.temperature)
-        values = self._values(qr, attn, ro.context_len, train=True)
+        qr, attn, mask = qr[:, lead : P + R], attn[:, lead : P + R], mask[:, :R]
+        logp = self.policy_fwd(qr, attn, P - lead, a.temperature, mask)
+        values = self._values(qr, attn, P - lead, train=True)
         pg, pstats = policy_loss(logp, ro.logprobs[idx, :R], ro.advantages[idx, :R], mask, a.clip_range)
         vf, vstats = value_loss(values, ro.values[idx, :R], ro.returns[idx, :R], mask, a.clip_range_value)
         loss = pg + a.vf_coef * vf
@@ -447,41 +455,55 @@ class PPOTrainer:
 
     @staticmethod
     def _weighted_stats(stats: dict[str, torch.Tensor], w: float) -> dict[str, float]:
-        """A rank's micro-batch statistics (token means over its share) as its part of the token means
-        over the whole micro-batch: w = its share of the tokens. ratio_var carries the weighted second
-        moment of the ratio until `_global_micro_stats` subtracts the squared global mean."""
+        """One micro-batch piece's statistics (token means over its rows) as its part of the token means
+        over the whole minibatch: w = its share of the minibatch's response tokens. ratio_var carries
+        the weighted second moment of the ratio until `_minibatch_stats` subtracts the squared mean."""
         out = {k: float(v) * w for k, v in stats.items()}
         if "ratio_var" in stats:
             out["ratio_var"] = (float(stats["ratio_var"]) + float(stats["ratio_mean"]) ** 2) * w
         return out
 
     def _global_micro_stats(self, rows: list[dict[str, float]]) -> list[dict[str, float]]:
-        """Sum every rank's weighted micro-batch statistics (one all-reduce for the whole update)."""
+        """Sum every rank's weighted micro-batch rows, row by row (one all-reduce for the whole update)."""
         if not self.dist.enabled or not rows:
             return rows
         keys = list(rows[0])
         t = torch.tensor([[r[k] for k in keys] for r in rows], dtype=torch.float64, device=self.device)
-        out = []
-        for row in all_reduce_sum(t, self.dist).tolist():
-            d = dict(zip(keys, row, strict=True))
-            if "ratio_var" in d:
-                d["ratio_var"] = max(d["ratio_var"] - d["ratio_mean"] ** 2, 0.0)
-            out.append(d)
+        return [dict(zip(keys, row, strict=True)) for row in all_reduce_sum(t, self.dist).tolist()]
+
+    @staticmethod
+    def _minibatch_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+        """A minibatch's token-mean statistics: the sum of its weighted micro-batch rows, with ratio_var
+        turned back into a variance (E[r^2] - mean^2, never below 0)."""
+        out: dict[str, float] = {}
+        for row in rows:
+            for k, v in row.items():
+                out[k] = out.get(k, 0.0) + v
+        if "ratio_var" in out:
+            out["ratio_var"] = max(out["ratio_var"] - out["ratio_mean"] ** 2, 0.0)
         return out
 
     def optimize(self, ro: Rollout, generator: torch.Generator | None = None) -> dict[str, float]:
-        """`ppo_epochs` passes of shuffled minibatches over `ro`. Under torchrun `ro` is the gathered
-        global batch and `generator` must be in the same state on every rank (None: rank 0 draws a
-        seed and broadcasts it); each rank trains on its 1/N of every micro-batch, with its loss
-        weighted by its share of the micro-batch's response tokens, and DDP averages the gradients."""
+        """`ppo_epochs` passes of shuffled minibatches over `ro`; one optimizer step per minibatch.
+
+        The loss of a minibatch is the token mean over all its response tokens, however it is split:
+        each micro-batch's token-mean loss is weighted by its share of the minibatch's tokens, so k
+        accumulated micro-batches give the update of one batch. That frees the split: a minibatch is
+        cut into micro-batches of similar lengths (sorted by response, then prompt, length, as verl's
+        dynamic batching does), so each is trimmed to little padding.
+
+        Under torchrun `ro` is the gathered global batch and `generator` must be in the same state on
+        every rank (None: rank 0 draws a seed and broadcasts it); each rank trains on every N-th row of
+        each micro-batch with the same token-share weights (times N: DDP averages the gradients)."""
         a = self.args
-        B = ro.query_response.shape[0]
+        B, P = ro.query_response.shape[0], ro.context_len
         micro = a.mini_batch_size // a.grad_accum_steps
         world, rank = self.dist.world_size, self.dist.rank
-        share = micro // world
         if self.dist.enabled and generator is None:
             seed = broadcast_object(int(torch.randint(0, 2**62, (1,))), self.dist)
             generator = torch.Generator().manual_seed(seed)
+        resp_len = ro.mask.sum(1)
+        length_key = resp_len * (P + 1) + ro.attention_mask[:, :P].sum(1)
         micro_stats: list[dict[str, float]] = []
         norms: list[dict[str, float]] = []
         tokens = 0
@@ -490,22 +512,18 @@ class PPOTrainer:
             perm = torch.randperm(B, generator=generator)
             for mb_start in range(0, B, a.mini_batch_size):
                 mb = perm[mb_start : mb_start + a.mini_batch_size]
+                mb = mb[torch.argsort(length_key[mb], stable=True)]
+                mb_tokens = float(resp_len[mb].sum())
                 self.optimizer.zero_grad(set_to_none=True)
                 self.critic_optimizer.zero_grad(set_to_none=True)
                 for j in range(a.grad_accum_steps):
-                    idx = mb[j * micro : (j + 1) * micro]
-                    if not self.dist.enabled:
-                        loss, stats, ntok = self._micro_loss(ro, idx)
-                        (loss / a.grad_accum_steps).backward()
-                        micro_stats.append({k: float(v) for k, v in stats.items()})
-                    else:
-                        mine = idx[rank * share : (rank + 1) * share]
-                        w = float(ro.mask[mine].sum()) / float(ro.mask[idx].sum())
-                        with self._no_sync(j < a.grad_accum_steps - 1):
-                            loss, stats, ntok = self._micro_loss(ro, mine)
-                            # DDP divides the summed gradients by N: N * w makes them the token mean.
-                            (loss * (w * world / a.grad_accum_steps)).backward()
-                        micro_stats.append(self._weighted_stats(stats, w))
+                    # Every N-th row: the ranks' pieces of a sorted micro-batch have similar lengths.
+                    mine = mb[j * micro : (j + 1) * micro][rank::world]
+                    w = float(resp_len[mine].sum()) / mb_tokens
+                    with self._no_sync(j < a.grad_accum_steps - 1):
+                        loss, stats, ntok = self._micro_loss(ro, mine)
+                        (loss * (w * world)).backward()
+                    micro_stats.append(self._weighted_stats(stats, w))
                     tokens += ntok
                 # Each model is clipped on its own norm: a large critic gradient (typical early on, when
                 # the value head is off) must not shrink the policy's step, nor the reverse. Under DDP the
@@ -523,10 +541,7 @@ class PPOTrainer:
         micro_stats = self._global_micro_stats(micro_stats)
         sums: dict[str, float] = {}
         for m, mb_norms in enumerate(norms):
-            mb_stats: dict[str, float] = {}
-            for st in micro_stats[m * a.grad_accum_steps : (m + 1) * a.grad_accum_steps]:
-                for k, v in st.items():
-                    mb_stats[k] = mb_stats.get(k, 0.0) + v / a.grad_accum_steps
+            mb_stats = self._minibatch_stats(micro_stats[m * a.grad_accum_steps : (m + 1) * a.grad_accum_steps])
             mb_stats.update(mb_norms)
             if self.first_minibatch_stats is None:
                 self.first_minibatch_stats = dict(mb_stats)
