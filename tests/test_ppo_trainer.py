@@ -809,3 +809,26 @@ def test_optimize_reports_the_mean_over_its_minibatches(monkeypatch):
         assert out[k] == pytest.approx(mean([m[k] for m in mbs]), rel=1e-6, abs=1e-9), k
         assert t.first_minibatch_stats[k] == pytest.approx(mbs[0][k], rel=1e-6, abs=1e-9), k
     assert set(out) == set(micro[0][0]) | {"policy_grad_norm", "critic_grad_norm", "_train_tokens"}
+
+
+def test_heads_run_on_real_response_tokens_only_in_scoring_and_training():
+    """The policy's and the reference's LM heads see exactly the rollout's real response tokens when
+    scoring (not every padded position), and the policy's head each micro-batch's real tokens when
+    training: N rows per scoring forward, ppo_epochs x N rows over the update (ragged answers)."""
+    t = trainer(args(ppo_epochs=2))
+    rows = {"policy": [], "ref": []}
+    hooks = [getattr(m, "lm_head").register_forward_hook(
+        lambda mod, inp, out, name=name: rows[name].append(inp[0].shape[0]) if inp[0].dim() == 2 else None)
+        for name, m in (("policy", t.policy), ("ref", t.ref_policy))]
+    torch.manual_seed(8)
+    ro = t.rollout(prompts())
+    n = int(ro.mask.sum())
+    assert len(set(ro.mask.sum(1).tolist())) > 1 and n < ro.mask.numel()  # ragged, so packing matters
+    assert sum(rows["policy"]) == n and sum(rows["ref"]) == n
+    t.compute_advantages(ro)
+    rows["policy"].clear()
+    t.optimize(ro, torch.Generator().manual_seed(0))
+    for h in hooks:
+        h.remove()
+    assert sum(rows["policy"]) == 2 * n and len(rows["policy"]) == 2 * 16 // 4  # a call per micro-batch
+    assert rows["ref"] == [n]

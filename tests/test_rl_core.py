@@ -622,10 +622,13 @@ def test_packed_logprobs_run_the_head_on_real_tokens_only_and_equal_the_full_for
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
-def test_a_model_that_rescales_its_logits_is_scored_through_its_own_forward():
+def test_a_model_that_rescales_its_logits_is_scored_through_its_own_forward(caplog):
     """A causal LM whose forward is not head(backbone(x)) (here: logits / 2 after the head, as Gemma 2's
-    soft-capping or Granite's logits_scaling do) is detected once and scored with its own forward:
-    the packed call still equals the full one."""
+    soft-capping or Granite's logits_scaling do), or that has no output embeddings to call, is
+    detected once, logged by class name, and scored with its own forward: the packed call still
+    equals the full one."""
+    import logging
+
     from transformers import LlamaForCausalLM
 
     from alignline.rl import rollout
@@ -639,7 +642,13 @@ def test_a_model_that_rescales_its_logits_is_scored_through_its_own_forward():
     plain = _tiny_llama()
     model = Halved(plain.config).eval()
     model.load_state_dict(plain.state_dict())
-    assert rollout._packable(model) is None
+    with caplog.at_level(logging.INFO, logger="alignline.rl.rollout"):
+        assert rollout._packable(model) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "Halved: logits are not head(backbone(x)); response log-probs use its full forward"]
+    headless = _tiny_llama()
+    headless.get_output_embeddings = lambda: None
+    assert rollout._packable(headless) is None
     assert rollout._packable(_tiny_llama()) is not None
     qr, attn, P, mask = _ragged_batch()
     with torch.no_grad():
@@ -648,3 +657,5 @@ def test_a_model_that_rescales_its_logits_is_scored_through_its_own_forward():
     torch.testing.assert_close(packed, full * mask, atol=1e-6, rtol=0)
     with torch.no_grad():
         assert not torch.allclose(full * mask, rollout.response_logprobs(plain, qr, attn, P, 0.7) * mask)
+        torch.testing.assert_close(rollout.response_logprobs(headless, qr, attn, P, 0.7, mask=mask),
+                                   rollout.response_logprobs(headless, qr, attn, P, 0.7) * mask, atol=1e-6, rtol=0)

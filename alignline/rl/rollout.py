@@ -188,20 +188,18 @@ def _packable(model) -> tuple[nn.Module, nn.Module] | None:
     if model in _PACKABLE:
         return _PACKABLE[model]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's own
-    backbone = getattr(base, getattr(base, "base_model_prefix", "") or "", None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    backbone, head = getattr(base, base.base_model_prefix, None), base.get_output_embeddings()
     split = None
-    if isinstance(backbone, nn.Module) and isinstance(head, nn.Module) and backbone is not base:
-        vocab = int(head.weight.shape[0])
-        ids = torch.arange(1, 5, device=head.weight.device)[None, :] % vocab
+    if backbone is not None and head is not None:
+        ids = torch.arange(4, device=head.weight.device)[None, :]
         with torch.no_grad():
-            full = model(input_ids=ids, use_cache=False).logits.float()
-            parts = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
-        if full.shape == parts.shape and torch.allclose(full, parts, rtol=1e-4, atol=1e-5):
+            full = model(input_ids=ids).logits
+            parts = head(backbone(input_ids=ids).last_hidden_state)
+        if torch.equal(full, parts):  # the same operations on the same inputs: bit for bit
             split = (backbone, head)
-        else:
-            log.info("%s: logits are not head(backbone(x)); response log-probs use its full forward",
-                     type(base).__name__)
+    if split is None:
+        log.info("%s: logits are not head(backbone(x)); response log-probs use its full forward",
+                 type(base).__name__)
     _PACKABLE[model] = split
     return split
 
