@@ -832,3 +832,19 @@ def test_heads_run_on_real_response_tokens_only_in_scoring_and_training():
         h.remove()
     assert sum(rows["policy"]) == 2 * n and len(rows["policy"]) == 2 * 16 // 4  # a call per micro-batch
     assert rows["ref"] == [n]
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_once_by_its_ppo_key(caplog):
+    """ppo.warmup_iterations >= the run's iterations: one warning naming ppo.warmup_iterations (the critic
+    shares the schedule and stays quiet); a shorter warmup: none."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="alignline.training"):
+        trainer(args(lr_schedule="linear", warmup_iterations=4), total_iterations=4)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and msgs[0].startswith("ppo.warmup_iterations=4 >= the run's 4 steps")
+    assert msgs[0].endswith("lower ppo.warmup_iterations")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignline.training"):
+        trainer(args(lr_schedule="linear", warmup_iterations=3), total_iterations=4)
+    assert caplog.records == []
