@@ -817,7 +817,7 @@ def test_heads_run_on_real_response_tokens_only_in_scoring_and_training():
     training: N rows per scoring forward, ppo_epochs x N rows over the update (ragged answers)."""
     t = trainer(args(ppo_epochs=2))
     rows = {"policy": [], "ref": []}
-    hooks = [getattr(m, "lm_head").register_forward_hook(
+    hooks = [m.lm_head.register_forward_hook(
         lambda mod, inp, out, name=name: rows[name].append(inp[0].shape[0]) if inp[0].dim() == 2 else None)
         for name, m in (("policy", t.policy), ("ref", t.ref_policy))]
     torch.manual_seed(8)
