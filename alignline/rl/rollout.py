@@ -114,6 +114,16 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+def last_hidden_state(backbone, query_response: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A backbone's last hidden states [B, L, H] for a left-padded batch (positions from the mask, no cache)."""
+    return backbone(
+        input_ids=query_response,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+
+
 def response_logits(
     model, query_response: torch.Tensor, attention_mask: torch.Tensor, context_len: int, temperature: float
 ) -> torch.Tensor:
@@ -163,12 +173,7 @@ def response_logprobs(
         logits = response_logits(model, query_response, attention_mask, context_len, temperature)[keep]
     else:
         backbone, head = split
-        hidden = backbone(
-            input_ids=query_response,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
+        hidden = last_hidden_state(backbone, query_response, attention_mask)
         logits = head(hidden[:, context_len - 1 : -1][keep]).float() / temperature  # [N, V]
     logp = logprobs_from_logits(logits, query_response[:, context_len:][keep])
     packed = [logp, entropy_from_logits(logits)] if with_entropy else [logp]
@@ -222,13 +227,7 @@ class PolicyForward(nn.Module):
 
 def _score_head_outputs(model, query_response: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-position outputs of a *ForSequenceClassification model's score head: [B, L] (label 0)."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(
-        input_ids=query_response,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    hidden = last_hidden_state(getattr(model, model.base_model_prefix), query_response, attention_mask)
     return model.score(hidden)[..., 0].float()
 
 
